@@ -1,0 +1,2 @@
+//! x86_64 specifics: guest-physical layout, boot protocol, CPU state.
+pub mod layout;

@@ -1,0 +1,1 @@
+//! Tiny guest programs assembled at build time from firmware/*.S (see build.rs).

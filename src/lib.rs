@@ -1,0 +1,16 @@
+//! ferrovm: a small Type-2 hypervisor on Linux KVM that boots unmodified Linux kernels.
+//!
+//! Reading order for newcomers:
+//! - [`vmm`]: the boot recipe, top to bottom (memory, vCPUs, devices, kernel, tables, start).
+//! - [`kvm`]: the only code that touches `VmFd`/`VcpuFd`; the vCPU run loop and exit dispatch.
+//! - [`bus`]: how port I/O and MMIO exits reach devices.
+//! - [`devices`]: the emulated devices; they never see KVM, only guest memory and eventfds.
+//! - [`arch::x86_64`]: guest-physical layout, boot protocol registers, CPUID, MSRs.
+
+pub mod acpi;
+pub mod arch;
+pub mod bus;
+pub mod console;
+pub mod devices;
+pub mod firmware;
+pub mod kvm;
