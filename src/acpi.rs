@@ -1,1 +1,810 @@
-//! TODO
+//! ACPI tables for the guest: RSDP, XSDT, FADT, FACS, MADT and an AML DSDT.
+//!
+//! Everything lives in the reserved area at [`layout::ACPI_START`]:
+//!
+//! ```text
+//! ACPI_START  RSDP (revision 2, points at the XSDT)
+//!             DSDT, FACS, FADT, MADT, ... (each aligned, leaves first)
+//!             XSDT (last, because it lists the addresses of everything else)
+//! ```
+//!
+//! The platform described is a full (not HW-reduced) ACPI PC: the FADT points
+//! at the legacy PM1a event/control blocks emulated by `devices::acpi_pm`, SMI_CMD is 0 (the
+//! platform is always in ACPI mode, so the PM device must report SCI_EN set), there is no PM
+//! timer (Linux uses the TSC/kvm-clock) and reset goes through port 0xCF9.
+//!
+//! The DSDT is assembled from a list of device builders (`SB_DEVICES`) placed under `\_SB`;
+//! adding a device (e.g. the PCI root bridge) means adding a builder to that list.
+
+use acpi_tables::aml::{self, Path};
+use acpi_tables::fadt::{FADTBuilder, Flags, PmProfile};
+use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
+use acpi_tables::{Aml, AmlSink};
+use vm_memory::{Bytes, GuestAddress, GuestMemory};
+
+use crate::arch::x86_64::layout;
+
+/// OEM ID in every table header and the RSDP.
+pub const OEM_ID: [u8; 6] = *b"FERROV";
+/// OEM table ID in every table header.
+pub const OEM_TABLE_ID: [u8; 8] = *b"FERROVM ";
+/// OEM revision in every table header.
+const OEM_REVISION: u32 = 1;
+/// ASL compiler ID / revision fields (we are the "compiler" of these tables).
+const CREATOR_ID: [u8; 4] = *b"FRVM";
+const CREATOR_REVISION: u32 = 1;
+
+/// SLP_TYP value the guest writes to PM1a_CNT to enter S5; the PM device checks for it.
+pub const S5_SLP_TYP: u8 = 5;
+/// The reset register (System I/O) and the value that resets the machine.
+pub const RESET_PORT: u16 = 0xcf9;
+pub const RESET_VALUE: u8 = 0x06;
+
+/// Length of the PM1a event block (status + enable, 2 bytes each).
+const PM1_EVT_LEN: u8 = 4;
+/// Length of the PM1a control block.
+const PM1_CNT_LEN: u8 = 2;
+
+/// Size of an ACPI 2.0+ RSDP.
+const RSDP_LEN: usize = 36;
+/// Size of the common system description table header.
+const HEADER_LEN: usize = 36;
+/// Size of the FACS (version 2 layout).
+const FACS_LEN: usize = 64;
+
+// Every table address fits the 32-bit fields (FADT DSDT/FIRMWARE_CTRL), so `as u32` on
+// addresses inside the ACPI area is lossless.
+const _: () = assert!(layout::ACPI_START + layout::ACPI_SIZE <= u32::MAX as u64);
+
+/// What the ACPI tables describe.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AcpiConfig {
+    /// Number of vCPUs; vCPU `i` has APIC ID and ACPI processor UID `i`.
+    pub num_cpus: u8,
+    // Later: `pub pci: Option<PciAcpiInfo>` (PNP0A08 root bridge in the DSDT, MCFG table).
+}
+
+/// Errors from building or writing the ACPI tables.
+#[derive(Debug, thiserror::Error)]
+pub enum AcpiError {
+    /// The MADT must list at least one processor.
+    #[error("ACPI: the VM needs at least one vCPU")]
+    NoCpus,
+    /// The tables do not fit the reserved ACPI area.
+    #[error(
+        "ACPI tables need {needed:#x} bytes but the ACPI area at {start:#x} is only {size:#x} bytes"
+    )]
+    TooLarge {
+        /// Bytes needed, counted from the start of the area (including alignment padding).
+        needed: u64,
+        /// Start of the area.
+        start: u64,
+        /// Size of the area.
+        size: u64,
+    },
+    /// Guest memory does not back the ACPI area.
+    #[error("ACPI: cannot write the {table} table at {addr:#x} to guest memory: {source}")]
+    GuestMemory {
+        /// Table signature.
+        table: String,
+        /// Guest-physical address of the table.
+        addr: u64,
+        /// The underlying error.
+        #[source]
+        source: vm_memory::GuestMemoryError,
+    },
+}
+
+/// Builds all ACPI tables for `cfg` and writes them to `mem` at [`layout::ACPI_START`].
+///
+/// Returns the guest-physical address of the RSDP (for the zero page's `acpi_rsdp_addr` or the
+/// PVH start_info `rsdp_paddr`). Nothing is written if the tables do not fit the ACPI area.
+pub fn create_acpi_tables<M: GuestMemory>(
+    mem: &M,
+    cfg: &AcpiConfig,
+) -> Result<GuestAddress, AcpiError> {
+    if cfg.num_cpus == 0 {
+        return Err(AcpiError::NoCpus);
+    }
+
+    let mut area = AreaAllocator::new(layout::ACPI_START, layout::ACPI_SIZE);
+    // The guest scans for the RSDP on 16-byte boundaries; we put it first.
+    let rsdp_addr = area.alloc(RSDP_LEN, 16)?;
+
+    // Leaves first, so every pointer is known when the table holding it is built.
+    let dsdt = build_dsdt(cfg);
+    let dsdt_addr = area.alloc(dsdt.len(), 16)?;
+    let facs = build_facs();
+    let facs_addr = area.alloc(facs.len(), 64)?; // The FACS must be 64-byte aligned.
+    let fadt = build_fadt(dsdt_addr, facs_addr);
+    let fadt_addr = area.alloc(fadt.len(), 16)?;
+    let madt = build_madt(cfg);
+    let madt_addr = area.alloc(madt.len(), 16)?;
+    // MCFG goes here once PCI lands; add its address to the XSDT list below.
+
+    let xsdt = build_xsdt(&[fadt_addr, madt_addr]);
+    let xsdt_addr = area.alloc(xsdt.len(), 16)?;
+    let rsdp = build_rsdp(xsdt_addr);
+
+    let tables: [(&[u8], u64); 6] = [
+        (&rsdp, rsdp_addr),
+        (&dsdt, dsdt_addr),
+        (&facs, facs_addr),
+        (&fadt, fadt_addr),
+        (&madt, madt_addr),
+        (&xsdt, xsdt_addr),
+    ];
+    for (bytes, addr) in tables {
+        mem.write_slice(bytes, GuestAddress(addr))
+            .map_err(|source| AcpiError::GuestMemory {
+                table: String::from_utf8_lossy(&bytes[..4]).into_owned(),
+                addr,
+                source,
+            })?;
+    }
+    log::debug!(
+        "ACPI: RSDP at {rsdp_addr:#x}, {} bytes used of {:#x}",
+        area.used(),
+        layout::ACPI_SIZE
+    );
+    Ok(GuestAddress(rsdp_addr))
+}
+
+/// Hands out aligned, non-overlapping ranges of the ACPI area.
+struct AreaAllocator {
+    start: u64,
+    size: u64,
+    next: u64,
+}
+
+impl AreaAllocator {
+    fn new(start: u64, size: u64) -> Self {
+        Self {
+            start,
+            size,
+            next: start,
+        }
+    }
+
+    /// Reserves `len` bytes aligned to `align` (a power of two).
+    fn alloc(&mut self, len: usize, align: u64) -> Result<u64, AcpiError> {
+        let too_large = |needed: u64| AcpiError::TooLarge {
+            needed,
+            start: self.start,
+            size: self.size,
+        };
+        let addr = self
+            .next
+            .checked_next_multiple_of(align)
+            .ok_or_else(|| too_large(u64::MAX))?;
+        let end = addr
+            .checked_add(len as u64)
+            .ok_or_else(|| too_large(u64::MAX))?;
+        if end - self.start > self.size {
+            return Err(too_large(end - self.start));
+        }
+        self.next = end;
+        Ok(addr)
+    }
+
+    fn used(&self) -> u64 {
+        self.next - self.start
+    }
+}
+
+/// The 8-bit checksum that makes `data` sum to zero.
+fn checksum(data: &[u8]) -> u8 {
+    0u8.wrapping_sub(data.iter().fold(0u8, |acc, b| acc.wrapping_add(*b)))
+}
+
+/// A system description table: the standard header followed by a body; length and checksum
+/// are filled in by [`Sdt::finish`].
+struct Sdt {
+    bytes: Vec<u8>,
+}
+
+impl Sdt {
+    fn new(signature: &[u8; 4], revision: u8) -> Self {
+        let mut bytes = Vec::with_capacity(256);
+        bytes.extend_from_slice(signature);
+        bytes.extend_from_slice(&0u32.to_le_bytes()); // length, patched in finish()
+        bytes.push(revision);
+        bytes.push(0); // checksum, patched in finish()
+        bytes.extend_from_slice(&OEM_ID);
+        bytes.extend_from_slice(&OEM_TABLE_ID);
+        bytes.extend_from_slice(&OEM_REVISION.to_le_bytes());
+        bytes.extend_from_slice(&CREATOR_ID);
+        bytes.extend_from_slice(&CREATOR_REVISION.to_le_bytes());
+        debug_assert_eq!(bytes.len(), HEADER_LEN);
+        Self { bytes }
+    }
+
+    fn bytes(&mut self, data: &[u8]) -> &mut Self {
+        self.bytes.extend_from_slice(data);
+        self
+    }
+
+    fn u8(&mut self, v: u8) -> &mut Self {
+        self.bytes(&[v])
+    }
+
+    fn u16(&mut self, v: u16) -> &mut Self {
+        self.bytes(&v.to_le_bytes())
+    }
+
+    fn u32(&mut self, v: u32) -> &mut Self {
+        self.bytes(&v.to_le_bytes())
+    }
+
+    fn u64(&mut self, v: u64) -> &mut Self {
+        self.bytes(&v.to_le_bytes())
+    }
+
+    fn finish(mut self) -> Vec<u8> {
+        let len = self.bytes.len() as u32;
+        self.bytes[4..8].copy_from_slice(&len.to_le_bytes());
+        self.bytes[9] = 0;
+        self.bytes[9] = checksum(&self.bytes);
+        self.bytes
+    }
+}
+
+/// RSDP, ACPI 2.0+ layout (revision 2): RSDT address 0, XSDT address set.
+fn build_rsdp(xsdt_addr: u64) -> Vec<u8> {
+    let mut b = Vec::with_capacity(RSDP_LEN);
+    b.extend_from_slice(b"RSD PTR ");
+    b.push(0); // checksum over the first 20 bytes
+    b.extend_from_slice(&OEM_ID);
+    b.push(2); // revision
+    b.extend_from_slice(&0u32.to_le_bytes()); // RSDT address: no RSDT
+    b.extend_from_slice(&(RSDP_LEN as u32).to_le_bytes());
+    b.extend_from_slice(&xsdt_addr.to_le_bytes());
+    b.push(0); // extended checksum over all 36 bytes
+    b.extend_from_slice(&[0; 3]);
+    debug_assert_eq!(b.len(), RSDP_LEN);
+    b[8] = checksum(&b[..20]);
+    b[32] = checksum(&b);
+    b
+}
+
+/// XSDT listing `entries` (FADT, MADT, later MCFG).
+fn build_xsdt(entries: &[u64]) -> Vec<u8> {
+    let mut t = Sdt::new(b"XSDT", 1);
+    for e in entries {
+        t.u64(*e);
+    }
+    t.finish()
+}
+
+/// FACS (version 2). Not strictly required, but a full (non HW-reduced) FADT is expected to
+/// point at one: it holds the global lock and the waking vector.
+fn build_facs() -> Vec<u8> {
+    let mut b = Vec::with_capacity(FACS_LEN);
+    b.extend_from_slice(b"FACS");
+    b.extend_from_slice(&(FACS_LEN as u32).to_le_bytes());
+    b.extend_from_slice(&0u32.to_le_bytes()); // hardware signature
+    b.extend_from_slice(&0u32.to_le_bytes()); // firmware waking vector
+    b.extend_from_slice(&0u32.to_le_bytes()); // global lock
+    b.extend_from_slice(&0u32.to_le_bytes()); // flags: no S4BIOS, no 64-bit wake
+    b.extend_from_slice(&0u64.to_le_bytes()); // X firmware waking vector
+    b.push(2); // version
+    b.extend_from_slice(&[0; 3]);
+    b.extend_from_slice(&0u32.to_le_bytes()); // OSPM flags
+    b.resize(FACS_LEN, 0); // reserved
+    b
+}
+
+/// A System I/O generic address of `len` bytes at `port`. The PM1 blocks use `Undefined`
+/// (legacy) access, exactly what ACPICA synthesizes from the 32-bit FADT fields, so the two
+/// descriptions never disagree.
+fn io_gas(port: u16, len: u8, access: AccessSize) -> GAS {
+    GAS::new(AddressSpace::SystemIo, len * 8, 0, access, u64::from(port))
+}
+
+/// FADT, revision 6 (ACPI 6.5 layout, 276 bytes), full (not HW-reduced) PC platform.
+fn build_fadt(dsdt_addr: u64, facs_addr: u64) -> Vec<u8> {
+    // IA-PC boot architecture flags.
+    const LEGACY_DEVICES: u16 = 1 << 0;
+    const HAS_8042: u16 = 1 << 1;
+    const VGA_NOT_PRESENT: u16 = 1 << 2;
+    // Bit 3 (MSI not supported) stays clear; bits 4 (no ASPM) and 5 (no CMOS RTC) too.
+
+    let mut f = FADTBuilder::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION)
+        .preferred_pm_profile(PmProfile::Unspecified)
+        .flag(Flags::Wbinvd)
+        .flag(Flags::ProcC1)
+        // No fixed-feature power button and no sleep button.
+        .flag(Flags::PwrButton)
+        .flag(Flags::SlpButton)
+        .flag(Flags::ResetRegSup);
+    f.creator_id = CREATOR_ID;
+    f.creator_revision = CREATOR_REVISION.to_le_bytes();
+    // The FACS address fits 32 bits; the spec wants X_FIRMWARE_CTRL zero then.
+    f.firmware_ctrl = (facs_addr as u32).into();
+    f.x_firmware_ctrl = 0.into();
+    f.dsdt = (dsdt_addr as u32).into();
+    f.x_dsdt = dsdt_addr.into();
+    f.sci_int = (layout::ACPI_SCI_IRQ as u16).into();
+    // SMI_CMD = 0: no SMM, the platform is always in ACPI mode (ACPI_ENABLE/DISABLE unused).
+    f.smi_cmd = 0.into();
+    f.acpi_enable = 0;
+    f.acpi_disable = 0;
+    f.pm1a_evt_blk = u32::from(layout::ACPI_PM1A_EVT_PORT).into();
+    f.pm1a_cnt_blk = u32::from(layout::ACPI_PM1A_CNT_PORT).into();
+    f.pm1_evt_len = PM1_EVT_LEN;
+    f.pm1_cnt_len = PM1_CNT_LEN;
+    // No PM timer: PM_TMR_BLK/LEN = 0 (optional since ACPI 5.0A, no flag needed) and no GPEs.
+    f.pm_tmr_blk = 0.into();
+    f.pm_tmr_len = 0;
+    // C2/C3 latencies above 100/1000 us mean "not supported".
+    f.p_lvl2_lat = 0x0fff.into();
+    f.p_lvl3_lat = 0x0fff.into();
+    f.iapc_boot_arch = (LEGACY_DEVICES | HAS_8042 | VGA_NOT_PRESENT).into();
+    f.reset_reg = io_gas(RESET_PORT, 1, AccessSize::ByteAccess);
+    f.reset_value = RESET_VALUE;
+    f.x_pm1a_evt_blk = io_gas(
+        layout::ACPI_PM1A_EVT_PORT,
+        PM1_EVT_LEN,
+        AccessSize::Undefined,
+    );
+    f.x_pm1a_cnt_blk = io_gas(
+        layout::ACPI_PM1A_CNT_PORT,
+        PM1_CNT_LEN,
+        AccessSize::Undefined,
+    );
+
+    let mut bytes = Vec::with_capacity(FADT_LEN);
+    f.finalize().to_aml_bytes(&mut bytes);
+    bytes
+}
+
+/// Size of the revision 6 FADT.
+const FADT_LEN: usize = 276;
+
+/// MADT (revision 5): one local APIC per vCPU, the IOAPIC, ISA overrides, LINT1 NMI.
+fn build_madt(cfg: &AcpiConfig) -> Vec<u8> {
+    const PCAT_COMPAT: u32 = 1;
+    const LAPIC_ENABLED: u32 = 1;
+    // MPS INTI flags.
+    const ACTIVE_HIGH: u16 = 0b01;
+    const EDGE: u16 = 0b01 << 2;
+    const LEVEL: u16 = 0b11 << 2;
+    const CONFORMS: u16 = 0;
+    const ALL_PROCESSORS: u8 = 0xff;
+
+    let mut t = Sdt::new(b"APIC", 5);
+    t.u32(layout::APIC_START as u32).u32(PCAT_COMPAT);
+
+    for i in 0..cfg.num_cpus {
+        // Processor Local APIC: type 0, length 8, ACPI processor UID, APIC ID, flags.
+        t.u8(0).u8(8).u8(i).u8(i).u32(LAPIC_ENABLED);
+    }
+    // I/O APIC: type 1, length 12, ID (distinct from every LAPIC ID), reserved, address, GSI base.
+    t.u8(1)
+        .u8(12)
+        .u8(ioapic_id(cfg))
+        .u8(0)
+        .u32(layout::IOAPIC_START as u32)
+        .u32(0);
+    // Interrupt Source Overrides: type 2, length 10, bus 0 (ISA), source IRQ, GSI, flags.
+    // The PIT's IRQ0 is wired to IOAPIC pin 2 on PCs.
+    t.u8(2).u8(10).u8(0).u8(0).u32(2).u16(EDGE | ACTIVE_HIGH);
+    // The SCI is level-triggered; KVM's IOAPIC sees it active-high (as QEMU describes it).
+    let sci = layout::ACPI_SCI_IRQ;
+    t.u8(2)
+        .u8(10)
+        .u8(0)
+        .u8(sci as u8)
+        .u32(sci)
+        .u16(LEVEL | ACTIVE_HIGH);
+    // Local APIC NMI: type 4, length 6, all processors, flags, LINT1.
+    t.u8(4).u8(6).u8(ALL_PROCESSORS).u16(CONFORMS).u8(1);
+    t.finish()
+}
+
+/// The IOAPIC's ID: the first ID after the local APICs (0..num_cpus), so they never collide.
+fn ioapic_id(cfg: &AcpiConfig) -> u8 {
+    cfg.num_cpus
+}
+
+// ---------------------------------------------------------------------------------------------
+// DSDT
+// ---------------------------------------------------------------------------------------------
+
+/// Appends the AML of one device (or other named object) to the `\_SB` scope.
+type DeviceAmlBuilder = fn(&AcpiConfig, &mut Vec<u8>);
+
+/// Everything under `\_SB`, in order. Add new devices here (the PCI root bridge goes first).
+const SB_DEVICES: &[DeviceAmlBuilder] = &[com1_aml, rtc_aml, i8042_aml, motherboard_aml];
+
+/// DSDT, revision 2 (64-bit AML integers).
+fn build_dsdt(cfg: &AcpiConfig) -> Vec<u8> {
+    let mut aml_bytes = Vec::new();
+
+    // \_S5: SLP_TYPa, SLP_TYPb, reserved, reserved.
+    aml::Name::new(
+        Path::new("_S5_"),
+        &aml::Package::new(vec![&S5_SLP_TYP, &S5_SLP_TYP, &0u8, &0u8]),
+    )
+    .to_aml_bytes(&mut aml_bytes);
+
+    let mut sb = Vec::new();
+    for build in SB_DEVICES {
+        build(cfg, &mut sb);
+    }
+    aml_bytes.extend_from_slice(&aml::Scope::raw(Path::new("\\_SB_"), sb));
+
+    let mut t = Sdt::new(b"DSDT", 2);
+    t.bytes(&aml_bytes);
+    t.finish()
+}
+
+/// `IO (Decode16, port, port, 1, len)`: a fixed range of `len` ports.
+fn io_fixed(port: u16, len: u8) -> aml::IO {
+    aml::IO::new(port, port, 1, len)
+}
+
+/// `IRQNoFlags () {irq}`: an ISA IRQ (edge, active high, exclusive).
+struct IrqNoFlags(u8);
+
+impl Aml for IrqNoFlags {
+    fn to_aml_bytes(&self, sink: &mut dyn AmlSink) {
+        // Small resource item 0x04 (IRQ format), 2 bytes long: the IRQ mask.
+        sink.byte((0x04 << 3) | 2);
+        sink.word(1u16 << self.0);
+    }
+}
+
+/// `Device (name) { _HID, _UID, _CRS }` for a simple device with fixed resources.
+fn simple_device(out: &mut Vec<u8>, name: &str, hid: &str, uid: u8, resources: &[&dyn Aml]) {
+    let hid = aml::EISAName::new(hid);
+    let hid = aml::Name::new(Path::new("_HID"), &hid);
+    let uid = aml::Name::new(Path::new("_UID"), &uid);
+    let crs = aml::ResourceTemplate::new(resources.to_vec());
+    let crs = aml::Name::new(Path::new("_CRS"), &crs);
+    aml::Device::new(Path::new(name), vec![&hid, &uid, &crs]).to_aml_bytes(out);
+}
+
+/// COM1 (16550 UART).
+fn com1_aml(_cfg: &AcpiConfig, out: &mut Vec<u8>) {
+    let io = io_fixed(layout::COM1_PORT, 8);
+    let irq = IrqNoFlags(layout::COM1_IRQ as u8);
+    simple_device(out, "COM1", "PNP0501", 0, &[&io, &irq]);
+}
+
+/// CMOS RTC.
+fn rtc_aml(_cfg: &AcpiConfig, out: &mut Vec<u8>) {
+    let io = io_fixed(layout::CMOS_PORT, 2);
+    let irq = IrqNoFlags(8);
+    simple_device(out, "RTC_", "PNP0B00", 0, &[&io, &irq]);
+}
+
+/// i8042 keyboard controller (data port 0x60, command/status port 0x64).
+fn i8042_aml(_cfg: &AcpiConfig, out: &mut Vec<u8>) {
+    let data = io_fixed(layout::I8042_PORT, 1);
+    let cmd = io_fixed(layout::I8042_PORT + 4, 1);
+    let irq = IrqNoFlags(1);
+    simple_device(out, "KBD_", "PNP0303", 0, &[&data, &cmd, &irq]);
+}
+
+/// Motherboard resources: ports claimed by the platform so the OS does not hand them out.
+fn motherboard_aml(_cfg: &AcpiConfig, out: &mut Vec<u8>) {
+    // PM1a event (0x600..0x604) and control (0x604..0x606) blocks, padded to 8.
+    let pm = io_fixed(layout::ACPI_PM1A_EVT_PORT, 8);
+    let reset = io_fixed(RESET_PORT, 1);
+    let debug_exit = io_fixed(layout::DEBUG_EXIT_PORT, 1);
+    simple_device(out, "MBRD", "PNP0C02", 0, &[&pm, &reset, &debug_exit]);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::{Path as FsPath, PathBuf};
+    use std::process::Command;
+    use vm_memory::GuestMemoryMmap;
+
+    fn guest_mem() -> GuestMemoryMmap {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap()
+    }
+
+    fn read(mem: &GuestMemoryMmap, addr: u64, len: usize) -> Vec<u8> {
+        let mut buf = vec![0u8; len];
+        mem.read_slice(&mut buf, GuestAddress(addr)).unwrap();
+        buf
+    }
+
+    fn u16_at(b: &[u8], off: usize) -> u16 {
+        u16::from_le_bytes(b[off..off + 2].try_into().unwrap())
+    }
+
+    fn u32_at(b: &[u8], off: usize) -> u32 {
+        u32::from_le_bytes(b[off..off + 4].try_into().unwrap())
+    }
+
+    fn u64_at(b: &[u8], off: usize) -> u64 {
+        u64::from_le_bytes(b[off..off + 8].try_into().unwrap())
+    }
+
+    fn sum(b: &[u8]) -> u8 {
+        b.iter().fold(0u8, |a, x| a.wrapping_add(*x))
+    }
+
+    /// Reads a whole SDT at `addr` and checks its header like a guest would.
+    fn read_table(mem: &GuestMemoryMmap, addr: u64, sig: &[u8; 4]) -> Vec<u8> {
+        let end = layout::ACPI_START + layout::ACPI_SIZE;
+        assert!(addr >= layout::ACPI_START && addr < end, "{addr:#x}");
+        assert_eq!(addr % 8, 0, "table at {addr:#x} not 8-byte aligned");
+        let hdr = read(mem, addr, HEADER_LEN);
+        assert_eq!(&hdr[0..4], sig);
+        let len = u32_at(&hdr, 4) as usize;
+        assert!(len >= HEADER_LEN);
+        assert!(addr + len as u64 <= end);
+        let t = read(mem, addr, len);
+        assert_eq!(sum(&t), 0, "{} checksum", String::from_utf8_lossy(sig));
+        assert_eq!(&t[10..16], &OEM_ID);
+        assert_eq!(&t[16..24], &OEM_TABLE_ID);
+        t
+    }
+
+    /// Everything a guest finds by walking from the RSDP.
+    struct Walked {
+        rsdp: Vec<u8>,
+        xsdt: Vec<u8>,
+        fadt: Vec<u8>,
+        facs: Vec<u8>,
+        madt: Vec<u8>,
+        dsdt: Vec<u8>,
+    }
+
+    fn walk(mem: &GuestMemoryMmap, rsdp_addr: GuestAddress) -> Walked {
+        assert_eq!(rsdp_addr.0, layout::ACPI_START);
+        let rsdp = read(mem, rsdp_addr.0, RSDP_LEN);
+        assert_eq!(&rsdp[0..8], b"RSD PTR ");
+        assert_eq!(sum(&rsdp[..20]), 0, "RSDP checksum");
+        assert_eq!(sum(&rsdp), 0, "RSDP extended checksum");
+        assert_eq!(&rsdp[9..15], &OEM_ID);
+        assert_eq!(rsdp[15], 2, "RSDP revision");
+        assert_eq!(u32_at(&rsdp, 20) as usize, RSDP_LEN);
+
+        let xsdt = read_table(mem, u64_at(&rsdp, 24), b"XSDT");
+        let entries: Vec<u64> = xsdt[HEADER_LEN..]
+            .chunks(8)
+            .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        assert_eq!(entries.len(), 2);
+        let fadt = read_table(mem, entries[0], b"FACP");
+        let madt = read_table(mem, entries[1], b"APIC");
+
+        assert_eq!(fadt.len(), FADT_LEN);
+        assert_eq!(fadt[8], 6, "FADT revision");
+        let dsdt32 = u32_at(&fadt, 40);
+        let x_dsdt = u64_at(&fadt, 140);
+        assert_eq!(u64::from(dsdt32), x_dsdt);
+        let dsdt = read_table(mem, x_dsdt, b"DSDT");
+
+        let facs_addr = u64::from(u32_at(&fadt, 36));
+        assert_eq!(facs_addr % 64, 0);
+        let facs = read(mem, facs_addr, FACS_LEN);
+        assert_eq!(&facs[0..4], b"FACS");
+        assert_eq!(u32_at(&facs, 4) as usize, FACS_LEN);
+
+        Walked {
+            rsdp,
+            xsdt,
+            fadt,
+            facs,
+            madt,
+            dsdt,
+        }
+    }
+
+    #[test]
+    fn acpi_tables_walk_from_rsdp() {
+        for num_cpus in [1u8, 2, 4, 255] {
+            let mem = guest_mem();
+            let cfg = AcpiConfig { num_cpus };
+            let rsdp = create_acpi_tables(&mem, &cfg).unwrap();
+            let w = walk(&mem, rsdp);
+
+            // FADT fixed hardware.
+            let f = &w.fadt;
+            assert_eq!(u16_at(f, 46), 9, "SCI_INT");
+            assert_eq!(u32_at(f, 48), 0, "SMI_CMD");
+            assert_eq!(u32_at(f, 56), 0x600, "PM1a_EVT_BLK");
+            assert_eq!(u32_at(f, 64), 0x604, "PM1a_CNT_BLK");
+            assert_eq!(u32_at(f, 76), 0, "PM_TMR_BLK");
+            assert_eq!(
+                (f[88], f[89], f[91]),
+                (4, 2, 0),
+                "PM1 evt/cnt, PM_TMR lengths"
+            );
+            assert_eq!(u16_at(f, 109), 0b111, "IAPC_BOOT_ARCH");
+            let flags = u32_at(f, 112);
+            assert_eq!(flags, 1 | 1 << 2 | 1 << 4 | 1 << 5 | 1 << 10, "flags");
+            assert_eq!(&f[116..120], &[1, 8, 0, 1], "RESET_REG GAS");
+            assert_eq!(u64_at(f, 120), 0xcf9);
+            assert_eq!(f[128], 6, "RESET_VALUE");
+            assert_eq!(&f[148..152], &[1, 32, 0, 0], "X_PM1a_EVT_BLK GAS");
+            assert_eq!(u64_at(f, 152), 0x600);
+            assert_eq!(&f[172..176], &[1, 16, 0, 0], "X_PM1a_CNT_BLK GAS");
+            assert_eq!(u64_at(f, 176), 0x604);
+
+            // MADT.
+            let m = &w.madt;
+            assert_eq!(u32_at(m, 36), 0xfee0_0000);
+            assert_eq!(u32_at(m, 40), 1, "PCAT_COMPAT");
+            let mut off = 44;
+            let (mut lapics, mut ioapics, mut isos, mut nmis) = (vec![], 0, vec![], 0);
+            while off < m.len() {
+                let (ty, len) = (m[off], m[off + 1] as usize);
+                let e = &m[off..off + len];
+                match ty {
+                    0 => {
+                        assert_eq!(len, 8);
+                        assert_eq!(e[2], e[3], "UID == APIC ID");
+                        assert_eq!(u32_at(e, 4), 1, "enabled");
+                        lapics.push(e[3]);
+                    }
+                    1 => {
+                        assert_eq!(len, 12);
+                        assert_eq!(u32_at(e, 4), 0xfec0_0000);
+                        assert_eq!(u32_at(e, 8), 0);
+                        assert!(e[2] >= num_cpus, "IOAPIC ID collides with a LAPIC");
+                        ioapics += 1;
+                    }
+                    2 => isos.push((e[3], u32_at(e, 4), u16_at(e, 8))),
+                    4 => {
+                        assert_eq!((e[2], e[5]), (0xff, 1));
+                        nmis += 1;
+                    }
+                    t => panic!("unexpected MADT entry type {t}"),
+                }
+                off += len;
+            }
+            assert_eq!(off, m.len());
+            assert_eq!(lapics, (0..num_cpus).collect::<Vec<_>>());
+            assert_eq!((ioapics, nmis), (1, 1));
+            assert_eq!(isos, vec![(0, 2, 0b0101), (9, 9, 0b1101)]);
+
+            // The XSDT comes last and everything fits the area.
+            let xsdt_addr = u64_at(&w.rsdp, 24);
+            assert!(xsdt_addr + w.xsdt.len() as u64 <= layout::ACPI_START + layout::ACPI_SIZE);
+            assert_eq!(&w.facs[32..33], &[2]);
+            assert!(w.dsdt.windows(4).any(|x| x == b"_S5_"));
+        }
+    }
+
+    #[test]
+    fn acpi_rejects_zero_cpus() {
+        let mem = guest_mem();
+        let err = create_acpi_tables(&mem, &AcpiConfig { num_cpus: 0 }).unwrap_err();
+        assert!(matches!(err, AcpiError::NoCpus));
+    }
+
+    #[test]
+    fn acpi_allocator_reports_overflow() {
+        let mut a = AreaAllocator::new(0x1000, 0x100);
+        assert_eq!(a.alloc(36, 16).unwrap(), 0x1000);
+        assert_eq!(a.alloc(10, 64).unwrap(), 0x1040);
+        let err = a.alloc(0x100, 16).unwrap_err();
+        assert!(err.to_string().contains("only 0x100 bytes"), "{err}");
+    }
+
+    #[test]
+    fn acpi_without_guest_memory_fails_cleanly() {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x1000)]).unwrap();
+        let err = create_acpi_tables(&mem, &AcpiConfig { num_cpus: 1 }).unwrap_err();
+        assert!(matches!(err, AcpiError::GuestMemory { .. }), "{err}");
+    }
+
+    /// Runs iasl with `args` in `dir`; panics with install instructions if it is missing.
+    fn iasl(dir: &FsPath, args: &[&str]) -> String {
+        let out = match Command::new("iasl").args(args).current_dir(dir).output() {
+            Ok(out) => out,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => panic!(
+                "iasl not found: install acpica-tools (e.g. `apt-get install -y acpica-tools`) \
+                 to run the ACPI table validation test"
+            ),
+            Err(e) => panic!("running iasl: {e}"),
+        };
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            out.status.success(),
+            "iasl {args:?} failed ({}):\n{text}",
+            out.status
+        );
+        text
+    }
+
+    /// Fails if iasl output reports any error ("N Errors" with N > 0, or an "Error" line).
+    fn assert_no_errors(what: &str, text: &str) {
+        for line in text.lines() {
+            let lower = line.to_ascii_lowercase();
+            if let Some(pos) = lower.find(" error") {
+                // Summary lines look like "Compilation successful. 0 Errors, 0 Warnings...".
+                let count = lower[..pos].rsplit(|c: char| !c.is_ascii_digit()).next();
+                if count == Some("0") {
+                    continue;
+                }
+            }
+            assert!(
+                !lower.contains("error"),
+                "iasl reported an error for {what}: {line}\n{text}"
+            );
+        }
+    }
+
+    fn temp_dir(tag: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("ferrovm-acpi-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn acpi_tables_pass_iasl() {
+        let mem = guest_mem();
+        let rsdp = create_acpi_tables(&mem, &AcpiConfig { num_cpus: 4 }).unwrap();
+        let w = walk(&mem, rsdp);
+        let dir = temp_dir("iasl");
+
+        // iasl cannot disassemble a bare binary RSDP ("does not contain a valid ACPI table");
+        // `walk` has already checked its signature, revision and both checksums.
+        let tables: [(&str, &[u8]); 5] = [
+            ("XSDT", &w.xsdt),
+            ("FACP", &w.fadt),
+            ("FACS", &w.facs),
+            ("APIC", &w.madt),
+            ("DSDT", &w.dsdt),
+        ];
+        for (sig, bytes) in tables {
+            let file = format!("{sig}.dat");
+            std::fs::write(dir.join(&file), bytes).unwrap();
+            let out = iasl(&dir, &["-d", &file]);
+            println!("iasl -d {file}:\n{out}");
+            assert_no_errors(&file, &out);
+            let dsl = std::fs::read_to_string(dir.join(format!("{sig}.dsl"))).unwrap();
+            assert!(
+                !dsl.contains("Invalid") && !dsl.contains("Incorrect"),
+                "{sig}: iasl flagged a field:\n{dsl}"
+            );
+            if sig == "DSDT" {
+                continue; // recompiled below (AML output is not byte-identical after optimizing)
+            }
+            // Data tables round-trip exactly through the iasl table compiler, except for the
+            // checksum and the compiler ID/revision, which iasl stamps with its own.
+            let re = format!("re_{sig}");
+            let out = iasl(&dir, &["-p", &re, &format!("{sig}.dsl")]);
+            assert_no_errors(&format!("{sig}.dsl"), &out);
+            let recompiled = std::fs::read(dir.join(format!("{re}.aml"))).unwrap();
+            assert_eq!(recompiled.len(), bytes.len(), "{sig} recompiled length");
+            for (i, (a, b)) in recompiled.iter().zip(bytes).enumerate() {
+                let stamped = i == 9 || (28..36).contains(&i);
+                assert!(
+                    stamped || a == b,
+                    "{sig} differs at {i:#x} after iasl round trip"
+                );
+            }
+        }
+
+        let dsl = std::fs::read_to_string(dir.join("DSDT.dsl")).unwrap();
+        for needle in ["_S5_", "PNP0501", "PNP0B00", "PNP0303", "PNP0C02", "0x0CF9"] {
+            assert!(dsl.contains(needle), "DSDT lacks {needle}:\n{dsl}");
+        }
+
+        // Recompile the disassembly: it must build cleanly.
+        let out = iasl(&dir, &["-p", "recompiled", "DSDT.dsl"]);
+        assert_no_errors("DSDT.dsl", &out);
+        assert!(out.contains(" 0 Errors"), "{out}");
+        assert!(dir.join("recompiled.aml").exists());
+
+        println!("iasl DSDT.dsl:\n{out}");
+        if std::env::var_os("FERROVM_KEEP_ACPI").is_none() {
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+    }
+}

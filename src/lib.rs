@@ -10,7 +10,9 @@
 pub mod acpi;
 pub mod arch;
 pub mod bus;
+pub mod config;
 pub mod console;
 pub mod devices;
 pub mod firmware;
 pub mod kvm;
+pub mod vmm;

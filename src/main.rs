@@ -1,1 +1,150 @@
-fn main() {}
+//! The `ferrovm` command: parses options, runs the VM, maps the outcome to an exit status.
+//!
+//! Exit statuses (also in the README):
+//! - 0: the guest powered off or rebooted, or ferrovm was stopped by SIGINT/SIGTERM or `C-a x`
+//! - 1: ferrovm could not start or run the VM (bad option value, missing file, KVM error)
+//! - 2: command-line syntax error
+//! - 3: the guest crashed: triple fault, KVM internal error or failed VM entry
+//! - 4: the guest kernel panicked
+//! - (V << 1) | 1: the guest wrote V to the isa-debug-exit port 0xf4
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use ferrovm::config::{self, VmConfig};
+use ferrovm::vmm::{self, VmOutcome};
+
+#[derive(Parser)]
+#[command(
+    name = "ferrovm",
+    version,
+    about = "A small KVM hypervisor that boots unmodified Linux"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Boot a kernel in a new VM.
+    Run(RunArgs),
+    /// Check that /dev/kvm works: run a few real-mode instructions and verify the exits.
+    Selftest,
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Kernel: a bzImage or an ELF vmlinux (PVH entry if it has the note); detected from the contents.
+    #[arg(long, value_name = "PATH")]
+    kernel: PathBuf,
+    /// Initramfs (cpio, optionally compressed).
+    #[arg(long, value_name = "PATH")]
+    initramfs: Option<PathBuf>,
+    /// Kernel command line.
+    #[arg(long, value_name = "STR", default_value = config::DEFAULT_CMDLINE)]
+    cmdline: String,
+    /// Number of vCPUs.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    cpus: u32,
+    /// Guest RAM with an optional K, M, G or T suffix.
+    #[arg(long, value_name = "SIZE", default_value = "512M")]
+    memory: String,
+    /// Guest serial console: stdio, off or file=PATH.
+    #[arg(long, value_name = "MODE", default_value = "stdio")]
+    serial: String,
+    /// Verbose: debug logging and a register dump when the guest crashes.
+    #[arg(short, long)]
+    verbose: bool,
+}
+
+fn build_config(a: RunArgs) -> Result<VmConfig, config::ConfigError> {
+    Ok(VmConfig {
+        mem_size: config::parse_memory(&a.memory)?,
+        cpus: config::parse_cpus(a.cpus)?,
+        serial: config::parse_serial(&a.serial)?,
+        kernel: a.kernel,
+        initramfs: a.initramfs,
+        cmdline: a.cmdline,
+        verbose: a.verbose,
+    })
+}
+
+/// Prints an error and its whole chain of causes on one line.
+fn report(err: &dyn std::error::Error) {
+    let mut msg = err.to_string();
+    let mut src = err.source();
+    while let Some(s) = src {
+        msg += &format!(": {s}");
+        src = s.source();
+    }
+    eprintln!("ferrovm: error: {msg}");
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Selftest => match ferrovm::kvm::selftest::run() {
+            Ok(r) => {
+                println!(
+                    "selftest: ok (KVM API {}; exits: {})",
+                    r.api_version,
+                    r.exits.join(", ")
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                report(&e);
+                ExitCode::from(1)
+            }
+        },
+        Command::Run(args) => {
+            let verbose = args.verbose;
+            env_logger::Builder::from_env(
+                env_logger::Env::default().default_filter_or(if verbose {
+                    "debug"
+                } else {
+                    "warn"
+                }),
+            )
+            .format_timestamp(None)
+            .init();
+            let cfg = match build_config(args) {
+                Ok(c) => c,
+                Err(e) => {
+                    report(&e);
+                    return ExitCode::from(1);
+                }
+            };
+            match vmm::run(cfg) {
+                Ok(outcome) => outcome_status(&outcome, verbose),
+                Err(e) => {
+                    ferrovm::console::restore_terminal();
+                    report(&e);
+                    ExitCode::from(1)
+                }
+            }
+        }
+    }
+}
+
+fn outcome_status(outcome: &VmOutcome, verbose: bool) -> ExitCode {
+    let (status, msg): (u8, Option<String>) = match outcome {
+        VmOutcome::PowerOff => (0, None),
+        VmOutcome::Reset => (0, Some("guest rebooted; ferrovm exits (status 0)".into())),
+        VmOutcome::Stopped(why) => (0, Some(format!("stopped: {why}"))),
+        VmOutcome::DebugExit(v) => ((((*v) << 1) | 1) as u8, None),
+        VmOutcome::GuestPanic => (4, Some("guest kernel panic".into())),
+        VmOutcome::Crash { reason, dump } => {
+            if verbose && !dump.is_empty() {
+                eprint!("{dump}");
+            }
+            (3, Some(format!("guest crashed: {reason}")))
+        }
+    };
+    if let Some(m) = msg {
+        eprintln!("ferrovm: {m}");
+    }
+    ExitCode::from(status)
+}

@@ -1,1 +1,274 @@
-//! TODO
+//! MC146818 RTC and CMOS RAM at ports 0x70 (index) and 0x71 (data).
+//!
+//! Insert at port 0x70 with length 2. The clock registers always show the host's current
+//! UTC time, read when the guest reads them. Guest writes to the clock registers are
+//! ignored (the guest cannot set the clock). There is no interrupt line: alarm, periodic
+//! and update interrupts are not emulated, and register C always reads 0.
+
+use crate::bus::BusDevice;
+
+/// Clock registers.
+const SECONDS: u8 = 0x00;
+const MINUTES: u8 = 0x02;
+const HOURS: u8 = 0x04;
+const WEEKDAY: u8 = 0x06;
+const DAY_OF_MONTH: u8 = 0x07;
+const MONTH: u8 = 0x08;
+const YEAR: u8 = 0x09;
+const CENTURY: u8 = 0x32;
+/// Status registers.
+const REG_A: u8 = 0x0a;
+const REG_B: u8 = 0x0b;
+const REG_C: u8 = 0x0c;
+const REG_D: u8 = 0x0d;
+
+/// Register A: 32.768 kHz time base, 1024 Hz rate; bit 7 (update in progress) stays 0.
+const REG_A_DEFAULT: u8 = 0x26;
+/// Register B: 24-hour mode, BCD.
+const REG_B_DEFAULT: u8 = 0x02;
+const REG_B_24H: u8 = 0x02;
+const REG_B_BINARY: u8 = 0x04;
+/// Register D: valid RAM and time.
+const REG_D_VALID: u8 = 0x80;
+
+const KIB: u64 = 1 << 10;
+const MIB: u64 = 1 << 20;
+/// The 0x34/0x35 field counts RAM between 16 MiB and this limit.
+const LOW_MEM_LIMIT: u64 = 0xe000_0000;
+
+/// The RTC/CMOS device.
+pub struct Cmos {
+    index: u8,
+    ram: [u8; 128],
+}
+
+impl Cmos {
+    /// A CMOS whose memory-size bytes describe `mem_below_4g` bytes of RAM starting at 0 and
+    /// `mem_above_4g` bytes starting at 4 GiB.
+    pub fn new(mem_below_4g: u64, mem_above_4g: u64) -> Self {
+        let mut ram = [0u8; 128];
+        ram[usize::from(REG_A)] = REG_A_DEFAULT;
+        ram[usize::from(REG_B)] = REG_B_DEFAULT;
+        ram[usize::from(REG_D)] = REG_D_VALID;
+        // 0x15/0x16: base memory in KiB (640).
+        put_u16(&mut ram, 0x15, 640);
+        // 0x17/0x18 and 0x30/0x31: KiB above 1 MiB, saturating at 63 MiB.
+        let ext_kib = (mem_below_4g.saturating_sub(MIB) / KIB).min(0xfc00);
+        put_u16(&mut ram, 0x17, ext_kib as u16);
+        put_u16(&mut ram, 0x30, ext_kib as u16);
+        // 0x34/0x35: 64 KiB units above 16 MiB, up to 3.5 GiB.
+        let mid = mem_below_4g.min(LOW_MEM_LIMIT).saturating_sub(16 * MIB) >> 16;
+        put_u16(&mut ram, 0x34, mid as u16);
+        // 0x5b..0x5d: 64 KiB units above 4 GiB (24 bits).
+        let high = (mem_above_4g >> 16).min(0xff_ffff);
+        ram[0x5b] = high as u8;
+        ram[0x5c] = (high >> 8) as u8;
+        ram[0x5d] = (high >> 16) as u8;
+        Self { index: 0, ram }
+    }
+
+    /// Encodes a clock field according to register B (BCD unless DM is set).
+    fn encode(&self, value: u8) -> u8 {
+        if self.ram[usize::from(REG_B)] & REG_B_BINARY != 0 {
+            value
+        } else {
+            (value / 10) << 4 | (value % 10)
+        }
+    }
+
+    fn hours(&self, hour: u8) -> u8 {
+        if self.ram[usize::from(REG_B)] & REG_B_24H != 0 {
+            return self.encode(hour);
+        }
+        let pm = if hour >= 12 { 0x80 } else { 0 };
+        let h12 = match hour % 12 {
+            0 => 12,
+            h => h,
+        };
+        self.encode(h12) | pm
+    }
+
+    fn read_register(&self, reg: u8) -> u8 {
+        let clock = || host_utc_now();
+        match reg {
+            SECONDS => self.encode(clock().sec),
+            MINUTES => self.encode(clock().min),
+            HOURS => self.hours(clock().hour),
+            WEEKDAY => self.encode(clock().weekday),
+            DAY_OF_MONTH => self.encode(clock().day),
+            MONTH => self.encode(clock().month),
+            YEAR => self.encode((clock().year % 100) as u8),
+            CENTURY => self.encode((clock().year / 100 % 100) as u8),
+            REG_C => 0,
+            _ => self.ram[usize::from(reg & 0x7f)],
+        }
+    }
+
+    fn write_register(&mut self, reg: u8, value: u8) {
+        match reg {
+            SECONDS | MINUTES | HOURS | WEEKDAY | DAY_OF_MONTH | MONTH | YEAR | CENTURY => {
+                log::debug!("cmos: ignoring write {value:#04x} to clock register {reg:#04x}")
+            }
+            REG_A => self.ram[usize::from(REG_A)] = value & 0x7f,
+            REG_C | REG_D => {}
+            _ => self.ram[usize::from(reg & 0x7f)] = value,
+        }
+    }
+}
+
+fn put_u16(ram: &mut [u8; 128], at: usize, value: u16) {
+    ram[at..at + 2].copy_from_slice(&value.to_le_bytes());
+}
+
+/// Broken-down UTC time.
+#[derive(Debug, Clone, Copy)]
+struct ClockTime {
+    sec: u8,
+    min: u8,
+    hour: u8,
+    /// 1 = Sunday.
+    weekday: u8,
+    day: u8,
+    /// 1..=12.
+    month: u8,
+    year: u32,
+}
+
+/// The host's current UTC time.
+fn host_utc_now() -> ClockTime {
+    // SAFETY: time() accepts a null pointer and only returns the current time.
+    let now = unsafe { libc::time(std::ptr::null_mut()) };
+    // SAFETY: an all-zero `tm` is a valid value (integers and a null zone pointer).
+    let mut tm: libc::tm = unsafe { std::mem::zeroed() };
+    // SAFETY: both pointers refer to live, properly aligned locals; gmtime_r is reentrant.
+    if unsafe { libc::gmtime_r(&now, &mut tm) }.is_null() {
+        // Only fails for years that overflow `int`; show the epoch rather than garbage.
+        tm = libc::tm {
+            tm_mday: 1,
+            tm_year: 70,
+            ..tm
+        };
+    }
+    let field = |v: libc::c_int| u8::try_from(v).unwrap_or(0);
+    ClockTime {
+        sec: field(tm.tm_sec.min(59)),
+        min: field(tm.tm_min),
+        hour: field(tm.tm_hour),
+        weekday: field(tm.tm_wday + 1),
+        day: field(tm.tm_mday),
+        month: field(tm.tm_mon + 1),
+        year: u32::try_from(tm.tm_year + 1900).unwrap_or(1970),
+    }
+}
+
+impl BusDevice for Cmos {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        data.fill(0xff);
+        match (offset, data) {
+            (0, [b]) => *b = self.index,
+            (1, [b]) => *b = self.read_register(self.index),
+            _ => {}
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        match (offset, data) {
+            // Bit 7 masks NMIs on real hardware; it is not part of the index.
+            (0, &[v]) => self.index = v & 0x7f,
+            (1, &[v]) => self.write_register(self.index, v),
+            _ => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{SystemTime, UNIX_EPOCH};
+
+    fn reg(cmos: &mut Cmos, index: u8) -> u8 {
+        cmos.write(0, &[index | 0x80]);
+        let mut b = [0u8];
+        cmos.read(1, &mut b);
+        b[0]
+    }
+
+    fn bcd(v: u8) -> u64 {
+        u64::from(v >> 4) * 10 + u64::from(v & 0xf)
+    }
+
+    /// Days since 1970-01-01 of a proleptic Gregorian date (independent of libc).
+    fn days_from_civil(y: u64, m: u64, d: u64) -> u64 {
+        let y = if m <= 2 { y - 1 } else { y };
+        let era = y / 400;
+        let yoe = y - era * 400;
+        let mp = (m + 9) % 12;
+        let doy = (153 * mp + 2) / 5 + d - 1;
+        let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+        era * 146097 + doe - 719468
+    }
+
+    #[test]
+    fn bcd_clock_matches_host() {
+        let mut cmos = Cmos::new(512 * MIB, 0);
+        let host = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let year = bcd(reg(&mut cmos, CENTURY)) * 100 + bcd(reg(&mut cmos, YEAR));
+        let days = days_from_civil(
+            year,
+            bcd(reg(&mut cmos, MONTH)),
+            bcd(reg(&mut cmos, DAY_OF_MONTH)),
+        );
+        let secs = days * 86400
+            + bcd(reg(&mut cmos, HOURS)) * 3600
+            + bcd(reg(&mut cmos, MINUTES)) * 60
+            + bcd(reg(&mut cmos, SECONDS));
+        assert!(secs.abs_diff(host) <= 2, "cmos {secs} host {host}");
+        // 1970-01-01 was a Thursday (weekday 5 with Sunday = 1).
+        assert_eq!(bcd(reg(&mut cmos, WEEKDAY)), (days + 4) % 7 + 1);
+    }
+
+    #[test]
+    fn binary_and_12_hour_modes() {
+        let mut cmos = Cmos::new(0, 0);
+        assert_eq!(reg(&mut cmos, REG_B), REG_B_DEFAULT);
+        cmos.write(1, &[REG_B_BINARY]);
+        let h = reg(&mut cmos, HOURS);
+        let now = host_utc_now();
+        assert!(h & 0x7f >= 1 && h & 0x7f <= 12);
+        if now.min != 0 {
+            assert_eq!(h & 0x80 != 0, now.hour >= 12);
+        }
+        assert!(reg(&mut cmos, MONTH) <= 12);
+    }
+
+    #[test]
+    fn status_registers_and_ram() {
+        let mut cmos = Cmos::new(3 * 1024 * MIB, 1024 * MIB);
+        assert_eq!(reg(&mut cmos, REG_A), 0x26);
+        assert_eq!(reg(&mut cmos, REG_C), 0);
+        assert_eq!(reg(&mut cmos, REG_D), 0x80);
+        let mid = u16::from_le_bytes([reg(&mut cmos, 0x34), reg(&mut cmos, 0x35)]);
+        assert_eq!(u64::from(mid), ((3 * 1024 - 16) * MIB) >> 16);
+        assert_eq!(
+            [
+                reg(&mut cmos, 0x5b),
+                reg(&mut cmos, 0x5c),
+                reg(&mut cmos, 0x5d)
+            ],
+            [0x00, 0x40, 0x00]
+        );
+        cmos.write(0, &[0x40]);
+        cmos.write(1, &[0xab]);
+        assert_eq!(reg(&mut cmos, 0x40), 0xab);
+        cmos.write(1, &[1, 2]);
+        let mut w = [0u8; 2];
+        cmos.read(1, &mut w);
+        assert_eq!(w, [0xff, 0xff]);
+        cmos.write(0, &[SECONDS]);
+        cmos.write(1, &[0x99]);
+        assert!(bcd(reg(&mut cmos, SECONDS)) < 60);
+    }
+}

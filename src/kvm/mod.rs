@@ -1,1 +1,4 @@
 //! The only code that touches KVM file descriptors.
+pub mod selftest;
+pub mod vcpu;
+pub mod vm;

@@ -1,2 +1,5 @@
 //! x86_64 specifics: guest-physical layout, boot protocol, CPU state.
+pub mod boot;
+pub mod cpuid;
 pub mod layout;
+pub mod regs;

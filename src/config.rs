@@ -1,0 +1,156 @@
+//! Command-line options and their validation: `ferrovm run ...` becomes a [`VmConfig`].
+
+use std::path::PathBuf;
+
+/// Largest vCPU count accepted (KVM's limit is checked again at VM creation).
+pub const MAX_VCPUS: u32 = 254;
+/// Smallest guest accepted: Linux needs a few MiB to decompress itself.
+pub const MIN_MEMORY: u64 = 16 << 20;
+/// Largest guest accepted (guest RAM is mapped lazily, so this is about address space).
+pub const MAX_MEMORY: u64 = 1 << 40;
+
+/// Errors in user-supplied options.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum ConfigError {
+    #[error("invalid memory size '{0}': expected a number with an optional K, M, G or T suffix")]
+    MemorySyntax(String),
+    #[error("memory size {0} is too small: at least 16M is needed to boot Linux")]
+    MemoryTooSmall(String),
+    #[error("memory size {0} is too large: at most 1T is supported")]
+    MemoryTooLarge(String),
+    #[error("--cpus {0} is out of range: 1 to {MAX_VCPUS}")]
+    Cpus(u32),
+    #[error("invalid --serial '{0}': expected stdio, off or file=PATH")]
+    Serial(String),
+}
+
+/// Where the guest's COM1 goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SerialMode {
+    Stdio,
+    Off,
+    File(PathBuf),
+}
+
+/// Everything needed to build and run one VM.
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    pub kernel: PathBuf,
+    pub initramfs: Option<PathBuf>,
+    pub cmdline: String,
+    pub cpus: u8,
+    pub mem_size: u64,
+    pub serial: SerialMode,
+    pub verbose: bool,
+}
+
+/// The default kernel command line.
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1";
+
+/// Parses `512M`, `4G`, `1T`, `65536K` or a plain byte count.
+pub fn parse_memory(s: &str) -> Result<u64, ConfigError> {
+    let t = s.trim();
+    let (num, mult) = match t.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let m = match c.to_ascii_uppercase() {
+                'K' => 1u64 << 10,
+                'M' => 1 << 20,
+                'G' => 1 << 30,
+                'T' => 1 << 40,
+                _ => return Err(ConfigError::MemorySyntax(s.into())),
+            };
+            (&t[..i], m)
+        }
+        _ => (t, 1),
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| ConfigError::MemorySyntax(s.into()))?;
+    let bytes = n
+        .checked_mul(mult)
+        .ok_or_else(|| ConfigError::MemoryTooLarge(s.into()))?;
+    if bytes < MIN_MEMORY {
+        return Err(ConfigError::MemoryTooSmall(s.into()));
+    }
+    if bytes > MAX_MEMORY {
+        return Err(ConfigError::MemoryTooLarge(s.into()));
+    }
+    Ok(bytes)
+}
+
+/// Checks a vCPU count.
+pub fn parse_cpus(n: u32) -> Result<u8, ConfigError> {
+    if n == 0 || n > MAX_VCPUS {
+        return Err(ConfigError::Cpus(n));
+    }
+    Ok(n as u8)
+}
+
+/// Parses `stdio`, `off` or `file=PATH`.
+pub fn parse_serial(s: &str) -> Result<SerialMode, ConfigError> {
+    match s {
+        "stdio" => Ok(SerialMode::Stdio),
+        "off" | "none" => Ok(SerialMode::Off),
+        _ => match s.strip_prefix("file=") {
+            Some(p) if !p.is_empty() => Ok(SerialMode::File(PathBuf::from(p))),
+            _ => Err(ConfigError::Serial(s.into())),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_sizes() {
+        assert_eq!(parse_memory("512M"), Ok(512 << 20));
+        assert_eq!(parse_memory("4g"), Ok(4 << 30));
+        assert_eq!(parse_memory("1T"), Ok(1 << 40));
+        assert_eq!(parse_memory("65536K"), Ok(64 << 20));
+        assert_eq!(parse_memory("268435456"), Ok(256 << 20));
+        assert!(matches!(
+            parse_memory("0"),
+            Err(ConfigError::MemoryTooSmall(_))
+        ));
+        assert!(matches!(
+            parse_memory("2T"),
+            Err(ConfigError::MemoryTooLarge(_))
+        ));
+        assert!(matches!(
+            parse_memory("99999999999999999999G"),
+            Err(ConfigError::MemorySyntax(_))
+        ));
+        assert!(matches!(
+            parse_memory("18446744073709551615G"),
+            Err(ConfigError::MemorySyntax(_) | ConfigError::MemoryTooLarge(_))
+        ));
+        assert!(matches!(
+            parse_memory("12X"),
+            Err(ConfigError::MemorySyntax(_))
+        ));
+        assert!(matches!(
+            parse_memory(""),
+            Err(ConfigError::MemorySyntax(_))
+        ));
+        assert!(matches!(
+            parse_memory("M"),
+            Err(ConfigError::MemorySyntax(_))
+        ));
+    }
+
+    #[test]
+    fn cpus_and_serial() {
+        assert_eq!(parse_cpus(1), Ok(1));
+        assert_eq!(parse_cpus(0), Err(ConfigError::Cpus(0)));
+        assert_eq!(parse_cpus(10000), Err(ConfigError::Cpus(10000)));
+        assert_eq!(parse_serial("stdio"), Ok(SerialMode::Stdio));
+        assert_eq!(parse_serial("off"), Ok(SerialMode::Off));
+        assert_eq!(
+            parse_serial("file=/tmp/x"),
+            Ok(SerialMode::File("/tmp/x".into()))
+        );
+        assert!(parse_serial("file=").is_err());
+        assert!(parse_serial("pty").is_err());
+    }
+}

@@ -1,0 +1,290 @@
+//! A vCPU: its boot-time state and its run loop.
+//!
+//! The run loop is one `match` on the exit reason. Port I/O and MMIO go to the buses; the
+//! exits that end the VM are returned to the VMM as a [`VcpuStop`].
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use kvm_bindings::{CpuId, Msrs};
+use kvm_ioctls::{VcpuExit, VcpuFd};
+
+use crate::arch::x86_64::{boot::EntryMode, cpuid, regs};
+use crate::bus::Bus;
+use crate::devices::VmControl;
+
+/// What failed while setting up a vCPU.
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuError {
+    #[error("vCPU {0}: KVM_SET_CPUID2 failed")]
+    SetCpuid(u8, #[source] kvm_ioctls::Error),
+    #[error("vCPU {0}: KVM_SET_MSRS failed")]
+    SetMsrs(u8, #[source] kvm_ioctls::Error),
+    #[error("vCPU {index}: KVM_SET_MSRS set only {set} of {wanted} MSRs")]
+    PartialMsrs {
+        index: u8,
+        set: usize,
+        wanted: usize,
+    },
+    #[error("vCPU {0}: building the MSR list failed")]
+    MsrList(u8),
+    #[error("vCPU {0}: KVM_SET_FPU failed")]
+    SetFpu(u8, #[source] kvm_ioctls::Error),
+    #[error("vCPU {0}: KVM_GET/SET_LAPIC failed")]
+    Lapic(u8, #[source] kvm_ioctls::Error),
+    #[error("vCPU {0}: KVM_GET/SET_SREGS failed")]
+    Sregs(u8, #[source] kvm_ioctls::Error),
+    #[error("vCPU {0}: KVM_SET_REGS failed")]
+    Regs(u8, #[source] kvm_ioctls::Error),
+}
+
+/// Why a vCPU left its run loop.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VcpuStop {
+    /// The VMM asked (guest power-off through a device, host signal, console quit).
+    Requested,
+    /// KVM_EXIT_SHUTDOWN: triple fault.
+    TripleFault { dump: String },
+    /// KVM_SYSTEM_EVENT: shutdown (1), reset (2), crash (3).
+    SystemEvent { kind: u32 },
+    /// KVM_EXIT_INTERNAL_ERROR or KVM_EXIT_FAIL_ENTRY, or an unexpected exit.
+    Failed { reason: String, dump: String },
+}
+
+/// Exit counters for one vCPU (relaxed atomics: read live from other threads).
+#[derive(Default)]
+pub struct ExitCounters {
+    pub io_in: AtomicU64,
+    pub io_out: AtomicU64,
+    pub mmio_read: AtomicU64,
+    pub mmio_write: AtomicU64,
+    pub other: AtomicU64,
+    pub unhandled: AtomicU64,
+    /// Nanoseconds spent in userspace handling exits.
+    pub handling_ns: AtomicU64,
+}
+
+/// A vCPU ready to run.
+pub struct Vcpu {
+    fd: VcpuFd,
+    index: u8,
+    pio: Arc<Bus>,
+    mmio: Arc<Bus>,
+    control: VmControl,
+    pub counters: Arc<ExitCounters>,
+    unknown_log: RateLimit,
+}
+
+impl Vcpu {
+    pub fn new(fd: VcpuFd, index: u8, pio: Arc<Bus>, mmio: Arc<Bus>, control: VmControl) -> Self {
+        Self {
+            fd,
+            index,
+            pio,
+            mmio,
+            control,
+            counters: Arc::default(),
+            unknown_log: RateLimit::new(20),
+        }
+    }
+
+    /// Sets the state every vCPU needs: CPUID, MSRs, FPU and LAPIC LINT pins.
+    pub fn configure(&self, supported: &CpuId, cpus: u8) -> Result<(), VcpuError> {
+        let i = self.index;
+        let cpuid = cpuid::vcpu_cpuid(supported, i, cpus);
+        self.fd
+            .set_cpuid2(&cpuid)
+            .map_err(|e| VcpuError::SetCpuid(i, e))?;
+        let entries = regs::boot_msrs();
+        let msrs = Msrs::from_entries(&entries).map_err(|_| VcpuError::MsrList(i))?;
+        let set = self
+            .fd
+            .set_msrs(&msrs)
+            .map_err(|e| VcpuError::SetMsrs(i, e))?;
+        if set != entries.len() {
+            return Err(VcpuError::PartialMsrs {
+                index: i,
+                set,
+                wanted: entries.len(),
+            });
+        }
+        self.fd
+            .set_fpu(&regs::boot_fpu())
+            .map_err(|e| VcpuError::SetFpu(i, e))?;
+        let mut lapic = self.fd.get_lapic().map_err(|e| VcpuError::Lapic(i, e))?;
+        regs::set_lint_pins(&mut lapic.regs);
+        self.fd
+            .set_lapic(&lapic)
+            .map_err(|e| VcpuError::Lapic(i, e))?;
+        Ok(())
+    }
+
+    /// Sets the boot processor's registers for the kernel entry. Application processors keep
+    /// their reset state and wait for INIT/SIPI from the guest (the in-kernel LAPIC does that).
+    pub fn set_boot_registers(&self, mode: EntryMode) -> Result<(), VcpuError> {
+        let i = self.index;
+        let sregs = self.fd.get_sregs().map_err(|e| VcpuError::Sregs(i, e))?;
+        self.fd
+            .set_sregs(&regs::boot_sregs(sregs, mode))
+            .map_err(|e| VcpuError::Sregs(i, e))?;
+        self.fd
+            .set_regs(&regs::boot_regs(mode))
+            .map_err(|e| VcpuError::Regs(i, e))
+    }
+
+    /// Reads back the registers (for tests and `-v` dumps).
+    pub fn fd(&self) -> &VcpuFd {
+        &self.fd
+    }
+
+    /// Runs the guest until something ends the VM.
+    pub fn run(&mut self) -> VcpuStop {
+        loop {
+            if self.control.is_stopping() {
+                return VcpuStop::Requested;
+            }
+            let exit = self.fd.run();
+            let t0 = Instant::now();
+            let c = &self.counters;
+            let stop = match exit {
+                Ok(VcpuExit::IoOut(port, data)) => {
+                    c.io_out.fetch_add(1, Ordering::Relaxed);
+                    if self.pio.write(port as u64, data).is_none() {
+                        c.unhandled.fetch_add(1, Ordering::Relaxed);
+                        self.unknown_log.log(|| {
+                            format!(
+                                "vCPU {}: write to unclaimed port {port:#x}: {data:x?}",
+                                self.index
+                            )
+                        });
+                    }
+                    None
+                }
+                Ok(VcpuExit::IoIn(port, data)) => {
+                    c.io_in.fetch_add(1, Ordering::Relaxed);
+                    if self.pio.read(port as u64, data).is_none() {
+                        c.unhandled.fetch_add(1, Ordering::Relaxed);
+                        self.unknown_log.log(|| {
+                            format!("vCPU {}: read from unclaimed port {port:#x}", self.index)
+                        });
+                    }
+                    None
+                }
+                Ok(VcpuExit::MmioRead(addr, data)) => {
+                    c.mmio_read.fetch_add(1, Ordering::Relaxed);
+                    if self.mmio.read(addr, data).is_none() {
+                        c.unhandled.fetch_add(1, Ordering::Relaxed);
+                        self.unknown_log.log(|| {
+                            format!("vCPU {}: read from unclaimed MMIO {addr:#x}", self.index)
+                        });
+                    }
+                    None
+                }
+                Ok(VcpuExit::MmioWrite(addr, data)) => {
+                    c.mmio_write.fetch_add(1, Ordering::Relaxed);
+                    if self.mmio.write(addr, data).is_none() {
+                        c.unhandled.fetch_add(1, Ordering::Relaxed);
+                        self.unknown_log.log(|| {
+                            format!("vCPU {}: write to unclaimed MMIO {addr:#x}", self.index)
+                        });
+                    }
+                    None
+                }
+                Ok(VcpuExit::Hlt) => {
+                    // Only without an in-kernel LAPIC; nothing can wake this vCPU.
+                    Some(VcpuStop::Failed {
+                        reason: "HLT with interrupts impossible".into(),
+                        dump: self.dump(),
+                    })
+                }
+                Ok(VcpuExit::Shutdown) => Some(VcpuStop::TripleFault { dump: self.dump() }),
+                Ok(VcpuExit::SystemEvent(kind, _)) => Some(VcpuStop::SystemEvent { kind }),
+                Ok(VcpuExit::InternalError) => {
+                    let run = self.fd.get_kvm_run();
+                    // SAFETY: KVM filled the `internal` member: the exit reason is
+                    // KVM_EXIT_INTERNAL_ERROR.
+                    let suberror = unsafe { run.__bindgen_anon_1.internal.suberror };
+                    Some(VcpuStop::Failed {
+                        reason: format!("KVM internal error (suberror {suberror})"),
+                        dump: self.dump(),
+                    })
+                }
+                Ok(VcpuExit::FailEntry(reason, cpu)) => Some(VcpuStop::Failed {
+                    reason: format!("KVM_EXIT_FAIL_ENTRY (hardware reason {reason:#x}, cpu {cpu})"),
+                    dump: self.dump(),
+                }),
+                Ok(VcpuExit::Intr) | Ok(VcpuExit::IrqWindowOpen) => None,
+                Ok(other) => {
+                    c.other.fetch_add(1, Ordering::Relaxed);
+                    self.unknown_log
+                        .log(|| format!("vCPU {}: ignored exit {other:?}", self.index));
+                    None
+                }
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => None,
+                Err(e) => Some(VcpuStop::Failed {
+                    reason: format!("KVM_RUN failed: {e}"),
+                    dump: String::new(),
+                }),
+            };
+            c.handling_ns
+                .fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
+            if let Some(stop) = stop {
+                return stop;
+            }
+        }
+    }
+
+    /// A one-screen register dump for error reports.
+    pub fn dump(&self) -> String {
+        let mut s = String::new();
+        if let Ok(r) = self.fd.get_regs() {
+            s += &format!(
+                "vCPU {}: rip={:#018x} rsp={:#018x} rflags={:#x}\n  rax={:#x} rbx={:#x} rcx={:#x} rdx={:#x} rsi={:#x} rdi={:#x} rbp={:#x}\n",
+                self.index, r.rip, r.rsp, r.rflags, r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi, r.rbp
+            );
+        }
+        if let Ok(sr) = self.fd.get_sregs() {
+            s += &format!(
+                "  cs={:#x} (l={} db={}) cr0={:#x} cr2={:#x} cr3={:#x} cr4={:#x} efer={:#x}\n",
+                sr.cs.selector, sr.cs.l, sr.cs.db, sr.cr0, sr.cr2, sr.cr3, sr.cr4, sr.efer
+            );
+        }
+        s
+    }
+}
+
+/// Logs at debug level, at most `burst` messages and then one in every 10,000: a guest must
+/// not be able to flood the host log.
+pub struct RateLimit {
+    burst: u64,
+    count: u64,
+}
+
+impl RateLimit {
+    pub fn new(burst: u64) -> Self {
+        Self { burst, count: 0 }
+    }
+
+    /// Returns whether the message was logged.
+    pub fn log(&mut self, msg: impl FnOnce() -> String) -> bool {
+        self.count += 1;
+        let emit = self.count <= self.burst || self.count % 10_000 == 0;
+        if emit && log::log_enabled!(log::Level::Debug) {
+            log::debug!("{} (occurrence {})", msg(), self.count);
+        }
+        emit
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rate_limit_caps_messages() {
+        let mut r = RateLimit::new(3);
+        let logged = (0..100_000).filter(|_| r.log(String::new)).count();
+        assert_eq!(logged, 3 + 10);
+    }
+}

@@ -1,0 +1,427 @@
+//! The boot recipe: everything that happens between `ferrovm run` and the guest's first
+//! instruction, in order, in one function ([`run`]). Then wait for the VM to end and say why.
+
+use std::fs::File;
+use std::io::Write;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
+
+use crate::acpi::{self, AcpiConfig};
+use crate::arch::x86_64::boot::{self, BootInfo, EntryMode};
+use crate::arch::x86_64::{layout, regs};
+use crate::bus::{Bus, BusDevice};
+use crate::config::{SerialMode, VmConfig};
+use crate::console;
+use crate::devices::{self, IrqLine, StopRequest, VmControl};
+use crate::kvm::vcpu::{Vcpu, VcpuStop};
+use crate::kvm::vm::Vm;
+
+/// How the VM ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VmOutcome {
+    /// ACPI power-off.
+    PowerOff,
+    /// The guest rebooted (i8042, ACPI reset register, port 0xcf9, triple fault after `reboot`).
+    Reset,
+    /// The host stopped the VM (signal, console escape).
+    Stopped(String),
+    /// isa-debug-exit: ferrovm exits with `(value << 1) | 1`.
+    DebugExit(u32),
+    /// The guest kernel panicked (seen on its console before it reset or stopped).
+    GuestPanic,
+    /// Triple fault, KVM internal error, failed entry.
+    Crash { reason: String, dump: String },
+}
+
+/// What failed while building or running the VM.
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    #[error(transparent)]
+    Vm(#[from] crate::kvm::vm::VmError),
+    #[error(transparent)]
+    Vcpu(#[from] crate::kvm::vcpu::VcpuError),
+    #[error(transparent)]
+    Boot(#[from] boot::BootError),
+    #[error("cannot allocate {0} bytes of guest memory")]
+    Memory(u64, #[source] vm_memory::mmap::FromRangesError),
+    #[error("cannot write the boot page tables and GDT")]
+    BootTables(#[source] vm_memory::GuestMemoryError),
+    #[error("cannot write the ACPI tables")]
+    Acpi(#[from] acpi::AcpiError),
+    #[error("cannot place a device on the bus")]
+    Bus(#[from] crate::bus::BusError),
+    #[error("cannot open serial output file {0}")]
+    SerialFile(std::path::PathBuf, #[source] std::io::Error),
+    #[error("cannot create an eventfd")]
+    EventFd(#[source] std::io::Error),
+    #[error("cannot set up the terminal or signal handlers")]
+    Terminal(#[source] std::io::Error),
+    #[error("cannot register the vCPU kick signal handler")]
+    KickSignal(#[source] vmm_sys_util::errno::Error),
+    #[error("cannot start vCPU thread {0}")]
+    SpawnVcpu(u8, #[source] std::io::Error),
+}
+
+/// Boots the VM described by `cfg` and runs it until it ends.
+pub fn run(cfg: VmConfig) -> Result<VmOutcome, VmmError> {
+    // 1. KVM: a VM with the in-kernel irqchip and PIT.
+    let vm = Vm::new(cfg.cpus)?;
+
+    // 2. Guest RAM, mapped lazily (MAP_NORESERVE), split around the 32-bit MMIO hole.
+    let ranges: Vec<(GuestAddress, usize)> = layout::ram_regions(cfg.mem_size)
+        .into_iter()
+        .map(|(start, len)| (GuestAddress(start), len as usize))
+        .collect();
+    let mem = GuestMemoryMmap::<()>::from_ranges(&ranges)
+        .map_err(|e| VmmError::Memory(cfg.mem_size, e))?;
+    vm.register_memory(&mem)?;
+
+    // 3. Devices, on the port I/O bus; interrupts through irqfds.
+    let control = VmControl::new().map_err(VmmError::EventFd)?;
+    let panic_seen = Arc::new(AtomicBool::new(false));
+    let serial_irq = IrqLine::new().map_err(VmmError::EventFd)?;
+    vm.register_irqfd(serial_irq.eventfd(), layout::COM1_IRQ)?;
+    let serial_out = serial_output(&cfg.serial, panic_seen.clone())?;
+    let serial = Arc::new(Mutex::new(devices::serial::SerialDevice::new(
+        serial_irq, serial_out,
+    )));
+    let (below_4g, above_4g) = match layout::ram_regions(cfg.mem_size).as_slice() {
+        [(_, low), (_, high)] => (*low, *high),
+        [(_, low)] => (*low, 0),
+        _ => (0, 0),
+    };
+    let mut pio = Bus::new();
+    pio.insert(layout::COM1_PORT as u64, 8, "com1", serial.clone())?;
+    pio.insert(
+        layout::I8042_PORT as u64,
+        5,
+        "i8042",
+        shared(devices::i8042::I8042::new(control.clone())),
+    )?;
+    pio.insert(
+        layout::CMOS_PORT as u64,
+        2,
+        "cmos",
+        shared(devices::cmos::Cmos::new(below_4g, above_4g)),
+    )?;
+    pio.insert(
+        layout::ACPI_PM1A_EVT_PORT as u64,
+        devices::acpi_pm::ACPI_PM_LEN,
+        "acpi-pm",
+        shared(devices::acpi_pm::AcpiPm::new(control.clone())),
+    )?;
+    pio.insert(
+        0xcf9,
+        1,
+        "reset",
+        shared(devices::acpi_pm::ResetPort::new(control.clone())),
+    )?;
+    pio.insert(
+        layout::DEBUG_EXIT_PORT as u64,
+        devices::debug_exit::DEBUG_EXIT_LEN,
+        "debug-exit",
+        shared(devices::debug_exit::DebugExit::new(control.clone())),
+    )?;
+    pio.insert(0x80, 1, "post", shared(PostPort))?;
+    let pio = Arc::new(pio);
+    let mmio = Arc::new(Bus::new());
+
+    // 4. The kernel, its initramfs and command line.
+    let kernel = boot::load_kernel(&mem, &cfg.kernel)?;
+    let max_cmdline = match kernel.setup_header {
+        Some(h) if h.version >= 0x0206 && h.cmdline_size > 0 => h.cmdline_size as usize + 1,
+        _ => 2048,
+    };
+    boot::write_cmdline(
+        &mem,
+        &cfg.cmdline,
+        max_cmdline.min(layout::CMDLINE_MAX_SIZE),
+    )?;
+    let initrd_limit = match kernel.setup_header {
+        Some(h) if h.initrd_addr_max != 0 => h.initrd_addr_max as u64 + 1,
+        _ => layout::MMIO_HOLE_START,
+    };
+    let initramfs = match &cfg.initramfs {
+        Some(p) => Some(boot::load_initramfs(
+            &mem,
+            p,
+            kernel.kernel_end,
+            initrd_limit,
+        )?),
+        None => None,
+    };
+
+    // 5. Tables the kernel reads: ACPI, then the zero page or PVH start_info, GDT and page tables.
+    let rsdp = acpi::create_acpi_tables(&mem, &AcpiConfig { num_cpus: cfg.cpus })?;
+    let info = BootInfo {
+        kernel: &kernel,
+        cmdline_len: cfg.cmdline.len(),
+        initramfs,
+        rsdp: rsdp.0,
+        mem_size: cfg.mem_size,
+    };
+    match kernel.entry {
+        EntryMode::Linux64 { .. } => boot::write_zero_page(&mem, &info)?,
+        EntryMode::Pvh { .. } => boot::write_pvh_info(&mem, &info)?,
+    }
+    regs::write_boot_tables(&mem).map_err(VmmError::BootTables)?;
+
+    // 6. vCPUs: CPUID, MSRs, FPU, LAPIC for all; entry registers for the boot processor.
+    let supported = vm.supported_cpuid()?;
+    let mut vcpus = Vec::new();
+    for i in 0..cfg.cpus {
+        let v = Vcpu::new(
+            vm.create_vcpu(i)?,
+            i,
+            pio.clone(),
+            mmio.clone(),
+            control.clone(),
+        );
+        v.configure(&supported, cfg.cpus)?;
+        if i == 0 {
+            v.set_boot_registers(kernel.entry)?;
+        }
+        vcpus.push(v);
+    }
+    log::debug!(
+        "booting {:?} kernel {} ({:?}), {} vCPUs, {} MiB",
+        kernel.format,
+        cfg.kernel.display(),
+        kernel.entry,
+        cfg.cpus,
+        cfg.mem_size >> 20
+    );
+
+    // 7. The console and host signals, then start the vCPUs.
+    console::install_panic_hook();
+    console::install_stop_signals(control.clone()).map_err(VmmError::Terminal)?;
+    let stdio = cfg.serial == SerialMode::Stdio;
+    let _raw = if stdio {
+        Some(console::RawTerminal::new().map_err(VmmError::Terminal)?)
+    } else {
+        None
+    };
+    let stdin_thread = if stdio {
+        Some(
+            console::spawn_stdin_reader(serial.clone(), control.clone(), Box::new(|| {}))
+                .map_err(VmmError::Terminal)?,
+        )
+    } else {
+        None
+    };
+    register_signal_handler(SIGRTMIN(), kick_handler).map_err(VmmError::KickSignal)?;
+    let stops: Arc<Mutex<Vec<(u8, VcpuStop)>>> = Arc::default();
+    let mut threads: Vec<JoinHandle<()>> = Vec::new();
+    for mut v in vcpus {
+        let index = threads.len() as u8;
+        let stops = stops.clone();
+        let vcpu_control = control.clone();
+        let t = std::thread::Builder::new()
+            .name(format!("vcpu{index}"))
+            .spawn(move || {
+                let stop = v.run();
+                if stop != VcpuStop::Requested {
+                    stops
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .push((index, stop));
+                }
+                vcpu_control.stop();
+            })
+            .map_err(|e| VmmError::SpawnVcpu(index, e));
+        match t {
+            Ok(t) => threads.push(t),
+            Err(e) => {
+                control.stop();
+                stop_vcpus(threads);
+                return Err(e);
+            }
+        }
+    }
+
+    // 8. Wait until something stops the VM, then stop every vCPU and say why it ended.
+    wait_readable(control.event());
+    control.stop();
+    stop_vcpus(threads);
+    if let Some(t) = stdin_thread {
+        let _ = t.join();
+    }
+    drop(_raw);
+    let stops = std::mem::take(&mut *stops.lock().unwrap_or_else(|e| e.into_inner()));
+    Ok(outcome(
+        control.request(),
+        &stops,
+        panic_seen.load(Ordering::SeqCst),
+    ))
+}
+
+/// Decides how the VM ended from the guest's request and the vCPUs' exits.
+fn outcome(request: Option<StopRequest>, stops: &[(u8, VcpuStop)], panicked: bool) -> VmOutcome {
+    match request {
+        Some(StopRequest::PowerOff) => return VmOutcome::PowerOff,
+        Some(StopRequest::DebugExit(v)) => return VmOutcome::DebugExit(v),
+        Some(StopRequest::Reset) if panicked => return VmOutcome::GuestPanic,
+        Some(StopRequest::Reset) => return VmOutcome::Reset,
+        None => {}
+    }
+    match stops.first() {
+        Some((_, VcpuStop::SystemEvent { kind: 1 })) => VmOutcome::PowerOff,
+        Some((_, VcpuStop::SystemEvent { kind: 3 })) => VmOutcome::GuestPanic,
+        Some(_) if panicked => VmOutcome::GuestPanic,
+        Some((_, VcpuStop::SystemEvent { kind: 2 })) => VmOutcome::Reset,
+        Some((i, VcpuStop::SystemEvent { kind })) => VmOutcome::Crash {
+            reason: format!("vCPU {i}: unknown KVM system event {kind}"),
+            dump: String::new(),
+        },
+        Some((i, VcpuStop::TripleFault { dump })) => VmOutcome::Crash {
+            reason: format!("vCPU {i}: triple fault (KVM_EXIT_SHUTDOWN)"),
+            dump: dump.clone(),
+        },
+        Some((i, VcpuStop::Failed { reason, dump })) => VmOutcome::Crash {
+            reason: format!("vCPU {i}: {reason}"),
+            dump: dump.clone(),
+        },
+        Some((_, VcpuStop::Requested)) | None if panicked => VmOutcome::GuestPanic,
+        Some((_, VcpuStop::Requested)) | None => {
+            VmOutcome::Stopped("host request (signal or console escape)".into())
+        }
+    }
+}
+
+fn shared<D: BusDevice + 'static>(d: D) -> Arc<Mutex<dyn BusDevice>> {
+    Arc::new(Mutex::new(d))
+}
+
+/// Port 0x80: the POST code port, written by Linux as an I/O delay. Writes are dropped.
+struct PostPort;
+impl BusDevice for PostPort {
+    fn read(&mut self, _offset: u64, data: &mut [u8]) {
+        data.fill(0xff);
+    }
+    fn write(&mut self, _offset: u64, _data: &[u8]) {}
+}
+
+/// The serial output sink, wrapped to notice a guest kernel panic.
+fn serial_output(
+    mode: &SerialMode,
+    panic_seen: Arc<AtomicBool>,
+) -> Result<Box<dyn Write + Send>, VmmError> {
+    let inner: Box<dyn Write + Send> = match mode {
+        SerialMode::Stdio => Box::new(std::io::stdout()),
+        SerialMode::Off => Box::new(std::io::sink()),
+        SerialMode::File(p) => {
+            Box::new(File::create(p).map_err(|e| VmmError::SerialFile(p.clone(), e))?)
+        }
+    };
+    Ok(Box::new(PanicWatch {
+        inner,
+        seen: panic_seen,
+        line: Vec::new(),
+    }))
+}
+
+/// Watches console output for Linux's "Kernel panic - not syncing" line.
+struct PanicWatch {
+    inner: Box<dyn Write + Send>,
+    seen: Arc<AtomicBool>,
+    line: Vec<u8>,
+}
+
+const PANIC_MARKER: &[u8] = b"Kernel panic - not syncing";
+
+impl Write for PanicWatch {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        for &b in buf {
+            if b == b'\n' {
+                self.line.clear();
+            } else if self.line.len() < 256 {
+                self.line.push(b);
+                if self.line.ends_with(PANIC_MARKER) {
+                    self.seen.store(true, Ordering::SeqCst);
+                }
+            }
+        }
+        self.inner.write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+/// Stops every vCPU thread: each is signalled until it leaves KVM_RUN and exits.
+fn stop_vcpus(threads: Vec<JoinHandle<()>>) {
+    for t in threads {
+        while !t.is_finished() {
+            let _ = t.kill(SIGRTMIN());
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        let _ = t.join();
+    }
+}
+
+/// Blocks until `fd` is readable (EINTR is retried).
+fn wait_readable(fd: &vmm_sys_util::eventfd::EventFd) {
+    use std::os::fd::AsRawFd;
+    loop {
+        let mut p = libc::pollfd {
+            fd: fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: `p` is one valid pollfd for the duration of the call.
+        let r = unsafe { libc::poll(&mut p, 1, -1) };
+        if r > 0 {
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outcomes() {
+        assert_eq!(
+            outcome(Some(StopRequest::PowerOff), &[], false),
+            VmOutcome::PowerOff
+        );
+        assert_eq!(
+            outcome(Some(StopRequest::Reset), &[], false),
+            VmOutcome::Reset
+        );
+        assert_eq!(
+            outcome(Some(StopRequest::Reset), &[], true),
+            VmOutcome::GuestPanic
+        );
+        assert_eq!(
+            outcome(Some(StopRequest::DebugExit(3)), &[], false),
+            VmOutcome::DebugExit(3)
+        );
+        let tf = [(0, VcpuStop::TripleFault { dump: "d".into() })];
+        assert!(matches!(outcome(None, &tf, false), VmOutcome::Crash { .. }));
+        assert_eq!(outcome(None, &tf, true), VmOutcome::GuestPanic);
+        assert!(matches!(outcome(None, &[], false), VmOutcome::Stopped(_)));
+    }
+
+    #[test]
+    fn panic_watch_sees_marker_across_writes() {
+        let seen = Arc::new(AtomicBool::new(false));
+        let mut w = PanicWatch {
+            inner: Box::new(std::io::sink()),
+            seen: seen.clone(),
+            line: Vec::new(),
+        };
+        w.write_all(b"[    1.0] Kernel pan").unwrap();
+        assert!(!seen.load(Ordering::SeqCst));
+        w.write_all(b"ic - not syncing: VFS\r\n").unwrap();
+        assert!(seen.load(Ordering::SeqCst));
+    }
+}

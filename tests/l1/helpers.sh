@@ -1,0 +1,24 @@
+# Shell helpers sourced before every case script of the nested harness (in L1 and,
+# in direct mode, on the host).  Env: FERROVM IMAGES FILES WORK FERROVM_TEST_MODE BUSYBOX.
+
+# mkinitrd_with_test SCRIPT OUT [FILE...]
+#   Writes OUT = $IMAGES/initramfs.cpio.gz + an appended uncompressed newc cpio holding
+#   SCRIPT as /test.sh (mode 755) and each FILE at /<basename>.  Boot the L2 kernel with
+#   "ferrovm.test=/test.sh" on its command line to run it.
+mkinitrd_with_test() {
+	_mk_src=$1 _mk_out=$2
+	shift 2 || { echo "usage: mkinitrd_with_test SCRIPT OUT [FILE...]" >&2; return 2; }
+	_mk_dir=$(mktemp -d "${WORK:-/tmp}/mkinitrd.XXXXXX") || return 1
+	cp "$_mk_src" "$_mk_dir/test.sh" && chmod 755 "$_mk_dir/test.sh" || return 1
+	for _mk_f; do cp "$_mk_f" "$_mk_dir/" || return 1; done
+	cat "$IMAGES/initramfs.cpio.gz" > "$_mk_out" || return 1
+	(cd "$_mk_dir" && ls -A | "${BUSYBOX:-busybox}" cpio -o -H newc 2>/dev/null) >> "$_mk_out" || return 1
+	rm -rf "$_mk_dir"
+}
+
+# kvm_debugfs: print the global KVM counters (/sys/kernel/debug/kvm/*), "name value" per line.
+kvm_debugfs() {
+	for _f in /sys/kernel/debug/kvm/*; do
+		[ -f "$_f" ] && echo "$(basename "$_f") $(cat "$_f" 2>/dev/null)"
+	done
+}
