@@ -282,7 +282,7 @@ write_init() { # $1=path $2=stage
 #   FERROVM-BOOT-OK uptime=<s> kernel=<release>[ root=<dev>]
 #   FERROVM-TEST-EXIT status=<n>      after running ferrovm.test=PATH
 #   FERROVM-ERROR <message>
-export PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root TERM=${TERM:-linux}
+export PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root TERM="${TERM:-linux}"
 mounted() { grep -qs " $1 " /proc/mounts; }
 mkdir -p /proc /sys /dev /tmp /run /root /mnt
 [ -e /proc/self ] || mount -t proc proc /proc
@@ -304,7 +304,9 @@ if [ "$STAGE" = initramfs ]; then
     done </etc/modules.order
 fi
 
-TEST= ROOT= FSTYPE=ext4 RWMODE=rw
+TEST='' ROOT='' FSTYPE=ext4 RWMODE=rw
+set -f  # no globbing of kernel command-line words
+# shellcheck disable=SC2013
 for arg in $(cat /proc/cmdline); do
     case $arg in
         ferrovm.test=*) TEST=${arg#*=} ;;
@@ -314,6 +316,7 @@ for arg in $(cat /proc/cmdline); do
         rw) RWMODE=rw ;;
     esac
 done
+set +f
 
 halt_vm() { sync; poweroff -f; reboot -f; while :; do sleep 3600; done; }
 marker() { echo "FERROVM-BOOT-OK uptime=$(cut -d' ' -f1 /proc/uptime) kernel=$(uname -r)$1"; }
@@ -445,8 +448,8 @@ while IFS= read -r f; do
 done < <(cd "$UX" && find lib lib64 usr/lib -name '*.so*' \( -type f -o -type l \) 2>/dev/null | LC_ALL=C sort)
 # Resolve symlinks of a relative path inside a tree, never escaping it.
 resolve_in() { # $1=root $2=relative path -> relative path of the real file
-    local root=$1 rel=$2 t i
-    for i in 1 2 3 4 5 6 7 8; do
+    local root=$1 rel=$2 t _
+    for _ in 1 2 3 4 5 6 7 8; do
         [[ -L $root/$rel ]] || break
         t=$(readlink "$root/$rel")
         if [[ $t == /* ]]; then rel=$t; else rel=$(dirname "$rel")/$t; fi

@@ -16,7 +16,7 @@ set -e
 echo "mode=$FERROVM_TEST_MODE"
 ls -l /dev/kvm
 if [ "$FERROVM_TEST_MODE" = nested ]; then
-    mountpoint /sys/kernel/debug
+    grep ' /sys/kernel/debug debugfs ' /proc/mounts
     ls /sys/kernel/debug/kvm
 fi
 "$FERROVM" selftest
@@ -47,6 +47,23 @@ fi
                 expect_status(o, 7)?;
                 expect_output(o, "about-to-exit-7")
             }),
+        Case::new(
+            "harness_mkinitrd_helper",
+            r#"
+set -e
+printf 'echo hello from test.sh\n' > t.sh
+echo extra > extra.txt
+mkinitrd_with_test t.sh initrd.img extra.txt
+base=$(( ($(wc -c < "$IMAGES/initramfs.cpio.gz") + 3) / 4 * 4 ))
+tail -c +$((base + 1)) initrd.img | "$BUSYBOX" cpio -t
+"#,
+        )
+        .timeout(Duration::from_secs(60))
+        .check(|o| {
+            expect_status(o, 0)?;
+            expect_output(o, "test.sh")?;
+            expect_output(o, "extra.txt")
+        }),
     ];
     harness::run(cases)
 }

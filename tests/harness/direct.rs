@@ -92,7 +92,12 @@ fn run_case(
         if Instant::now() >= deadline {
             timed_out = true;
             kill_group(pid, "TERM");
-            std::thread::sleep(Duration::from_secs(1));
+            for _ in 0..40 {
+                if matches!(child.try_wait(), Ok(Some(_))) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
             kill_group(pid, "KILL");
             let _ = child.wait();
             break None;

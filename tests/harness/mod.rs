@@ -362,7 +362,6 @@ pub fn run_with(cases: Vec<Case>, cfg: Config) -> ExitCode {
 
 fn fatal(msg: &str) -> ExitCode {
     println!("error: {msg}");
-    eprintln!("error: {msg}");
     ExitCode::FAILURE
 }
 

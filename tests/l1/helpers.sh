@@ -2,7 +2,7 @@
 # in direct mode, on the host).  Env: FERROVM IMAGES FILES WORK FERROVM_TEST_MODE BUSYBOX.
 
 # mkinitrd_with_test SCRIPT OUT [FILE...]
-#   Writes OUT = $IMAGES/initramfs.cpio.gz + an appended uncompressed newc cpio holding
+#   Writes OUT = $IMAGES/initramfs.cpio.gz + zero padding to 4 bytes + an uncompressed newc cpio holding
 #   SCRIPT as /test.sh (mode 755) and each FILE at /<basename>.  Boot the L2 kernel with
 #   "ferrovm.test=/test.sh" on its command line to run it.
 mkinitrd_with_test() {
@@ -12,6 +12,9 @@ mkinitrd_with_test() {
 	cp "$_mk_src" "$_mk_dir/test.sh" && chmod 755 "$_mk_dir/test.sh" || return 1
 	for _mk_f; do cp "$_mk_f" "$_mk_dir/" || return 1; done
 	cat "$IMAGES/initramfs.cpio.gz" > "$_mk_out" || return 1
+	# the kernel only finds a cpio header at a 4-byte aligned offset; zeros are skipped
+	_mk_pad=$(( (4 - $(wc -c < "$_mk_out") % 4) % 4 ))
+	[ "$_mk_pad" -eq 0 ] || head -c "$_mk_pad" /dev/zero >> "$_mk_out" || return 1
 	(cd "$_mk_dir" && ls -A | "${BUSYBOX:-busybox}" cpio -o -H newc 2>/dev/null) >> "$_mk_out" || return 1
 	rm -rf "$_mk_dir"
 }

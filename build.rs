@@ -1,0 +1,63 @@
+//! Assembles the firmware/ guest programs with GNU as + ld into ELF files in OUT_DIR.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn run(cmd: &mut Command, what: &str) {
+    let status = cmd.status().unwrap_or_else(|e| {
+        panic!("firmware: cannot run {what} ({e}); install binutils (apt-get install binutils)")
+    });
+    assert!(status.success(), "firmware: {what} failed: {cmd:?}");
+}
+
+fn main() {
+    let out = PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR is set by cargo"));
+    let dir = Path::new("firmware");
+    println!("cargo:rerun-if-changed=firmware");
+    let mut names = Vec::new();
+    let mut entries: Vec<_> = std::fs::read_dir(dir)
+        .expect("firmware/ directory")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "S"))
+        .collect();
+    entries.sort();
+    for src in entries {
+        let name = src.file_stem().unwrap().to_string_lossy().to_string();
+        let obj = out.join(format!("{name}.o"));
+        let elf = out.join(format!("{name}.elf"));
+        // gcc runs the C preprocessor on .S (for #define), then GNU as.
+        run(
+            Command::new("cc")
+                .args(["-c", "-nostdlib", "-ffreestanding", "-I"])
+                .arg(dir)
+                .arg("-o")
+                .arg(&obj)
+                .arg(&src),
+            "cc -c (GNU as)",
+        );
+        run(
+            Command::new("ld")
+                .args([
+                    "-m",
+                    "elf_x86_64",
+                    "-static",
+                    "-nostdlib",
+                    "--build-id=none",
+                    "-T",
+                ])
+                .arg(dir.join("link.ld"))
+                .arg("-o")
+                .arg(&elf)
+                .arg(&obj),
+            "ld",
+        );
+        names.push(name);
+    }
+    let mut code = String::from("/// Firmware programs built from firmware/*.S: (name, ELF bytes).\npub const ALL: &[(&str, &[u8])] = &[\n");
+    for n in &names {
+        code +=
+            &format!("    (\"{n}\", include_bytes!(concat!(env!(\"OUT_DIR\"), \"/{n}.elf\"))),\n");
+    }
+    code += "];\n";
+    std::fs::write(out.join("firmware.rs"), code).expect("write firmware.rs");
+}

@@ -1,0 +1,263 @@
+//! Fast tier: firmware/ guest programs run by the real `ferrovm` binary directly on /dev/kvm.
+//!
+//! These need /dev/kvm (any backend, even a software one) but no Linux image. They cover the
+//! boot path (ELF load, long-mode entry, zero page, ACPI RSDP), the exit dispatch, the serial
+//! port, power-off/reboot/panic/crash statuses, and the command-line error paths.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+const FERROVM: &str = env!("CARGO_BIN_EXE_ferrovm");
+
+/// A scratch directory unique to one test.
+fn scratch(test: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("ferrovm-fw-{}-{test}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// Writes firmware program `name` to `dir` and returns its path.
+fn firmware(dir: &Path, name: &str) -> PathBuf {
+    let bytes = ferrovm::firmware::get(name).unwrap_or_else(|| panic!("no firmware {name}"));
+    let p = dir.join(format!("{name}.elf"));
+    std::fs::write(&p, bytes).unwrap();
+    p
+}
+
+fn ferrovm(args: &[&str]) -> Output {
+    Command::new(FERROVM)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run ferrovm")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn run_fw(name: &str, extra: &[&str]) -> Output {
+    let dir = scratch(&format!(
+        "{name}-{}",
+        extra.join("_").replace(['/', '='], "_")
+    ));
+    let fw = firmware(&dir, name);
+    let mut args = vec!["run", "--kernel", fw.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    let o = ferrovm(&args);
+    let _ = std::fs::remove_dir_all(&dir);
+    o
+}
+
+#[test]
+fn selftest_subcommand_passes() {
+    let o = ferrovm(&["selftest"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("selftest: ok"));
+}
+
+#[test]
+fn hello_prints_on_com1_and_powers_off() {
+    let o = run_fw("hello", &[]);
+    assert_eq!(o.status.code(), Some(0), "stderr: {}", stderr(&o));
+    assert_eq!(stdout(&o), "Hello from ferrovm firmware\n");
+}
+
+#[test]
+fn serial_to_file_and_off() {
+    let dir = scratch("serial-file");
+    let fw = firmware(&dir, "hello");
+    let log = dir.join("console.log");
+    let serial = format!("file={}", log.display());
+    let o = ferrovm(&["run", "--kernel", fw.to_str().unwrap(), "--serial", &serial]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(stdout(&o), "");
+    assert_eq!(
+        std::fs::read_to_string(&log).unwrap(),
+        "Hello from ferrovm firmware\n"
+    );
+    let o = ferrovm(&["run", "--kernel", fw.to_str().unwrap(), "--serial", "off"]);
+    assert_eq!(o.status.code(), Some(0));
+    assert_eq!(stdout(&o), "");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// The 64-bit boot protocol's entry state, read back by the guest itself.
+#[test]
+fn boot_protocol_register_state() {
+    let o = run_fw("bootregs", &["--cmdline", "console=ttyS0 x=y"]);
+    assert_eq!(o.status.code(), Some((0x21 << 1) | 1), "{}", stderr(&o));
+    let out = stdout(&o);
+    let get = |k: &str| -> u64 {
+        let line = out
+            .lines()
+            .find(|l| l.starts_with(&format!("{k}=")))
+            .unwrap_or_else(|| panic!("no {k} in output:\n{out}"));
+        u64::from_str_radix(&line[k.len() + 1..], 16).unwrap()
+    };
+    assert_eq!(get("rsi"), 0x7000, "RSI = zero page");
+    assert_eq!(get("rsp"), 0x8ff0);
+    assert_eq!(get("rflags") & 0x200, 0, "interrupts disabled at entry");
+    assert_eq!(get("cs"), 0x10, "__BOOT_CS");
+    assert_eq!(get("cr0") & 0x8000_0001, 0x8000_0001, "PE and PG");
+    assert_eq!(get("cr3"), 0x9000);
+    assert_ne!(get("cr4") & 0x20, 0, "PAE");
+    assert_eq!(get("efer") & 0x500, 0x500, "LME and LMA");
+    assert_eq!(get("boot_flag"), 0xaa55);
+    assert!(get("e820_entries") >= 3);
+    assert_eq!(get("cmd_line_ptr"), 0x20000);
+    assert_eq!(get("acpi_rsdp_addr"), 0xe0000);
+    assert_eq!(get("rsdp_signature").to_le_bytes(), *b"RSD PTR ");
+}
+
+#[test]
+fn guest_actions_map_to_documented_statuses() {
+    let cases: &[(&str, i32, &str)] = &[
+        ("poweroff", 0, ""),
+        ("reboot", 0, "guest rebooted"),
+        ("panic", 4, "guest kernel panic"),
+        ("triple", 3, "guest crashed"),
+        ("exit=3", 7, ""),
+        ("exit=0", 1, ""),
+        ("bogus", 0xff, ""),
+    ];
+    for &(action, status, msg) in cases {
+        let o = run_fw("cmdline", &["--cmdline", action]);
+        assert_eq!(
+            o.status.code(),
+            Some(status),
+            "action {action}: stdout {} stderr {}",
+            stdout(&o),
+            stderr(&o)
+        );
+        assert!(stdout(&o).contains(&format!("cmdline: {action}")));
+        assert!(
+            stderr(&o).contains(msg),
+            "action {action}: stderr {}",
+            stderr(&o)
+        );
+        assert!(!stderr(&o).contains("panicked"), "{}", stderr(&o));
+    }
+}
+
+#[test]
+fn unclaimed_ports_and_mmio_read_as_ones_and_do_not_stop_the_guest() {
+    let o = run_fw("cmdline", &["--cmdline", "ports"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(stdout(&o).contains("ports: done"));
+}
+
+#[test]
+fn smp_and_large_memory_start() {
+    // 4 vCPUs (APs wait for INIT/SIPI) and 64 GiB of lazily mapped RAM on a smaller host.
+    let o = run_fw("hello", &["--cpus", "4", "--memory", "64G"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(stdout(&o).contains("Hello"));
+}
+
+/// Each bad input gets one clear line on stderr and status 1 (2 for syntax errors), no panic.
+#[test]
+fn bad_input_gets_one_line_errors() {
+    let dir = scratch("bad-input");
+    let fw = firmware(&dir, "hello");
+    let fw = fw.to_str().unwrap();
+    let text = dir.join("notes.txt");
+    std::fs::write(&text, "this is not a kernel\n").unwrap();
+    // A bzImage header that announces 64 KiB of payload in a 4 KiB file.
+    let mut bz = vec![0u8; 4096];
+    bz[0x1f1] = 1; // setup_sects
+    bz[0x1f4..0x1f8].copy_from_slice(&0x1000u32.to_le_bytes()); // syssize (16-byte units)
+    bz[0x202..0x206].copy_from_slice(b"HdrS");
+    bz[0x206..0x208].copy_from_slice(&0x020fu16.to_le_bytes());
+    bz[0x236] = 1; // XLF_KERNEL_64
+    let truncated = dir.join("bzImage-truncated");
+    std::fs::write(&truncated, &bz).unwrap();
+
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (
+            vec!["--kernel", "/nonexistent/bzImage"],
+            "cannot open kernel /nonexistent/bzImage",
+        ),
+        (
+            vec!["--kernel", text.to_str().unwrap()],
+            "neither a bzImage nor an ELF",
+        ),
+        (
+            vec!["--kernel", truncated.to_str().unwrap()],
+            "is truncated",
+        ),
+        (
+            vec!["--kernel", fw, "--initramfs", "/nonexistent/initrd"],
+            "cannot read initramfs /nonexistent/initrd",
+        ),
+        (vec!["--kernel", fw, "--memory", "0"], "too small"),
+        (vec!["--kernel", fw, "--memory", "2T"], "too large"),
+        (
+            vec!["--kernel", fw, "--memory", "lots"],
+            "invalid memory size",
+        ),
+        (
+            vec!["--kernel", fw, "--cpus", "0"],
+            "--cpus 0 is out of range",
+        ),
+        (
+            vec!["--kernel", fw, "--cpus", "10000"],
+            "--cpus 10000 is out of range",
+        ),
+        (vec!["--kernel", fw, "--serial", "tty"], "invalid --serial"),
+    ];
+    for (extra, msg) in cases {
+        let mut args = vec!["run"];
+        args.extend(extra.iter());
+        let o = ferrovm(&args);
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {err}");
+        assert!(err.contains(msg), "{args:?}: expected '{msg}' in: {err}");
+        assert_eq!(
+            err.trim_end().lines().count(),
+            1,
+            "{args:?}: not one line: {err}"
+        );
+        assert!(!err.contains("panicked"));
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn no_permission_on_dev_kvm_is_a_clear_error() {
+    // As an unprivileged user (nobody), /dev/kvm (mode 0600 root, or 0660 group kvm) is closed.
+    let dir = scratch("noperm");
+    let fw = firmware(&dir, "hello");
+    let mut perms = std::fs::metadata(&dir).unwrap().permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o755);
+    std::fs::set_permissions(&dir, perms).unwrap();
+    let o = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            FERROVM,
+            "run",
+            "--kernel",
+        ])
+        .arg(&fw)
+        .stdin(Stdio::null())
+        .output()
+        .expect("setpriv (util-linux) is needed for this test");
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("cannot open /dev/kvm"), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    let o = ferrovm(&["run"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("--kernel"));
+}
