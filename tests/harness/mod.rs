@@ -5,16 +5,16 @@
 //! harness boots an L1 Linux under QEMU-TCG with emulated AMD-V, loads kvm/kvm-amd in it
 //! and runs every case script inside L1, where ferrovm gets a real /dev/kvm.
 //!
-//! Scripts run under `sh` with these variables set:
-//! - `$FERROVM`           path of the ferrovm binary
-//! - `$IMAGES`            the default flavor's guest image dir (bzImage, vmlinux,
-//!                        initramfs.cpio.gz, busybox, kernel-version, manifest.txt; in L1
-//!                        rootfs.ext4 only with FERROVM_L1_ROOTFS=initrd)
-//! - `$FILES`             dir holding the case's extra files (`Case::files`) by name
-//! - `$WORK`              writable per-case scratch dir (also the cwd)
-//! - `$FERROVM_TEST_MODE` `nested` or `direct`
-//! - `$BUSYBOX`           a static busybox
-//! - `$FERROVM_L1_DISKS`  (nested only) block devices of the extra virtio disks, in order
+//! Scripts run under `sh` (cwd `$WORK`) with these variables set:
+//! - `$FERROVM`: path of the ferrovm binary
+//! - `$IMAGES`: the default flavor's guest image dir (bzImage, vmlinux, initramfs.cpio.gz,
+//!   busybox, kernel-version, manifest.txt; in L1 rootfs.ext4 only with
+//!   FERROVM_L1_ROOTFS=initrd)
+//! - `$FILES`: dir holding the case's extra files (`Case::files`) by name
+//! - `$WORK`: writable per-case scratch dir
+//! - `$FERROVM_TEST_MODE`: `nested` or `direct`
+//! - `$BUSYBOX`: a static busybox
+//! - `$FERROVM_L1_DISKS`: (nested only) block devices of the extra virtio disks, in order
 //!
 //! Shell functions from tests/l1/helpers.sh are predefined (`mkinitrd_with_test SCRIPT
 //! OUT [FILE...]`, `kvm_debugfs`).

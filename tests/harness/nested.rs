@@ -4,8 +4,8 @@
 use super::cpio::CpioWriter;
 use super::{Case, CaseOutput, Config, Mode, Outcome, Reporter};
 use std::collections::{BTreeSet, HashMap, VecDeque};
-use std::fs::{File, OpenOptions};
-use std::io::{BufRead, BufReader, Read, Write};
+use std::fs::OpenOptions;
+use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc::{self, RecvTimeoutError};
@@ -148,7 +148,7 @@ fn shared_libs(bin: &Path) -> Result<Vec<String>, String> {
     for line in text.lines() {
         let line = line.trim();
         let path = match line.split_once("=>") {
-            Some((_, rhs)) => rhs.trim().split_whitespace().next().unwrap_or(""),
+            Some((_, rhs)) => rhs.split_whitespace().next().unwrap_or(""),
             None => line.split_whitespace().next().unwrap_or(""),
         };
         if path.starts_with('/') {
@@ -339,7 +339,10 @@ fn spawn_l1(
                 Ok(_) => {
                     let _ = console.write_all(&buf);
                     let line = String::from_utf8_lossy(&buf);
-                    let line = line.trim_end_matches(['\n', '\r']).replace('\r', "");
+                    let line: String = line
+                        .chars()
+                        .filter(|c| !c.is_control() || *c == '\t')
+                        .collect();
                     if tx.send(Event::Line(line)).is_err() {
                         break;
                     }
@@ -590,8 +593,18 @@ fn run_boots(
             reason = format!("L1 kernel panic: {p} ({reason})");
         }
         let stderr = std::fs::read_to_string(log_dir.join("qemu-stderr.log")).unwrap_or_default();
-        let mut detail = format!("{reason}\n{logs_hint}\nlast L1 console lines:");
-        for l in &tail {
+        let mut detail = format!("{reason}\n{logs_hint}");
+        let last: Vec<&String> = match &phase {
+            Phase::InCase { output, .. } => {
+                detail += "\nlast lines of the case's output:";
+                output.iter().rev().take(TAIL_LINES).collect()
+            }
+            _ => {
+                detail += "\nlast L1 console lines:";
+                tail.iter().rev().collect()
+            }
+        };
+        for l in last.into_iter().rev() {
             detail += &format!("\n  {l}");
         }
         if !stderr.trim().is_empty() {
@@ -613,8 +626,6 @@ fn run_boots(
                     log_dir.join(format!("{}.log", cases[idx].name)),
                     output.join("\n"),
                 );
-                let out = output.join("\n");
-                detail += &format!("\ncase output so far:\n{out}");
                 report(rep, idx, Err(detail), begin.elapsed());
                 next = idx + 1;
                 if next < n {
@@ -635,11 +646,4 @@ fn run_boots(
         }
     }
     Ok(())
-}
-
-#[allow(unused)]
-fn read_all(p: &Path) -> String {
-    let mut s = String::new();
-    let _ = File::open(p).and_then(|mut f| f.read_to_string(&mut s));
-    s
 }
