@@ -173,6 +173,7 @@ pub fn run(cfg: VmConfig) -> Result<VmOutcome, VmmError> {
 
     // 6. vCPUs: CPUID, MSRs, FPU, LAPIC for all; entry registers for the boot processor.
     let supported = vm.supported_cpuid()?;
+    let irqchip = vm.irqchip_features();
     let mut vcpus = Vec::new();
     for i in 0..cfg.cpus {
         let v = Vcpu::new(
@@ -182,7 +183,7 @@ pub fn run(cfg: VmConfig) -> Result<VmOutcome, VmmError> {
             mmio.clone(),
             control.clone(),
         );
-        v.configure(&supported, cfg.cpus)?;
+        v.configure(&supported, irqchip, cfg.cpus)?;
         if i == 0 {
             v.set_boot_registers(kernel.entry)?;
         }

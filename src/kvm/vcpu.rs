@@ -90,9 +90,14 @@ impl Vcpu {
     }
 
     /// Sets the state every vCPU needs: CPUID, MSRs, FPU and LAPIC LINT pins.
-    pub fn configure(&self, supported: &CpuId, cpus: u8) -> Result<(), VcpuError> {
+    pub fn configure(
+        &self,
+        supported: &CpuId,
+        irqchip: cpuid::IrqchipFeatures,
+        cpus: u8,
+    ) -> Result<(), VcpuError> {
         let i = self.index;
-        let cpuid = cpuid::vcpu_cpuid(supported, i, cpus);
+        let cpuid = cpuid::vcpu_cpuid(supported, i, cpus, irqchip);
         self.fd
             .set_cpuid2(&cpuid)
             .map_err(|e| VcpuError::SetCpuid(i, e))?;

@@ -128,6 +128,13 @@ impl Vm {
             .map_err(VmError::SupportedCpuid)
     }
 
+    /// What the in-kernel irqchip offers beyond the supported CPUID.
+    pub fn irqchip_features(&self) -> crate::arch::x86_64::cpuid::IrqchipFeatures {
+        crate::arch::x86_64::cpuid::IrqchipFeatures {
+            tsc_deadline: self.kvm.check_extension(Cap::TscDeadlineTimer),
+        }
+    }
+
     /// Creates vCPU `index` (its APIC ID).
     pub fn create_vcpu(&self, index: u8) -> Result<VcpuFd, VmError> {
         self.fd

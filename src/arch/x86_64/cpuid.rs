@@ -10,6 +10,8 @@ const LEAF_TOPOLOGY: u32 = 0xb;
 const LEAF_TOPOLOGY_V2: u32 = 0x1f;
 const LEAF_AMD_SIZES: u32 = 0x8000_0008;
 
+const ECX_X2APIC: u32 = 1 << 21;
+const ECX_TSC_DEADLINE: u32 = 1 << 24;
 const ECX_HYPERVISOR: u32 = 1 << 31;
 const EDX_HTT: u32 = 1 << 28;
 
@@ -18,8 +20,21 @@ fn shift_for(n: u32) -> u32 {
     32 - n.saturating_sub(1).leading_zeros()
 }
 
+/// Features the in-kernel irqchip provides that KVM_GET_SUPPORTED_CPUID does not list.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct IrqchipFeatures {
+    /// KVM_CAP_TSC_DEADLINE_TIMER: the LAPIC timer's TSC-deadline mode. Without it Linux
+    /// calibrates the LAPIC timer against the PIT, which fails under nested virtualization.
+    pub tsc_deadline: bool,
+}
+
 /// Adjusts `entries` (KVM's supported CPUID) for vCPU `index` of `cpus`.
-pub fn adjust_entries(entries: &mut [kvm_cpuid_entry2], index: u8, cpus: u8) {
+pub fn adjust_entries(
+    entries: &mut [kvm_cpuid_entry2],
+    index: u8,
+    cpus: u8,
+    irqchip: IrqchipFeatures,
+) {
     let apic_id = index as u32;
     let cpus = cpus.max(1) as u32;
     let core_shift = shift_for(cpus);
@@ -29,7 +44,10 @@ pub fn adjust_entries(entries: &mut [kvm_cpuid_entry2], index: u8, cpus: u8) {
                 // EBX[31:24] initial APIC ID, EBX[23:16] addressable logical CPUs.
                 e.ebx =
                     (e.ebx & 0x0000_ffff) | (apic_id << 24) | ((1 << core_shift).min(255) << 16);
-                e.ecx |= ECX_HYPERVISOR;
+                e.ecx |= ECX_HYPERVISOR | ECX_X2APIC;
+                if irqchip.tsc_deadline {
+                    e.ecx |= ECX_TSC_DEADLINE;
+                }
                 if cpus > 1 {
                     e.edx |= EDX_HTT;
                 } else {
@@ -72,9 +90,9 @@ pub fn adjust_entries(entries: &mut [kvm_cpuid_entry2], index: u8, cpus: u8) {
 }
 
 /// Returns a copy of `supported` adjusted for vCPU `index` of `cpus`.
-pub fn vcpu_cpuid(supported: &CpuId, index: u8, cpus: u8) -> CpuId {
+pub fn vcpu_cpuid(supported: &CpuId, index: u8, cpus: u8, irqchip: IrqchipFeatures) -> CpuId {
     let mut cpuid = supported.clone();
-    adjust_entries(cpuid.as_mut_slice(), index, cpus);
+    adjust_entries(cpuid.as_mut_slice(), index, cpus, irqchip);
     cpuid
 }
 
@@ -99,7 +117,8 @@ mod tests {
             entry(0xb, 2),
             entry(0x8000_0008, 0),
         ];
-        adjust_entries(&mut e, 3, 4);
+        adjust_entries(&mut e, 3, 4, IrqchipFeatures { tsc_deadline: true });
+        assert_ne!(e[0].ecx & ECX_TSC_DEADLINE, 0);
         assert_eq!(e[0].ebx >> 24, 3);
         assert_eq!((e[0].ebx >> 16) & 0xff, 4);
         assert_ne!(e[0].ecx & ECX_HYPERVISOR, 0);
