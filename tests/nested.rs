@@ -36,8 +36,8 @@ echo "FERROVM_STATUS=$?"
 fn value(o: &CaseOutput, key: &str) -> Result<i64, String> {
     o.output
         .lines()
-        .filter_map(|l| l.trim().strip_prefix(&format!("{key}=")))
-        .last()
+        .rev()
+        .find_map(|l| l.trim().strip_prefix(&format!("{key}=")))
         .ok_or_else(|| format!("no {key}= line in the output"))?
         .trim()
         .parse()

@@ -163,10 +163,7 @@ fn map_load_error(path: &Path, mem: &GuestMemoryMmap, e: linux_loader::loader::E
         use vm_memory::GuestMemoryBackend;
         return BootError::KernelTooBig {
             path: path.into(),
-            mem_size: mem
-                .iter()
-                .map(|r| vm_memory::GuestMemoryRegion::len(r))
-                .sum(),
+            mem_size: mem.iter().map(vm_memory::GuestMemoryRegion::len).sum(),
         };
     }
     BootError::Load(path.into(), e)

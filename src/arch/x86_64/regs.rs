@@ -36,7 +36,7 @@ pub const GDT: [u64; 6] = [
 
 /// Decodes a GDT entry into the KVM segment the CPU would load for `index`.
 pub fn segment_from_gdt(entry: u64, index: usize) -> kvm_segment {
-    let base = (((entry >> 16) & 0xff_ffff) | ((entry >> 32) & 0xff00_0000)) as u64;
+    let base = ((entry >> 16) & 0xff_ffff) | ((entry >> 32) & 0xff00_0000);
     let limit = ((entry & 0xffff) | ((entry >> 32) & 0xf_0000)) as u32;
     let g = ((entry >> 55) & 1) as u8;
     kvm_segment {
