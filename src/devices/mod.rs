@@ -103,3 +103,4 @@ pub mod cmos;
 pub mod debug_exit;
 pub mod i8042;
 pub mod serial;
+pub mod virtio;

@@ -1,0 +1,82 @@
+//! virtio devices and the transport-independent interface between a device model (block, net)
+//! and its transport (virtio-pci).
+//!
+//! The transport owns the feature negotiation, the device status state machine and the queue
+//! configuration registers. When the driver sets DRIVER_OK it hands the device its queues,
+//! each with the eventfd the guest kicks (a KVM ioeventfd, so kicks never exit to userspace)
+//! and an interrupt handle (an irqfd behind MSI-X or INTx). The device serves requests on its
+//! own worker thread, off the vCPU threads. On reset the transport takes everything back.
+
+use std::sync::Arc;
+
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+/// virtio device type IDs (virtio 1.x, 5 "Device Types").
+pub const TYPE_NET: u32 = 1;
+pub const TYPE_BLOCK: u32 = 2;
+
+/// Feature bits common to all devices.
+pub const VIRTIO_F_RING_INDIRECT_DESC: u64 = 1 << 28;
+pub const VIRTIO_F_RING_EVENT_IDX: u64 = 1 << 29;
+pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+
+/// Which interrupt a device raises.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VirtioInterruptType {
+    /// A used buffer was added to queue `n`.
+    Queue(u16),
+    /// The device configuration changed.
+    Config,
+}
+
+/// How a device raises interrupts; implemented by the transport (MSI-X vector or INTx + ISR).
+pub trait VirtioInterrupt: Send + Sync {
+    fn trigger(&self, kind: VirtioInterruptType) -> std::io::Result<()>;
+}
+
+/// One configured queue, handed to the device at activation.
+pub struct ActiveQueue {
+    /// The queue index (0-based).
+    pub index: u16,
+    /// The ring addresses, size, and EVENT_IDX state as the driver configured them.
+    pub queue: virtio_queue::Queue,
+    /// Written by KVM when the guest writes this queue's notify address.
+    pub kick: EventFd,
+}
+
+/// Why a device could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ActivateError {
+    #[error("the driver configured {got} queues, the device needs {want}")]
+    QueueCount { got: usize, want: usize },
+    #[error("cannot start the device worker")]
+    Worker(#[source] std::io::Error),
+    #[error("the device is already active")]
+    AlreadyActive,
+}
+
+/// A virtio device model (block, net), independent of the transport.
+pub trait VirtioDevice: Send {
+    /// The virtio device type (`TYPE_BLOCK`, ...).
+    fn device_type(&self) -> u32;
+    /// Maximum size of each queue; the length is the number of queues.
+    fn queue_max_sizes(&self) -> &[u16];
+    /// Features the device offers (VIRTIO_F_VERSION_1 included).
+    fn features(&self) -> u64;
+    /// Reads the device-specific configuration space.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// Writes the device-specific configuration space (most devices ignore it).
+    fn write_config(&mut self, offset: u64, data: &[u8]);
+    /// Starts serving `queues` with the features the driver accepted.
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        acked_features: u64,
+        queues: Vec<ActiveQueue>,
+        interrupt: Arc<dyn VirtioInterrupt>,
+    ) -> Result<(), ActivateError>;
+    /// Stops the worker and gives the kick eventfds back (device reset by the driver).
+    /// Returns `None` when the device was not active.
+    fn reset(&mut self) -> Option<Vec<EventFd>>;
+}
