@@ -3,6 +3,7 @@
      panic     prints Linux's panic line, then resets through port 0xcf9 (status 4)
      triple    loads an empty IDT and raises int3: triple fault (status 3)
      exit=N    isa-debug-exit with value N, one decimal digit (status 2N+1)
+     halt      cli; hlt forever (the vCPU sleeps in KVM_RUN until the host stops it)
      ports     32 writes and 32 reads on an unclaimed port, 32 MMIO writes and 32 MMIO reads
                in the MMIO hole, then powers off (exit-dispatch test)
    Anything else prints "unknown action" and exits with debug-exit value 0x7f. */
@@ -28,6 +29,8 @@ _start:
     je do_triple
     cmp $0x74726f70, %eax       /* "port" */
     je do_ports
+    cmp $0x746c6168, %eax       /* "halt" */
+    je do_halt
     cmp $0x74697865, %eax       /* "exit" */
     jne unknown
     movzbl 5(%rbx), %eax        /* exit=N */
@@ -52,6 +55,11 @@ do_panic:
     mov $0xcf9, %dx
     mov $0x06, %al
     out %al, %dx
+1:  hlt
+    jmp 1b
+
+do_halt:
+    cli
 1:  hlt
     jmp 1b
 
