@@ -16,3 +16,6 @@ pub mod devices;
 pub mod firmware;
 pub mod kvm;
 pub mod vmm;
+
+/// When the process started (set first thing in `main`); start-up timings are measured from here.
+pub static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();

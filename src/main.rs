@@ -83,6 +83,7 @@ fn report(err: &dyn std::error::Error) {
 }
 
 fn main() -> ExitCode {
+    ferrovm::START.get_or_init(std::time::Instant::now);
     let cli = Cli::parse();
     match cli.command {
         Command::Selftest => match ferrovm::kvm::selftest::run() {

@@ -145,6 +145,14 @@ impl Vcpu {
 
     /// Runs the guest until something ends the VM.
     pub fn run(&mut self) -> VcpuStop {
+        if self.index == 0 {
+            if let Some(start) = crate::START.get() {
+                log::debug!(
+                    "first KVM_RUN {} us after start",
+                    start.elapsed().as_micros()
+                );
+            }
+        }
         loop {
             if self.control.is_stopping() {
                 return VcpuStop::Requested;
