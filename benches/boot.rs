@@ -27,7 +27,7 @@ fn script() -> String {
         r#"set -e
 printf 'sleep 2\n' > t.sh
 mkinitrd_with_test t.sh initrd.img
-QEMU=/qemu/qemu-system-x86_64
+QEMU=/usr/bin/qemu-system-x86_64
 CMDLINE="console=ttyS0 panic=-1 ferrovm.test=/test.sh"
 mem_kb=$(({MEM_MIB} * 1024))
 uptime_ms() {{ awk '{{ printf "%d", $1 * 1000 }}' /proc/uptime; }}
@@ -68,18 +68,10 @@ done
     )
 }
 
-/// QEMU, its shared libraries and the firmware files it loads, for the L1 initramfs.
-fn qemu_files() -> Vec<(PathBuf, String)> {
-    let qemu = PathBuf::from("/usr/bin/qemu-system-x86_64");
-    let mut files = vec![(qemu.clone(), "/qemu/qemu-system-x86_64".to_string())];
-    if let Ok(out) = Command::new("ldd").arg(&qemu).output() {
-        for word in String::from_utf8_lossy(&out.stdout).split_whitespace() {
-            if word.starts_with('/') {
-                let real = std::fs::canonicalize(word).unwrap_or_else(|_| word.into());
-                files.push((real, word.to_string()));
-            }
-        }
-    }
+/// The firmware files QEMU loads, for the L1 initramfs (the binary and its libraries go in as
+/// an L1 program).
+fn qemu_firmware() -> Vec<(PathBuf, String)> {
+    let mut files = Vec::new();
     for f in [
         "bios-256k.bin",
         "bios-microvm.bin",
@@ -195,7 +187,8 @@ fn main() -> ExitCode {
             harness::expect_status(o, 0)
         });
     let mut cfg = harness::Config::from_env();
-    cfg.l1_extra.extend(qemu_files());
+    cfg.l1_extra.extend(qemu_firmware());
+    cfg.l1_programs.push("/usr/bin/qemu-system-x86_64".into());
     let started = Instant::now();
     let status = harness::run_with(vec![case], cfg);
     let output = results.lock().unwrap().clone();

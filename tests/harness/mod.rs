@@ -152,6 +152,9 @@ pub struct Config {
     pub l1_disks: Vec<PathBuf>,
     /// More host files for the L1 initramfs: (host path, absolute path in L1).
     pub l1_extra: Vec<(PathBuf, String)>,
+    /// Host executables copied into L1 at the same path, with the shared libraries `ldd`
+    /// lists (e.g. /sbin/e2fsck, /usr/bin/qemu-system-x86_64).
+    pub l1_programs: Vec<PathBuf>,
 }
 
 impl Config {
@@ -211,6 +214,7 @@ impl Config {
             rootfs_in_initrd: rootfs.as_deref() == Some("initrd"),
             l1_disks,
             l1_extra: Vec::new(),
+            l1_programs: Vec::new(),
         }
     }
 }

@@ -197,6 +197,20 @@ fn build_initrd(cfg: &Config, cases: &[Case], out: &Path) -> Result<(), String> 
         t.host(&lib, 0o755, Path::new(&lib));
     }
 
+    // other host programs the cases use, with their libraries
+    for prog in &cfg.l1_programs {
+        let l1 = prog
+            .to_str()
+            .ok_or_else(|| format!("{}: not a UTF-8 path", prog.display()))?;
+        t.host(l1.trim_start_matches('/'), 0o755, prog);
+        for lib in shared_libs(prog)? {
+            if let Some((dir, _)) = lib.rsplit_once('/') {
+                lib_dirs.insert(dir.to_string());
+            }
+            t.host(&lib, 0o755, Path::new(&lib));
+        }
+    }
+
     // guest images
     for f in [
         "bzImage",
