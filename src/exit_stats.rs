@@ -213,7 +213,7 @@ pub struct VcpuExitStats {
 impl VcpuExitStats {
     /// Statistics for vCPU `index`, whose MMIO bus holds devices named `mmio_devices`.
     /// With `enabled == false`, [`Self::start`] returns `None` and nothing is recorded.
-    pub fn new<'a>(
+    pub fn new(
         index: u8,
         enabled: bool,
         mmio_devices: impl IntoIterator<Item = &'static str>,
@@ -537,8 +537,8 @@ impl Snapshot {
         if !self.ports.is_empty() {
             let _ = writeln!(
                 s,
-                "{:<16} {:>12} {:>7} {:>4} {}",
-                "port", "count", "%", "dir", "device"
+                "{:<16} {:>12} {:>7} {:>4} device",
+                "port", "count", "%", "dir"
             );
             let mut ports: Vec<&PortCount> = self.ports.iter().collect();
             ports.sort_by_key(|p| std::cmp::Reverse(p.count));
@@ -874,7 +874,7 @@ mod tests {
         assert!(s.mmio.contains(&("bench", 0, 1)));
         assert!(s.mmio.contains(&(UNCLAIMED, 1, 0)));
         assert!(s.mmio.contains(&(UNLISTED, 1, 0)));
-        assert_eq!(s.total(), 9);
+        assert_eq!(s.total(), 10);
     }
 
     #[test]
