@@ -130,6 +130,12 @@ pub fn run(cfg: VmConfig) -> Result<VmOutcome, VmmError> {
         shared(devices::debug_exit::DebugExit::new(control.clone())),
     )?;
     pio.insert(0x80, 1, "post", shared(PostPort))?;
+    pio.insert(
+        devices::fw_cfg::FW_CFG_PORT as u64,
+        devices::fw_cfg::FW_CFG_LEN,
+        "fw_cfg",
+        shared(devices::fw_cfg::FwCfg::new(cfg.mem_size, cfg.cpus.into())),
+    )?;
     let mut mmio = Bus::new();
     let bench_log = cfg.bench.clone().unwrap_or_default();
     let _bench_fds =

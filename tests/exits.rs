@@ -258,3 +258,24 @@ fn bench_exits_runs_every_kind_against_the_raw_loop() {
         .unwrap();
     assert_eq!(bad.status.code(), Some(2));
 }
+
+#[test]
+fn fw_cfg_answers_like_qemu() {
+    let dir = scratch("fwcfg");
+    let fw = firmware(&dir, "fwcfg");
+    for (cpus, mem, value) in [("2", "64M", 0x32), ("3", "128M", 0x23)] {
+        let o = Command::new(FERROVM)
+            .args(["run", "--kernel", fw.to_str().unwrap()])
+            .args(["--cpus", cpus, "--memory", mem])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert_eq!(
+            o.status.code(),
+            Some((value << 1) | 1),
+            "{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
