@@ -71,7 +71,7 @@ do_triple:
 
 do_ports:
     mov $32, %ecx
-    mov $0x510, %dx             /* unclaimed (fw_cfg is not emulated yet) */
+    mov $0x530, %dx             /* unclaimed */
 1:  out %al, %dx
     in %dx, %al
     dec %ecx

@@ -22,6 +22,8 @@ pub enum ConfigError {
     Cpus(u32),
     #[error("invalid --serial '{0}': expected stdio, off or file=PATH")]
     Serial(String),
+    #[error("invalid --exit-stats '{0}': expected --exit-stats or --exit-stats=json:PATH")]
+    ExitStats(String),
 }
 
 /// Where the guest's COM1 goes.
@@ -42,6 +44,12 @@ pub struct VmConfig {
     pub mem_size: u64,
     pub serial: SerialMode,
     pub verbose: bool,
+    /// `--exit-stats`: where the end-of-run exit statistics go (any number of outputs).
+    pub exit_stats: Vec<crate::exit_stats::StatsOutput>,
+    /// Record exit statistics (on by default; `bench-exits` turns it off to measure the cost).
+    pub record_exits: bool,
+    /// The bench device's log (`bench-exits`); `None` gives the device a private one.
+    pub bench: Option<std::sync::Arc<std::sync::Mutex<crate::bench::device::BenchLog>>>,
 }
 
 /// The default kernel command line.

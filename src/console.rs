@@ -86,6 +86,11 @@ impl Drop for RawTerminal {
     }
 }
 
+/// True while stdin is in raw mode (output lines then need `\r\n`).
+pub fn raw_mode_active() -> bool {
+    RAW_ACTIVE.load(Ordering::SeqCst)
+}
+
 /// Restores stdin's original settings if raw mode is on. Safe to call more than once, from a
 /// panic hook, a signal handler or right before `std::process::exit` (which skips `Drop`):
 /// it only does an atomic swap, a `OnceLock` read and `tcsetattr`.

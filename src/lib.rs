@@ -9,10 +9,12 @@
 
 pub mod acpi;
 pub mod arch;
+pub mod bench;
 pub mod bus;
 pub mod config;
 pub mod console;
 pub mod devices;
+pub mod exit_stats;
 pub mod firmware;
 pub mod kvm;
 pub mod vmm;

@@ -32,6 +32,22 @@ enum Command {
     Run(RunArgs),
     /// Check that /dev/kvm works: run a few real-mode instructions and verify the exits.
     Selftest,
+    /// Measure the cost of each kind of VM exit, through ferrovm and through a bare KVM_RUN loop.
+    BenchExits(BenchArgs),
+}
+
+#[derive(clap::Args)]
+struct BenchArgs {
+    /// Round trips per repetition (rounded up to a multiple of 10).
+    #[arg(short = 'n', long, default_value_t = 1000)]
+    round_trips: u32,
+    /// Repetitions per exit kind (median and p99 are over these).
+    #[arg(short = 'r', long, default_value_t = 21)]
+    reps: u32,
+    /// Only these kinds (pio-out, pio-in, mmio-read, mmio-write, ioeventfd-pio,
+    /// ioeventfd-mmio, cpuid, rdmsr, hlt-irqfd); repeatable.
+    #[arg(long, value_name = "KIND")]
+    only: Vec<String>,
 }
 
 #[derive(clap::Args)]
@@ -57,10 +73,26 @@ struct RunArgs {
     /// Verbose: debug logging and a register dump when the guest crashes.
     #[arg(short, long)]
     verbose: bool,
+    /// Exit statistics when the VM ends: a table on stderr, or `=json:PATH`. Repeatable.
+    /// SIGUSR1 and `C-a s` print live figures whether or not this is given.
+    #[arg(long, value_name = "json:PATH", num_args = 0..=1, require_equals = true,
+          default_missing_value = "table")]
+    exit_stats: Vec<String>,
 }
 
 fn build_config(a: RunArgs) -> Result<VmConfig, config::ConfigError> {
+    let exit_stats = a
+        .exit_stats
+        .iter()
+        .map(|s| {
+            ferrovm::exit_stats::parse_output(s)
+                .ok_or_else(|| config::ConfigError::ExitStats(s.clone()))
+        })
+        .collect::<Result<_, _>>()?;
     Ok(VmConfig {
+        exit_stats,
+        record_exits: true,
+        bench: None,
         mem_size: config::parse_memory(&a.memory)?,
         cpus: config::parse_cpus(a.cpus)?,
         serial: config::parse_serial(&a.serial)?,
@@ -100,6 +132,33 @@ fn main() -> ExitCode {
                 ExitCode::from(1)
             }
         },
+        Command::BenchExits(a) => {
+            let opts = ferrovm::bench::BenchOptions {
+                round_trips: a.round_trips,
+                reps: a.reps,
+                only: a.only,
+            };
+            let unknown: Vec<&String> = opts
+                .only
+                .iter()
+                .filter(|o| !ferrovm::bench::KINDS.iter().any(|k| k.name == o.as_str()))
+                .collect();
+            if !unknown.is_empty() {
+                eprintln!("ferrovm: error: unknown exit kind(s) {unknown:?}");
+                return ExitCode::from(2);
+            }
+            let mut progress = |k: &str| eprintln!("bench-exits: {k}");
+            match ferrovm::bench::run(&opts, &mut progress) {
+                Ok(r) => {
+                    print!("{}", r.table());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    report(&e);
+                    ExitCode::from(1)
+                }
+            }
+        }
         Command::Run(args) => {
             let verbose = args.verbose;
             env_logger::Builder::from_env(

@@ -9,6 +9,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use crate::acpi::{self, AcpiConfig};
@@ -18,6 +19,7 @@ use crate::bus::{Bus, BusDevice};
 use crate::config::{SerialMode, VmConfig};
 use crate::console;
 use crate::devices::{self, IrqLine, StopRequest, VmControl};
+use crate::exit_stats::{self, ExitStats, StatsOutput};
 use crate::kvm::vcpu::{Vcpu, VcpuStop};
 use crate::kvm::vm::Vm;
 
@@ -128,8 +130,18 @@ pub fn run(cfg: VmConfig) -> Result<VmOutcome, VmmError> {
         shared(devices::debug_exit::DebugExit::new(control.clone())),
     )?;
     pio.insert(0x80, 1, "post", shared(PostPort))?;
+    pio.insert(
+        devices::fw_cfg::FW_CFG_PORT as u64,
+        devices::fw_cfg::FW_CFG_LEN,
+        "fw_cfg",
+        shared(devices::fw_cfg::FwCfg::new(cfg.mem_size, cfg.cpus.into())),
+    )?;
+    let mut mmio = Bus::new();
+    let bench_log = cfg.bench.clone().unwrap_or_default();
+    let _bench_fds =
+        crate::bench::device::attach(&vm, &mem, &mut pio, &mut mmio, &control, bench_log)?;
     let pio = Arc::new(pio);
-    let mmio = Arc::new(Bus::new());
+    let mmio = Arc::new(mmio);
 
     // 4. The kernel, its initramfs and command line.
     let kernel = boot::load_kernel(&mem, &cfg.kernel)?;
@@ -176,13 +188,16 @@ pub fn run(cfg: VmConfig) -> Result<VmOutcome, VmmError> {
     let irqchip = vm.irqchip_features();
     let mut vcpus = Vec::new();
     for i in 0..cfg.cpus {
-        let v = Vcpu::new(
+        let mut v = Vcpu::new(
             vm.create_vcpu(i)?,
             i,
             pio.clone(),
             mmio.clone(),
             control.clone(),
         );
+        if !cfg.record_exits {
+            v.set_stats_recording(false);
+        }
         v.configure(&supported, irqchip, cfg.cpus)?;
         if i == 0 {
             v.set_boot_registers(kernel.entry)?;
@@ -198,6 +213,11 @@ pub fn run(cfg: VmConfig) -> Result<VmOutcome, VmmError> {
         cfg.mem_size >> 20
     );
 
+    let stats = ExitStats::new(
+        vcpus.iter().map(|v| v.stats.clone()).collect(),
+        pio.ranges(),
+    );
+
     // 7. The console and host signals, then start the vCPUs.
     console::install_panic_hook();
     console::install_stop_signals(control.clone()).map_err(VmmError::Terminal)?;
@@ -209,13 +229,17 @@ pub fn run(cfg: VmConfig) -> Result<VmOutcome, VmmError> {
     };
     let stdin_thread = if stdio {
         Some(
-            console::spawn_stdin_reader(serial.clone(), control.clone(), Box::new(|| {}))
-                .map_err(VmmError::Terminal)?,
+            console::spawn_stdin_reader(serial.clone(), control.clone(), {
+                let stats = stats.clone();
+                Box::new(move || print_live_stats(&stats, "C-a s"))
+            })
+            .map_err(VmmError::Terminal)?,
         )
     } else {
         None
     };
     register_signal_handler(SIGRTMIN(), kick_handler).map_err(VmmError::KickSignal)?;
+    let stats_event = exit_stats::sigusr1_event().map_err(VmmError::Terminal)?;
     let stops: Arc<Mutex<Vec<(u8, VcpuStop)>>> = Arc::default();
     let mut threads: Vec<JoinHandle<()>> = Vec::new();
     for mut v in vcpus {
@@ -246,9 +270,13 @@ pub fn run(cfg: VmConfig) -> Result<VmOutcome, VmmError> {
     }
 
     // 8. Wait until something stops the VM, then stop every vCPU and say why it ended.
-    wait_readable(control.event());
+    while wait_readable(control.event(), stats_event) {
+        let _ = stats_event.read();
+        print_live_stats(&stats, "SIGUSR1");
+    }
     control.stop();
     stop_vcpus(threads);
+    report_exit_stats(&stats, &cfg.exit_stats);
     if let Some(t) = stdin_thread {
         let _ = t.join();
     }
@@ -367,19 +395,55 @@ fn stop_vcpus(threads: Vec<JoinHandle<()>>) {
     }
 }
 
-/// Blocks until `fd` is readable (EINTR is retried).
-fn wait_readable(fd: &vmm_sys_util::eventfd::EventFd) {
+/// Blocks until `stop` or `stats` is readable (EINTR is retried). Returns true for `stats`
+/// (live statistics asked for), false for `stop`.
+fn wait_readable(stop: &EventFd, stats: &EventFd) -> bool {
     use std::os::fd::AsRawFd;
     loop {
-        let mut p = libc::pollfd {
-            fd: fd.as_raw_fd(),
+        let mut p = [stop.as_raw_fd(), stats.as_raw_fd()].map(|fd| libc::pollfd {
+            fd,
             events: libc::POLLIN,
             revents: 0,
-        };
-        // SAFETY: `p` is one valid pollfd for the duration of the call.
-        let r = unsafe { libc::poll(&mut p, 1, -1) };
+        });
+        // SAFETY: `p` is an array of two valid pollfds for the duration of the call.
+        let r = unsafe { libc::poll(p.as_mut_ptr(), 2, -1) };
         if r > 0 {
-            return;
+            return p[0].revents == 0;
+        }
+    }
+}
+
+/// Prints the live exit statistics on stderr (with `\r\n` while the terminal is raw).
+fn print_live_stats(stats: &ExitStats, why: &str) {
+    let table = stats.snapshot().table(&format!("live, {why}"));
+    let table = if console::raw_mode_active() {
+        table.replace('\n', "\r\n")
+    } else {
+        table
+    };
+    let mut err = std::io::stderr().lock();
+    let _ = err.write_all(table.as_bytes());
+    let _ = err.flush();
+}
+
+/// The end-of-run report (`--exit-stats`). Failures are reported and do not change the
+/// VM's outcome.
+fn report_exit_stats(stats: &ExitStats, outputs: &[StatsOutput]) {
+    if outputs.is_empty() {
+        return;
+    }
+    let snap = stats.snapshot();
+    for out in outputs {
+        match out {
+            StatsOutput::Table => eprint!("{}", snap.table("end of run")),
+            StatsOutput::Json(path) => {
+                if let Err(e) = std::fs::write(path, snap.json()) {
+                    eprintln!(
+                        "ferrovm: cannot write exit statistics to {}: {e}",
+                        path.display()
+                    );
+                }
+            }
         }
     }
 }

@@ -101,6 +101,7 @@ impl IrqLine {
 pub mod acpi_pm;
 pub mod cmos;
 pub mod debug_exit;
+pub mod fw_cfg;
 pub mod i8042;
 pub mod serial;
 pub mod virtio;

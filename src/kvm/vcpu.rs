@@ -3,9 +3,7 @@
 //! The run loop is one `match` on the exit reason. Port I/O and MMIO go to the buses; the
 //! exits that end the VM are returned to the VMM as a [`VcpuStop`].
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
 
 use kvm_bindings::{CpuId, Msrs};
 use kvm_ioctls::{VcpuExit, VcpuFd};
@@ -13,6 +11,7 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use crate::arch::x86_64::{boot::EntryMode, cpuid, regs};
 use crate::bus::Bus;
 use crate::devices::VmControl;
+use crate::exit_stats::{ExitKind, Reason, VcpuExitStats};
 
 /// What failed while setting up a vCPU.
 #[derive(Debug, thiserror::Error)]
@@ -52,19 +51,6 @@ pub enum VcpuStop {
     Failed { reason: String, dump: String },
 }
 
-/// Exit counters for one vCPU (relaxed atomics: read live from other threads).
-#[derive(Default)]
-pub struct ExitCounters {
-    pub io_in: AtomicU64,
-    pub io_out: AtomicU64,
-    pub mmio_read: AtomicU64,
-    pub mmio_write: AtomicU64,
-    pub other: AtomicU64,
-    pub unhandled: AtomicU64,
-    /// Nanoseconds spent in userspace handling exits.
-    pub handling_ns: AtomicU64,
-}
-
 /// A vCPU ready to run.
 pub struct Vcpu {
     fd: VcpuFd,
@@ -72,21 +58,29 @@ pub struct Vcpu {
     pio: Arc<Bus>,
     mmio: Arc<Bus>,
     control: VmControl,
-    pub counters: Arc<ExitCounters>,
+    /// Exit statistics (this thread is the only writer; see [`crate::exit_stats`]).
+    pub stats: Arc<VcpuExitStats>,
     unknown_log: RateLimit,
 }
 
 impl Vcpu {
     pub fn new(fd: VcpuFd, index: u8, pio: Arc<Bus>, mmio: Arc<Bus>, control: VmControl) -> Self {
+        let stats = Arc::new(VcpuExitStats::new(index, true, mmio.ranges().map(|r| r.2)));
         Self {
             fd,
             index,
             pio,
             mmio,
             control,
-            counters: Arc::default(),
+            stats,
             unknown_log: RateLimit::new(20),
         }
+    }
+
+    /// Turns exit statistics recording on or off (before the vCPU runs; default on).
+    pub fn set_stats_recording(&mut self, on: bool) {
+        let names = self.mmio.ranges().map(|r| r.2);
+        self.stats = Arc::new(VcpuExitStats::new(self.index, on, names));
     }
 
     /// Sets the state every vCPU needs: CPUID, MSRs, FPU and LAPIC LINT pins.
@@ -158,13 +152,10 @@ impl Vcpu {
                 return VcpuStop::Requested;
             }
             let exit = self.fd.run();
-            let t0 = Instant::now();
-            let c = &self.counters;
-            let stop = match exit {
+            let t0 = self.stats.start();
+            let (kind, stop) = match exit {
                 Ok(VcpuExit::IoOut(port, data)) => {
-                    c.io_out.fetch_add(1, Ordering::Relaxed);
                     if self.pio.write(port as u64, data).is_none() {
-                        c.unhandled.fetch_add(1, Ordering::Relaxed);
                         self.unknown_log.log(|| {
                             format!(
                                 "vCPU {}: write to unclaimed port {port:#x}: {data:x?}",
@@ -172,76 +163,100 @@ impl Vcpu {
                             )
                         });
                     }
-                    None
+                    (ExitKind::Pio { write: true, port }, None)
                 }
                 Ok(VcpuExit::IoIn(port, data)) => {
-                    c.io_in.fetch_add(1, Ordering::Relaxed);
                     if self.pio.read(port as u64, data).is_none() {
-                        c.unhandled.fetch_add(1, Ordering::Relaxed);
                         self.unknown_log.log(|| {
                             format!("vCPU {}: read from unclaimed port {port:#x}", self.index)
                         });
                     }
-                    None
+                    (ExitKind::Pio { write: false, port }, None)
                 }
                 Ok(VcpuExit::MmioRead(addr, data)) => {
-                    c.mmio_read.fetch_add(1, Ordering::Relaxed);
-                    if self.mmio.read(addr, data).is_none() {
-                        c.unhandled.fetch_add(1, Ordering::Relaxed);
+                    let device = self.mmio.read(addr, data);
+                    if device.is_none() {
                         self.unknown_log.log(|| {
                             format!("vCPU {}: read from unclaimed MMIO {addr:#x}", self.index)
                         });
                     }
-                    None
+                    (
+                        ExitKind::Mmio {
+                            write: false,
+                            device,
+                        },
+                        None,
+                    )
                 }
                 Ok(VcpuExit::MmioWrite(addr, data)) => {
-                    c.mmio_write.fetch_add(1, Ordering::Relaxed);
-                    if self.mmio.write(addr, data).is_none() {
-                        c.unhandled.fetch_add(1, Ordering::Relaxed);
+                    let device = self.mmio.write(addr, data);
+                    if device.is_none() {
                         self.unknown_log.log(|| {
                             format!("vCPU {}: write to unclaimed MMIO {addr:#x}", self.index)
                         });
                     }
-                    None
+                    (
+                        ExitKind::Mmio {
+                            write: true,
+                            device,
+                        },
+                        None,
+                    )
                 }
                 Ok(VcpuExit::Hlt) => {
                     // Only without an in-kernel LAPIC; nothing can wake this vCPU.
-                    Some(VcpuStop::Failed {
+                    let stop = VcpuStop::Failed {
                         reason: "HLT with interrupts impossible".into(),
                         dump: self.dump(),
-                    })
+                    };
+                    (ExitKind::Plain(Reason::Hlt), Some(stop))
                 }
-                Ok(VcpuExit::Shutdown) => Some(VcpuStop::TripleFault { dump: self.dump() }),
-                Ok(VcpuExit::SystemEvent(kind, _)) => Some(VcpuStop::SystemEvent { kind }),
+                Ok(VcpuExit::Shutdown) => (
+                    ExitKind::Plain(Reason::Shutdown),
+                    Some(VcpuStop::TripleFault { dump: self.dump() }),
+                ),
+                Ok(VcpuExit::SystemEvent(kind, _)) => (
+                    ExitKind::Plain(Reason::SystemEvent),
+                    Some(VcpuStop::SystemEvent { kind }),
+                ),
                 Ok(VcpuExit::InternalError) => {
                     let run = self.fd.get_kvm_run();
                     // SAFETY: KVM filled the `internal` member: the exit reason is
                     // KVM_EXIT_INTERNAL_ERROR.
                     let suberror = unsafe { run.__bindgen_anon_1.internal.suberror };
-                    Some(VcpuStop::Failed {
+                    let stop = VcpuStop::Failed {
                         reason: format!("KVM internal error (suberror {suberror})"),
                         dump: self.dump(),
-                    })
+                    };
+                    (ExitKind::Plain(Reason::InternalError), Some(stop))
                 }
-                Ok(VcpuExit::FailEntry(reason, cpu)) => Some(VcpuStop::Failed {
-                    reason: format!("KVM_EXIT_FAIL_ENTRY (hardware reason {reason:#x}, cpu {cpu})"),
-                    dump: self.dump(),
-                }),
-                Ok(VcpuExit::Intr) | Ok(VcpuExit::IrqWindowOpen) => None,
+                Ok(VcpuExit::FailEntry(reason, cpu)) => {
+                    let stop = VcpuStop::Failed {
+                        reason: format!(
+                            "KVM_EXIT_FAIL_ENTRY (hardware reason {reason:#x}, cpu {cpu})"
+                        ),
+                        dump: self.dump(),
+                    };
+                    (ExitKind::Plain(Reason::Other), Some(stop))
+                }
+                Ok(VcpuExit::Intr) => (ExitKind::Plain(Reason::Intr), None),
                 Ok(other) => {
-                    c.other.fetch_add(1, Ordering::Relaxed);
                     self.unknown_log
                         .log(|| format!("vCPU {}: ignored exit {other:?}", self.index));
-                    None
+                    (ExitKind::Plain(Reason::Other), None)
                 }
-                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => None,
-                Err(e) => Some(VcpuStop::Failed {
-                    reason: format!("KVM_RUN failed: {e}"),
-                    dump: String::new(),
-                }),
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                    (ExitKind::Plain(Reason::Intr), None)
+                }
+                Err(e) => {
+                    let stop = VcpuStop::Failed {
+                        reason: format!("KVM_RUN failed: {e}"),
+                        dump: String::new(),
+                    };
+                    (ExitKind::Plain(Reason::Other), Some(stop))
+                }
             };
-            c.handling_ns
-                .fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
+            self.stats.record(kind, t0);
             if let Some(stop) = stop {
                 return stop;
             }

@@ -4,7 +4,7 @@ use kvm_bindings::{
     kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES,
     KVM_PIT_SPEAKER_DUMMY,
 };
-use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
+use kvm_ioctls::{Cap, IoEventAddress, Kvm, NoDatamatch, VcpuFd, VmFd};
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -40,6 +40,8 @@ pub enum VmError {
     },
     #[error("KVM_IRQFD failed for GSI {0}")]
     Irqfd(u32, #[source] kvm_ioctls::Error),
+    #[error("KVM_IOEVENTFD failed for {0}")]
+    Ioeventfd(String, #[source] kvm_ioctls::Error),
     #[error("KVM_GET_SUPPORTED_CPUID failed")]
     SupportedCpuid(#[source] kvm_ioctls::Error),
     #[error("KVM_CREATE_VCPU failed for vCPU {0}")]
@@ -119,6 +121,14 @@ impl Vm {
         self.fd
             .register_irqfd(fd, gsi)
             .map_err(|e| VmError::Irqfd(gsi, e))
+    }
+
+    /// Makes guest writes to `addr` (any value, any size) signal `fd` inside KVM, without an
+    /// exit to userspace.
+    pub fn register_ioevent(&self, fd: &EventFd, addr: IoEventAddress) -> Result<(), VmError> {
+        self.fd
+            .register_ioevent(fd, &addr, NoDatamatch)
+            .map_err(|e| VmError::Ioeventfd(format!("{addr:?}"), e))
     }
 
     /// KVM's supported CPUID.

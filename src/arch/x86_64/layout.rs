@@ -81,6 +81,22 @@ pub const ACPI_SCI_IRQ: u32 = 9;
 /// isa-debug-exit (QEMU-compatible): writing V ends ferrovm with status `(V << 1) | 1`.
 pub const DEBUG_EXIT_PORT: u16 = 0xf4;
 
+/// The "bench" device (`ferrovm bench-exits`, exit-statistics tests): ports
+/// `BENCH_PORT..+0x10` (data, parameters, marks, guest TSC), a 4 KiB MMIO page, two
+/// addresses that only an ioeventfd answers (KVM handles the write in the kernel), and an
+/// interrupt line driven through an irqfd. See `src/bench/device.rs` and firmware/bench.S.
+pub const BENCH_PORT: u16 = 0x700;
+pub const BENCH_PORT_LEN: u64 = 0x10;
+pub const BENCH_IOEVENTFD_PORT: u16 = 0x710;
+/// Inside the MMIO hole, between the ECAM and the IOAPIC.
+pub const BENCH_MMIO_START: u64 = 0xe100_0000;
+pub const BENCH_MMIO_LEN: u64 = 0x1000;
+pub const BENCH_IOEVENTFD_MMIO: u64 = 0xe100_1000;
+/// IOAPIC pin only (above the PIC's 16 lines).
+pub const BENCH_GSI: u32 = 23;
+/// Guest RAM words the HLT/irqfd bench shares with the host: interrupt count and limit.
+pub const BENCH_SHARED_START: u64 = 0x8_0000;
+
 /// The guest RAM regions for `mem_size` bytes: below the hole, then above 4 GiB.
 pub fn ram_regions(mem_size: u64) -> Vec<(u64, u64)> {
     if mem_size <= MMIO_HOLE_START {

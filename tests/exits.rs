@@ -1,0 +1,281 @@
+//! Fast tier: the VM-exit observatory, with firmware/exits.S and firmware/bench.S run by the
+//! real binary on /dev/kvm. Everything asserted is a count, never a time.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use serde_json::Value;
+
+const FERROVM: &str = env!("CARGO_BIN_EXE_ferrovm");
+/// Only a guard against a hung guest, not an assertion on speed.
+const HANG_GUARD: Duration = Duration::from_secs(120);
+
+fn scratch(test: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("ferrovm-exits-{}-{test}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn firmware(dir: &Path, name: &str) -> PathBuf {
+    let p = dir.join(format!("{name}.elf"));
+    std::fs::write(&p, ferrovm::firmware::get(name).unwrap()).unwrap();
+    p
+}
+
+fn port<'a>(v: &'a Value, port: u64, dir: &str) -> Option<&'a Value> {
+    v["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["port"] == port && p["dir"] == dir)
+}
+
+/// The number in the table row whose first column is `first` (and that contains `also`).
+fn table_row(table: &str, first: &str, also: &str) -> Vec<u64> {
+    let line = table
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(first) && l.contains(also))
+        .unwrap_or_else(|| panic!("no row {first} {also} in:\n{table}"));
+    line.split_whitespace()
+        .skip(1)
+        .filter_map(|w| w.parse().ok())
+        .collect()
+}
+
+#[test]
+fn each_exit_kind_is_counted_exactly_and_json_matches_table() {
+    let dir = scratch("count");
+    let fw = firmware(&dir, "exits");
+    let json = dir.join("stats.json");
+    let o = Command::new(FERROVM)
+        .args([
+            "run",
+            "--kernel",
+            fw.to_str().unwrap(),
+            "--cmdline",
+            "count",
+        ])
+        .arg(format!("--exit-stats=json:{}", json.display()))
+        .arg("--exit-stats")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+
+    // The dedicated port and MMIO addresses: exactly what the firmware did.
+    let out = port(&v, 0x700, "out").unwrap();
+    assert_eq!(out["count"], 100);
+    assert_eq!(out["device"], "bench");
+    assert_eq!(port(&v, 0x700, "in").unwrap()["count"], 70);
+    let unclaimed = port(&v, 0x720, "out").unwrap();
+    assert_eq!(unclaimed["count"], 10);
+    assert_eq!(unclaimed["device"], "unclaimed");
+    assert_eq!(v["mmio"]["bench"]["write"], 50);
+    assert_eq!(v["mmio"]["bench"]["read"], 30);
+    assert_eq!(v["mmio"]["unclaimed"]["read"], 20);
+    assert_eq!(v["mmio"]["unclaimed"]["write"], 0);
+    // Those are the only MMIO exits; cpuid is handled in the kernel and never counted.
+    assert_eq!(v["reasons"]["mmio-write"], 50);
+    assert_eq!(v["reasons"]["mmio-read"], 50);
+    assert_eq!(v["reasons"]["other"], 0);
+    assert_eq!(v["reasons"]["internal-error"], 0);
+    // The power-off is one more port write (ACPI PM1a control).
+    assert_eq!(port(&v, 0x604, "out").unwrap()["count"], 1);
+    let io_out = v["reasons"]["io-out"].as_u64().unwrap();
+    let port_out: u64 = v["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["dir"] == "out")
+        .map(|p| p["count"].as_u64().unwrap())
+        .sum();
+    assert_eq!(io_out, port_out, "every port write is in the port table");
+
+    // Totals add up: reasons, vCPUs, histogram counts.
+    let total = v["total"].as_u64().unwrap();
+    let reasons: u64 = v["reasons"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|n| n.as_u64().unwrap())
+        .sum();
+    assert_eq!(total, reasons);
+    assert_eq!(v["vcpus"][0]["total"], total);
+    for (name, h) in v["handling_ns"].as_object().unwrap() {
+        assert_eq!(h["count"], v["reasons"][name], "histogram of {name}");
+        let in_buckets: u64 = h["buckets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b[1].as_u64().unwrap())
+            .sum();
+        assert_eq!(h["count"].as_u64(), Some(in_buckets));
+    }
+
+    // The table printed at the end shows the same figures.
+    assert!(err.contains(&format!("{total} exits")), "{err}");
+    for (name, n) in v["reasons"].as_object().unwrap() {
+        if n.as_u64() != Some(0) {
+            let row = table_row(&err, name, "");
+            assert_eq!(Some(row[0]), n.as_u64(), "{name}");
+            let h = &v["handling_ns"][name];
+            assert_eq!(
+                row[row.len() - 3..],
+                [
+                    h["mean_ns"].as_u64().unwrap(),
+                    h["p50_ns"].as_u64().unwrap(),
+                    h["p99_ns"].as_u64().unwrap()
+                ]
+            );
+        }
+    }
+    assert_eq!(table_row(&err, "0x0700", "out")[0], 100);
+    assert_eq!(table_row(&err, "0x0700", " in ")[0], 70);
+    assert_eq!(table_row(&err, "0x0720", "unclaimed")[0], 10);
+    assert_eq!(table_row(&err, "bench", ""), [30, 50]);
+    assert_eq!(table_row(&err, "unclaimed", ""), [20, 0]);
+    assert_eq!(table_row(&err, "vcpu0", ""), [total]);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn bad_exit_stats_value_is_a_one_line_error() {
+    let o = Command::new(FERROVM)
+        .args(["run", "--kernel", "/nonexistent", "--exit-stats=xml"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("invalid --exit-stats 'xml'"), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1);
+}
+
+/// Sends lines of `r` to `tx` until EOF.
+fn forward_lines(r: impl Read + Send + 'static, tx: mpsc::Sender<String>) {
+    std::thread::spawn(move || {
+        for line in BufReader::new(r).lines() {
+            let Ok(line) = line else { return };
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+}
+
+/// Waits for a line containing `needle`; returns the lines seen up to it.
+fn wait_for(rx: &mpsc::Receiver<String>, needle: &str) -> Vec<String> {
+    let mut seen = Vec::new();
+    loop {
+        match rx.recv_timeout(HANG_GUARD) {
+            Ok(l) => {
+                let hit = l.contains(needle);
+                seen.push(l);
+                if hit {
+                    return seen;
+                }
+            }
+            Err(e) => panic!("waiting for {needle:?}: {e}; seen: {seen:#?}"),
+        }
+    }
+}
+
+#[test]
+fn sigusr1_and_console_escape_print_live_figures_while_the_guest_runs() {
+    let dir = scratch("live");
+    let fw = firmware(&dir, "exits");
+    let mut child = Command::new(FERROVM)
+        .args(["run", "--kernel", fw.to_str().unwrap(), "--cmdline", "wait"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (out_tx, out_rx) = mpsc::channel();
+    let (err_tx, err_rx) = mpsc::channel();
+    forward_lines(child.stdout.take().unwrap(), out_tx);
+    forward_lines(child.stderr.take().unwrap(), err_tx);
+    // The guest loops (port writes, polling COM1) until a byte arrives on its serial input.
+    wait_for(&out_rx, "wait: ready");
+    // SAFETY: kill(2) on our own child's pid.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGUSR1) }, 0);
+    wait_for(&err_rx, "live, SIGUSR1");
+    let table = wait_for(&err_rx, "vcpu0");
+    let bench = table
+        .iter()
+        .find(|l| l.starts_with("0x0700") && l.contains("bench"))
+        .unwrap_or_else(|| panic!("{table:#?}"));
+    assert!(
+        bench
+            .split_whitespace()
+            .nth(1)
+            .unwrap()
+            .parse::<u64>()
+            .unwrap()
+            > 0
+    );
+
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(b"\x01s").unwrap();
+    stdin.flush().unwrap();
+    wait_for(&err_rx, "live, C-a s");
+    wait_for(&err_rx, "vcpu0");
+    // Both times the guest kept running: now let it finish.
+    stdin.write_all(b"q").unwrap();
+    stdin.flush().unwrap();
+    wait_for(&out_rx, "wait: done");
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(0));
+    drop(stdin);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn bench_exits_runs_every_kind_against_the_raw_loop() {
+    let o = Command::new(FERROVM)
+        .args(["bench-exits", "-n", "20", "-r", "3"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    for kind in ferrovm::bench::KINDS {
+        let row = out
+            .lines()
+            .find(|l| l.starts_with(&format!("| {} |", kind.name)))
+            .unwrap_or_else(|| panic!("no {} row in:\n{out}", kind.name));
+        assert_eq!(row.matches('|').count(), 8, "{row}");
+    }
+    assert!(out.contains("exit statistics overhead"), "{out}");
+    let bad = Command::new(FERROVM)
+        .args(["bench-exits", "--only", "teleport"])
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(2));
+}
+
+#[test]
+fn fw_cfg_answers_like_qemu() {
+    let dir = scratch("fwcfg");
+    let fw = firmware(&dir, "fwcfg");
+    for (cpus, mem, value) in [("2", "64M", 0x32), ("3", "128M", 0x23)] {
+        let o = Command::new(FERROVM)
+            .args(["run", "--kernel", fw.to_str().unwrap()])
+            .args(["--cpus", cpus, "--memory", mem])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert_eq!(
+            o.status.code(),
+            Some((value << 1) | 1),
+            "{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
