@@ -54,6 +54,8 @@ pub struct QueueHandler {
     disk: Arc<DiskImage>,
     id: [u8; VIRTIO_BLK_ID_BYTES as usize],
     stats: Arc<Counters>,
+    /// Reused across requests to walk chains without allocating.
+    descs: Vec<Descriptor>,
 }
 
 /// What a chain turned out to be.
@@ -90,7 +92,12 @@ impl QueueHandler {
         id: [u8; VIRTIO_BLK_ID_BYTES as usize],
         stats: Arc<Counters>,
     ) -> Self {
-        Self { disk, id, stats }
+        Self {
+            disk,
+            id,
+            stats,
+            descs: Vec::with_capacity(MAX_DESCRIPTORS),
+        }
     }
 
     /// Serves every available request: disables notifications, processes, re-enables, and
@@ -155,7 +162,19 @@ impl QueueHandler {
         chain: DescriptorChain<&GuestMemoryMmap>,
     ) -> Outcome {
         // Walk the chain once, bounded, before trusting anything in it.
-        let mut descs: Vec<Descriptor> = Vec::with_capacity(4);
+        let mut descs = std::mem::take(&mut self.descs);
+        descs.clear();
+        let outcome = self.walk_and_run(mem, chain, &mut descs);
+        self.descs = descs;
+        outcome
+    }
+
+    fn walk_and_run(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        chain: DescriptorChain<&GuestMemoryMmap>,
+        descs: &mut Vec<Descriptor>,
+    ) -> Outcome {
         let mut broken = false;
         for d in chain {
             if descs.len() == WALK_LIMIT {
@@ -189,7 +208,7 @@ impl QueueHandler {
             return Outcome::NoStatus;
         };
 
-        let (code, written) = match self.parse(mem, &descs) {
+        let (code, written) = match self.parse(mem, descs) {
             Ok(req) => match self.execute(req) {
                 Ok(written) => (VIRTIO_BLK_S_OK, written),
                 Err((fail, written)) => (self.fail_status(fail), written),
