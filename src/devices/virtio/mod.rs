@@ -7,6 +7,8 @@
 //! and an interrupt handle (an irqfd behind MSI-X or INTx). The device serves requests on its
 //! own worker thread, off the vCPU threads. On reset the transport takes everything back.
 
+pub mod block;
+
 use std::sync::Arc;
 
 use vm_memory::GuestMemoryMmap;
@@ -54,6 +56,8 @@ pub enum ActivateError {
     Worker(#[source] std::io::Error),
     #[error("the device is already active")]
     AlreadyActive,
+    #[error("queue {index} is not usable (not ready, or rings outside guest memory)")]
+    InvalidQueue { index: u16 },
 }
 
 /// A virtio device model (block, net), independent of the transport.
@@ -79,4 +83,10 @@ pub trait VirtioDevice: Send {
     /// Stops the worker and gives the kick eventfds back (device reset by the driver).
     /// Returns `None` when the device was not active.
     fn reset(&mut self) -> Option<Vec<EventFd>>;
+    /// True when the device hit an error it cannot recover from without a driver reset; the
+    /// transport reports it as DEVICE_NEEDS_RESET (0x40) in the device status. Devices that
+    /// fail this way also raise a configuration interrupt.
+    fn needs_reset(&self) -> bool {
+        false
+    }
 }

@@ -1,0 +1,611 @@
+//! virtio-blk: a disk image served to the guest through one virtqueue.
+//!
+//! - [`parse_disk_option`] turns `path=FILE[,readonly=on|off][,serial=ID][,direct=on|off]`
+//!   into a [`DiskConfig`].
+//! - [`DiskImage::open`] opens and locks the image (OFD lock: one writer, or many readers).
+//! - [`Block`] is the [`VirtioDevice`]: it offers the features and the config space; on
+//!   activation it hands its single queue (index 0) to a worker thread `virtio-blk-<n>` that
+//!   waits on the kick eventfd and serves requests synchronously (preadv/pwritev straight into
+//!   guest memory) through [`QueueHandler`].
+//!
+//! When the queue cannot be served (rings outside guest memory at activation, a corrupt
+//! available index later) the device stops serving, raises a configuration interrupt and
+//! reports [`VirtioDevice::needs_reset`] = true: the transport ORs DEVICE_NEEDS_RESET (0x40)
+//! into the device status. A driver reset clears it.
+
+mod disk;
+mod request;
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use log::{error, warn};
+use virtio_bindings::virtio_blk::{
+    VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO,
+    VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX, VIRTIO_BLK_F_WRITE_ZEROES, VIRTIO_BLK_ID_BYTES,
+};
+use virtio_queue::{Queue, QueueT};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+pub use disk::DiskImage;
+pub use request::{QueueError, QueueHandler};
+
+use super::{
+    ActivateError, ActiveQueue, VirtioDevice, VirtioInterrupt, VirtioInterruptType,
+    VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_RING_INDIRECT_DESC, VIRTIO_F_VERSION_1,
+};
+
+/// virtio-blk always counts in 512-byte sectors.
+pub const SECTOR_SIZE: u64 = 512;
+/// The size of the only queue.
+pub const QUEUE_SIZE: u16 = 256;
+/// Most data segments (descriptors) in one request.
+pub const SEG_MAX: u32 = 128;
+/// Largest data segment in bytes.
+pub const SIZE_MAX: u32 = 1 << 20;
+/// Largest discard, in sectors (1 GiB).
+pub const MAX_DISCARD_SECTORS: u32 = 1 << 21;
+/// Largest write-zeroes, in sectors (1 GiB).
+pub const MAX_WRITE_ZEROES_SECTORS: u32 = 1 << 21;
+/// Discard granularity, in sectors (4 KiB).
+pub const DISCARD_SECTOR_ALIGNMENT: u32 = 8;
+/// Bytes of `struct virtio_blk_config` the device implements (up to write_zeroes_may_unmap
+/// and its padding).
+pub const CONFIG_SIZE: usize = 60;
+
+const SERIAL_MAX: usize = VIRTIO_BLK_ID_BYTES as usize;
+
+/// A `--disk` option.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskConfig {
+    pub path: PathBuf,
+    pub readonly: bool,
+    pub serial: Option<String>,
+    pub direct: bool,
+}
+
+/// Why a `--disk` option is malformed.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DiskOptionError {
+    #[error("disk option `{option}`: `path=FILE` is required")]
+    MissingPath { option: String },
+    #[error("disk option `{option}`: the path is empty")]
+    EmptyPath { option: String },
+    #[error("disk option `{option}`: `{item}` is not KEY=VALUE")]
+    Malformed { option: String, item: String },
+    #[error("disk option `{option}`: unknown key `{key}` (known: path, readonly, serial, direct)")]
+    UnknownKey { option: String, key: String },
+    #[error("disk option `{option}`: `{key}` given twice")]
+    DuplicateKey { option: String, key: String },
+    #[error("disk option `{option}`: `{key}={value}`: expected on or off")]
+    InvalidSwitch {
+        option: String,
+        key: String,
+        value: String,
+    },
+    #[error("disk option `{option}`: serial `{serial}` is {len} bytes, at most 20 are allowed")]
+    SerialTooLong {
+        option: String,
+        serial: String,
+        len: usize,
+    },
+}
+
+/// Parses `path=FILE[,readonly=on|off][,serial=ID][,direct=on|off]`.
+pub fn parse_disk_option(s: &str) -> Result<DiskConfig, DiskOptionError> {
+    let option = s.to_string();
+    let mut path: Option<PathBuf> = None;
+    let mut readonly: Option<bool> = None;
+    let mut serial: Option<String> = None;
+    let mut direct: Option<bool> = None;
+
+    let switch = |key: &str, value: &str| match value {
+        "on" => Ok(true),
+        "off" => Ok(false),
+        _ => Err(DiskOptionError::InvalidSwitch {
+            option: option.clone(),
+            key: key.to_string(),
+            value: value.to_string(),
+        }),
+    };
+    let dup = |key: &str| DiskOptionError::DuplicateKey {
+        option: option.clone(),
+        key: key.to_string(),
+    };
+
+    for item in s.split(',') {
+        let Some((key, value)) = item.split_once('=') else {
+            return Err(DiskOptionError::Malformed {
+                option: option.clone(),
+                item: item.to_string(),
+            });
+        };
+        match key {
+            "path" => {
+                if path.is_some() {
+                    return Err(dup(key));
+                }
+                if value.is_empty() {
+                    return Err(DiskOptionError::EmptyPath { option });
+                }
+                path = Some(PathBuf::from(value));
+            }
+            "readonly" => {
+                if readonly.replace(switch(key, value)?).is_some() {
+                    return Err(dup(key));
+                }
+            }
+            "direct" => {
+                if direct.replace(switch(key, value)?).is_some() {
+                    return Err(dup(key));
+                }
+            }
+            "serial" => {
+                if value.len() > SERIAL_MAX {
+                    return Err(DiskOptionError::SerialTooLong {
+                        option,
+                        serial: value.to_string(),
+                        len: value.len(),
+                    });
+                }
+                if serial.replace(value.to_string()).is_some() {
+                    return Err(dup(key));
+                }
+            }
+            _ => {
+                return Err(DiskOptionError::UnknownKey {
+                    option,
+                    key: key.to_string(),
+                })
+            }
+        }
+    }
+    let path = path.ok_or(DiskOptionError::MissingPath {
+        option: option.clone(),
+    })?;
+    Ok(DiskConfig {
+        path,
+        readonly: readonly.unwrap_or(false),
+        serial,
+        direct: direct.unwrap_or(false),
+    })
+}
+
+/// Why a disk could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum BlockError {
+    #[error("cannot open disk image {path}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "disk image {path} is in use by another process (locked); use readonly=on to share it read-only"
+    )]
+    Locked { path: PathBuf },
+    #[error("cannot lock disk image {path}")]
+    Lock {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot determine the size of disk image {path}")]
+    Size {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("disk image {path} is {size} bytes, not a multiple of 512")]
+    UnalignedSize { path: PathBuf, size: u64 },
+    #[error("serial `{serial}` of disk image {path} is longer than 20 bytes")]
+    SerialTooLong { path: PathBuf, serial: String },
+}
+
+/// Request counters, updated by the worker with relaxed atomics.
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    reads: AtomicU64,
+    writes: AtomicU64,
+    flushes: AtomicU64,
+    get_ids: AtomicU64,
+    discards: AtomicU64,
+    write_zeroes: AtomicU64,
+    other: AtomicU64,
+    bytes_read: AtomicU64,
+    bytes_written: AtomicU64,
+    errors: AtomicU64,
+    unsupported: AtomicU64,
+    invalid: AtomicU64,
+}
+
+/// A snapshot of the device counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BlockStats {
+    /// VIRTIO_BLK_T_IN requests.
+    pub reads: u64,
+    /// VIRTIO_BLK_T_OUT requests.
+    pub writes: u64,
+    pub flushes: u64,
+    pub get_ids: u64,
+    pub discards: u64,
+    pub write_zeroes: u64,
+    /// Requests of an unknown type.
+    pub other: u64,
+    /// Bytes copied from the image to the guest / from the guest to the image.
+    pub bytes_read: u64,
+    pub bytes_written: u64,
+    /// Host I/O failures and writes refused on a read-only disk (status IOERR).
+    pub errors: u64,
+    /// Requests answered UNSUPP.
+    pub unsupported: u64,
+    /// Malformed requests: bad chains, addresses, directions, lengths, ranges.
+    pub invalid: u64,
+}
+
+impl Counters {
+    fn snapshot(&self) -> BlockStats {
+        let l = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        BlockStats {
+            reads: l(&self.reads),
+            writes: l(&self.writes),
+            flushes: l(&self.flushes),
+            get_ids: l(&self.get_ids),
+            discards: l(&self.discards),
+            write_zeroes: l(&self.write_zeroes),
+            other: l(&self.other),
+            bytes_read: l(&self.bytes_read),
+            bytes_written: l(&self.bytes_written),
+            errors: l(&self.errors),
+            unsupported: l(&self.unsupported),
+            invalid: l(&self.invalid),
+        }
+    }
+}
+
+static INSTANCES: AtomicUsize = AtomicUsize::new(0);
+
+enum State {
+    Idle,
+    /// Serving: the worker owns the queue and a clone of the kick eventfd.
+    Running {
+        kick: EventFd,
+        stop: EventFd,
+        worker: JoinHandle<()>,
+    },
+    /// Activation failed after the transport handed over its queues; we keep the kick
+    /// eventfds so that `reset` can give them back.
+    Failed {
+        kicks: Vec<EventFd>,
+    },
+}
+
+/// The virtio-blk device model.
+pub struct Block {
+    disk: Arc<DiskImage>,
+    id: [u8; SERIAL_MAX],
+    features: u64,
+    config: [u8; CONFIG_SIZE],
+    stats: Arc<Counters>,
+    needs_reset: Arc<AtomicBool>,
+    name: String,
+    state: State,
+}
+
+impl Block {
+    /// Opens `config.path` (see [`DiskImage::open`]) and builds the device.
+    pub fn new(config: &DiskConfig) -> Result<Block, BlockError> {
+        let disk = DiskImage::open(config)?;
+        Block::with_disk(disk, config.serial.as_deref())
+    }
+
+    /// Builds the device around an opened image; `serial` answers GET_ID (at most 20 bytes).
+    pub fn with_disk(disk: DiskImage, serial: Option<&str>) -> Result<Block, BlockError> {
+        let mut id = [0u8; SERIAL_MAX];
+        if let Some(s) = serial {
+            if s.len() > SERIAL_MAX {
+                return Err(BlockError::SerialTooLong {
+                    path: disk.path().to_path_buf(),
+                    serial: s.to_string(),
+                });
+            }
+            id[..s.len()].copy_from_slice(s.as_bytes());
+        }
+        let bit = |b: u32| 1u64 << b;
+        let mut features = VIRTIO_F_VERSION_1
+            | VIRTIO_F_RING_EVENT_IDX
+            | VIRTIO_F_RING_INDIRECT_DESC
+            | bit(VIRTIO_BLK_F_FLUSH)
+            | bit(VIRTIO_BLK_F_BLK_SIZE)
+            | bit(VIRTIO_BLK_F_SEG_MAX)
+            | bit(VIRTIO_BLK_F_SIZE_MAX);
+        if disk.readonly() {
+            features |= bit(VIRTIO_BLK_F_RO);
+        } else {
+            features |= bit(VIRTIO_BLK_F_DISCARD) | bit(VIRTIO_BLK_F_WRITE_ZEROES);
+        }
+        let config = build_config(disk.sectors());
+        let n = INSTANCES.fetch_add(1, Ordering::Relaxed);
+        Ok(Block {
+            disk: Arc::new(disk),
+            id,
+            features,
+            config,
+            stats: Arc::new(Counters::default()),
+            needs_reset: Arc::new(AtomicBool::new(false)),
+            name: format!("virtio-blk-{n}"),
+            state: State::Idle,
+        })
+    }
+
+    /// The opened image.
+    pub fn disk(&self) -> &DiskImage {
+        &self.disk
+    }
+
+    /// The worker thread's name (`virtio-blk-<n>`).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// A snapshot of the request counters (callable from any thread holding the device).
+    pub fn stats(&self) -> BlockStats {
+        self.stats.snapshot()
+    }
+
+    /// A request processor sharing this device's image and counters; what the worker runs.
+    /// Exposed for benchmarks and tests that drive a queue without a worker thread.
+    pub fn queue_handler(&self) -> QueueHandler {
+        QueueHandler::new(self.disk.clone(), self.id, self.stats.clone())
+    }
+
+    fn stop_worker(&mut self) -> Option<Vec<EventFd>> {
+        match std::mem::replace(&mut self.state, State::Idle) {
+            State::Idle => None,
+            State::Failed { kicks } => Some(kicks),
+            State::Running { kick, stop, worker } => {
+                if let Err(e) = stop.write(1) {
+                    error!("{}: cannot signal the worker to stop: {e}", self.name);
+                }
+                if worker.join().is_err() {
+                    error!("{}: the worker thread panicked", self.name);
+                }
+                Some(vec![kick])
+            }
+        }
+    }
+
+    fn fail_activation(&mut self, kicks: Vec<EventFd>, interrupt: &dyn VirtioInterrupt) {
+        self.needs_reset.store(true, Ordering::SeqCst);
+        self.state = State::Failed { kicks };
+        if let Err(e) = interrupt.trigger(VirtioInterruptType::Config) {
+            warn!(
+                "{}: cannot raise the configuration interrupt: {e}",
+                self.name
+            );
+        }
+    }
+}
+
+/// Serialises `struct virtio_blk_config` (little-endian) for a disk of `sectors` sectors.
+fn build_config(sectors: u64) -> [u8; CONFIG_SIZE] {
+    let mut c = [0u8; CONFIG_SIZE];
+    let mut put = |off: usize, bytes: &[u8]| c[off..off + bytes.len()].copy_from_slice(bytes);
+    put(0, &sectors.to_le_bytes());
+    put(8, &SIZE_MAX.to_le_bytes());
+    put(12, &SEG_MAX.to_le_bytes());
+    put(20, &(SECTOR_SIZE as u32).to_le_bytes());
+    put(36, &MAX_DISCARD_SECTORS.to_le_bytes());
+    put(40, &1u32.to_le_bytes());
+    put(44, &DISCARD_SECTOR_ALIGNMENT.to_le_bytes());
+    put(48, &MAX_WRITE_ZEROES_SECTORS.to_le_bytes());
+    put(52, &1u32.to_le_bytes());
+    put(56, &[1u8]);
+    c
+}
+
+impl VirtioDevice for Block {
+    fn device_type(&self) -> u32 {
+        super::TYPE_BLOCK
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE]
+    }
+
+    fn features(&self) -> u64 {
+        self.features
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = offset
+                .checked_add(i as u64)
+                .and_then(|o| usize::try_from(o).ok())
+                .and_then(|o| self.config.get(o).copied())
+                .unwrap_or(0);
+        }
+    }
+
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        // No writable field is offered (CONFIG_WCE is not negotiated).
+        warn!(
+            "{}: ignoring a {}-byte config write at offset {offset}",
+            self.name,
+            data.len()
+        );
+    }
+
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        acked_features: u64,
+        queues: Vec<ActiveQueue>,
+        interrupt: Arc<dyn VirtioInterrupt>,
+    ) -> Result<(), ActivateError> {
+        if !matches!(self.state, State::Idle) {
+            return Err(ActivateError::AlreadyActive);
+        }
+        if queues.len() != 1 {
+            let got = queues.len();
+            self.fail_activation(queues.into_iter().map(|q| q.kick).collect(), &*interrupt);
+            return Err(ActivateError::QueueCount { got, want: 1 });
+        }
+        let Some(ActiveQueue {
+            index,
+            mut queue,
+            kick,
+        }) = queues.into_iter().next()
+        else {
+            return Err(ActivateError::QueueCount { got: 0, want: 1 });
+        };
+        queue.set_event_idx(acked_features & VIRTIO_F_RING_EVENT_IDX != 0);
+        if !queue.is_valid(&mem) {
+            self.fail_activation(vec![kick], &*interrupt);
+            return Err(ActivateError::InvalidQueue { index });
+        }
+        let (worker_kick, stop, worker_stop) = match (|| {
+            let stop = EventFd::new(EFD_NONBLOCK)?;
+            Ok::<_, std::io::Error>((kick.try_clone()?, stop.try_clone()?, stop))
+        })() {
+            Ok((k, ws, s)) => (k, s, ws),
+            Err(e) => {
+                self.fail_activation(vec![kick], &*interrupt);
+                return Err(ActivateError::Worker(e));
+            }
+        };
+        self.needs_reset.store(false, Ordering::SeqCst);
+        let ctx = Worker {
+            name: self.name.clone(),
+            handler: self.queue_handler(),
+            mem,
+            queue,
+            index,
+            kick: worker_kick,
+            stop: worker_stop,
+            interrupt: interrupt.clone(),
+            needs_reset: self.needs_reset.clone(),
+        };
+        match std::thread::Builder::new()
+            .name(self.name.clone())
+            .spawn(move || ctx.run())
+        {
+            Ok(worker) => {
+                self.state = State::Running { kick, stop, worker };
+                Ok(())
+            }
+            Err(e) => {
+                self.fail_activation(vec![kick], &*interrupt);
+                Err(ActivateError::Worker(e))
+            }
+        }
+    }
+
+    fn reset(&mut self) -> Option<Vec<EventFd>> {
+        let kicks = self.stop_worker();
+        self.needs_reset.store(false, Ordering::SeqCst);
+        kicks
+    }
+
+    fn needs_reset(&self) -> bool {
+        self.needs_reset.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for Block {
+    fn drop(&mut self) {
+        let _ = self.stop_worker();
+    }
+}
+
+/// Everything the worker thread owns.
+struct Worker {
+    name: String,
+    handler: QueueHandler,
+    mem: GuestMemoryMmap,
+    queue: Queue,
+    index: u16,
+    kick: EventFd,
+    stop: EventFd,
+    interrupt: Arc<dyn VirtioInterrupt>,
+    needs_reset: Arc<AtomicBool>,
+}
+
+impl Worker {
+    fn run(mut self) {
+        use std::os::unix::io::AsRawFd;
+        // Requests queued before DRIVER_OK (or a kick lost across a reset) are served now.
+        self.serve();
+        let mut fds = [
+            libc::pollfd {
+                fd: self.kick.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: self.stop.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        loop {
+            // SAFETY: `fds` is a valid array of two pollfds whose fds stay open (owned by self)
+            // for the duration of the call.
+            let ret = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+            if ret < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                error!("{}: poll failed, worker exits: {e}", self.name);
+                return;
+            }
+            if fds[1].revents != 0 {
+                return;
+            }
+            if fds[0].revents & (libc::POLLERR | libc::POLLNVAL) != 0 {
+                error!("{}: kick eventfd failed, worker exits", self.name);
+                return;
+            }
+            if fds[0].revents & libc::POLLIN != 0 {
+                // Consume the kick (the counter value is irrelevant); the fd may be blocking,
+                // but POLLIN guarantees the read returns at once.
+                let _ = self.kick.read();
+                self.serve();
+            }
+        }
+    }
+
+    fn serve(&mut self) {
+        if self.needs_reset.load(Ordering::SeqCst) {
+            return;
+        }
+        match self.handler.process_queue(&self.mem, &mut self.queue) {
+            Ok(true) => {
+                if let Err(e) = self
+                    .interrupt
+                    .trigger(VirtioInterruptType::Queue(self.index))
+                {
+                    warn!("{}: cannot raise the queue interrupt: {e}", self.name);
+                }
+            }
+            Ok(false) => {}
+            Err(e) => {
+                error!("{}: queue failed, the device needs a reset: {e}", self.name);
+                self.needs_reset.store(true, Ordering::SeqCst);
+                if let Err(e) = self.interrupt.trigger(VirtioInterruptType::Config) {
+                    warn!(
+                        "{}: cannot raise the configuration interrupt: {e}",
+                        self.name
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
