@@ -139,6 +139,36 @@ fn linux_boot_cases() -> Vec<Case> {
             }
         }),
     ];
+    // Exit statistics of a real Linux boot (issue 6): the table names the top reasons and ports.
+    cases.push(
+        Case::new(
+            "exit_stats_on_linux_boot",
+            &boot_script("$IMAGES/bzImage", "$IMAGES", 1, "256M", GUEST_FACTS)
+                .replace(
+                    "--cpus 1",
+                    "--cpus 1 --exit-stats --exit-stats=json:stats.json",
+                )
+                .replace(
+                    "echo \"FERROVM_STATUS=$?\"",
+                    "echo \"FERROVM_STATUS=$?\"\ngrep -c '\"reason\"' stats.json || true",
+                ),
+        )
+        .timeout(Duration::from_secs(240))
+        .check(|o| {
+            check_boot(o, 1, 256)?;
+            expect_output(o, "ferrovm exit statistics")?;
+            expect_output(o, "io-out")?;
+            // COM1 output is among the ports, attributed to its device.
+            if !o
+                .output
+                .lines()
+                .any(|l| l.contains("0x03f8") && l.contains("com1"))
+            {
+                return Err("COM1 (0x03f8, com1) is missing from the port table".into());
+            }
+            Ok(())
+        }),
+    );
     // The packaged 6.12 kernel, built by `guest-images/build.sh --kernel 6.12`.
     cases.push(
         Case::new(
