@@ -14,7 +14,7 @@ use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use crate::acpi::{self, AcpiConfig};
 use crate::arch::x86_64::boot::{self, BootInfo, EntryMode};
-use crate::arch::x86_64::{layout, regs};
+use crate::arch::x86_64::{layout, multiboot, regs};
 use crate::bus::{Bus, BusDevice};
 use crate::config::{SerialMode, VmConfig};
 use crate::console;
@@ -180,6 +180,10 @@ pub fn run(cfg: VmConfig) -> Result<VmOutcome, VmmError> {
     match kernel.entry {
         EntryMode::Linux64 { .. } => boot::write_zero_page(&mem, &info)?,
         EntryMode::Pvh { .. } => boot::write_pvh_info(&mem, &info)?,
+        EntryMode::Multiboot { .. } => {
+            let modules: Vec<(u64, u64)> = info.initramfs.into_iter().collect();
+            multiboot::write_info(&mem, cfg.mem_size, &modules)?;
+        }
     }
     regs::write_boot_tables(&mem).map_err(VmmError::BootTables)?;
 

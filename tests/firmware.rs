@@ -261,3 +261,21 @@ fn usage_errors_exit_2() {
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("--kernel"));
 }
+
+/// A multiboot v1 kernel (as QEMU's hypervisor test kernels are) reads fw_cfg and chooses
+/// ferrovm's exit status through isa-debug-exit: (code << 1) | 1.
+#[test]
+fn multiboot_kernel_with_fw_cfg_and_debug_exit() {
+    for (code, cpus) in [(5, "2"), (3, "1")] {
+        let cmdline = format!("exit={code} from-test");
+        let o = run_fw(
+            "multiboot",
+            &["--cmdline", &cmdline, "--cpus", cpus, "--memory", "64M"],
+        );
+        assert_eq!(o.status.code(), Some((code << 1) | 1), "{}", stderr(&o));
+        assert_eq!(
+            stdout(&o),
+            format!("multiboot: ok cpus={cpus} mem_upper_mib=0063 cmdline={cmdline}\n")
+        );
+    }
+}

@@ -7,6 +7,8 @@
 //!   EBX pointing at `hvm_start_info` (the PVH boot ABI).
 //! - **ELF without a PVH note**: entered at `e_entry` in 64-bit mode with RSI pointing at a zero
 //!   page, like a bzImage. This is how firmware/ test programs run (documented fallback).
+//! - **Multiboot v1** (a valid multiboot header in the first 8 KiB, checked before ELF): entered
+//!   in 32-bit protected mode with EAX = 0x2BADB002, EBX = multiboot info (see `multiboot`).
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
@@ -16,7 +18,7 @@ use linux_loader::bootparam::{boot_e820_entry, boot_params};
 use linux_loader::loader::bzimage::BzImage;
 use linux_loader::loader::elf::{start_info, Elf};
 use linux_loader::loader::{KernelLoader, PvhBootCapability};
-use vm_memory::{Address, ByteValued, Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Address, ByteValued, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use super::layout;
 
@@ -31,6 +33,8 @@ pub enum EntryMode {
     Linux64 { entry: u64 },
     /// 32-bit protected mode, EBX = hvm_start_info.
     Pvh { entry: u64 },
+    /// 32-bit protected mode, EAX = multiboot magic, EBX = multiboot info.
+    Multiboot { entry: u64 },
 }
 
 /// The kind of kernel image, detected from its first bytes.
@@ -38,6 +42,7 @@ pub enum EntryMode {
 pub enum KernelFormat {
     BzImage,
     Elf,
+    Multiboot,
 }
 
 /// What went wrong while loading the kernel, initramfs or boot data.
@@ -73,6 +78,8 @@ pub enum BootError {
     CmdlineTooLong { len: usize, max: usize },
     #[error("kernel command line contains a NUL byte")]
     CmdlineNul,
+    #[error(transparent)]
+    Multiboot(#[from] super::multiboot::MultibootError),
     #[error("cannot write {0} into guest memory")]
     WriteGuest(&'static str, #[source] vm_memory::GuestMemoryError),
 }
@@ -80,13 +87,16 @@ pub enum BootError {
 /// Detects the format of the kernel at `path`.
 pub fn detect_format(path: &Path) -> Result<KernelFormat, BootError> {
     let mut f = File::open(path).map_err(|e| BootError::OpenKernel(path.into(), e))?;
-    let mut head = [0u8; 0x206];
+    let mut head = [0u8; 8192];
     let n = read_up_to(&mut f, &mut head).map_err(|e| BootError::ReadKernel(path.into(), e))?;
-    if n >= 4 && head[..4] == *b"\x7fELF" {
-        return Ok(KernelFormat::Elf);
-    }
     if n >= 0x206 && head[0x202..0x206] == *b"HdrS" {
         return Ok(KernelFormat::BzImage);
+    }
+    if super::multiboot::find_header(&head[..n]).is_some() {
+        return Ok(KernelFormat::Multiboot);
+    }
+    if n >= 4 && head[..4] == *b"\x7fELF" {
+        return Ok(KernelFormat::Elf);
     }
     Err(BootError::UnknownFormat(path.into()))
 }
@@ -129,6 +139,31 @@ pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, B
                 },
                 kernel_end: r.kernel_end,
                 setup_header: r.setup_header,
+            })
+        }
+        KernelFormat::Multiboot => {
+            let size = f
+                .metadata()
+                .map_err(|e| BootError::ReadKernel(path.into(), e))?
+                .len();
+            let mem_size: u64 = mem.iter().map(vm_memory::GuestMemoryRegion::len).sum();
+            if size > mem_size {
+                return Err(BootError::KernelTooBig {
+                    path: path.into(),
+                    mem_size,
+                });
+            }
+            let file = std::fs::read(path).map_err(|e| BootError::ReadKernel(path.into(), e))?;
+            let header = super::multiboot::find_header(&file)
+                .ok_or_else(|| BootError::UnknownFormat(path.into()))?;
+            let loaded = super::multiboot::load(mem, path, &file, &header)?;
+            Ok(LoadedKernel {
+                format,
+                entry: EntryMode::Multiboot {
+                    entry: loaded.entry,
+                },
+                kernel_end: loaded.end,
+                setup_header: None,
             })
         }
         KernelFormat::Elf => {

@@ -2,4 +2,5 @@
 pub mod boot;
 pub mod cpuid;
 pub mod layout;
+pub mod multiboot;
 pub mod regs;

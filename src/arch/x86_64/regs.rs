@@ -86,7 +86,7 @@ const EFER_LMA: u64 = 1 << 10;
 pub fn boot_sregs(mut sregs: kvm_sregs, mode: EntryMode) -> kvm_sregs {
     let code_index = match mode {
         EntryMode::Linux64 { .. } => GDT_CODE64,
-        EntryMode::Pvh { .. } => GDT_CODE32,
+        EntryMode::Pvh { .. } | EntryMode::Multiboot { .. } => GDT_CODE32,
     };
     let code = segment_from_gdt(GDT[code_index], code_index);
     let data = segment_from_gdt(GDT[GDT_DATA], GDT_DATA);
@@ -109,7 +109,7 @@ pub fn boot_sregs(mut sregs: kvm_sregs, mode: EntryMode) -> kvm_sregs {
             sregs.cr4 = CR4_PAE;
             sregs.efer = EFER_LME | EFER_LMA;
         }
-        EntryMode::Pvh { .. } => {
+        EntryMode::Pvh { .. } | EntryMode::Multiboot { .. } => {
             sregs.cr0 = CR0_PE | CR0_ET;
             sregs.cr3 = 0;
             sregs.cr4 = 0;
@@ -133,6 +133,13 @@ pub fn boot_regs(mode: EntryMode) -> kvm_regs {
         EntryMode::Pvh { entry } => kvm_regs {
             rflags: 0x2,
             rip: entry,
+            rbx: layout::PVH_INFO_START,
+            ..Default::default()
+        },
+        EntryMode::Multiboot { entry } => kvm_regs {
+            rflags: 0x2,
+            rip: entry,
+            rax: super::multiboot::BOOTLOADER_MAGIC as u64,
             rbx: layout::PVH_INFO_START,
             ..Default::default()
         },
