@@ -9,6 +9,9 @@
 
 use std::sync::Arc;
 
+pub mod net;
+pub mod tap;
+
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
