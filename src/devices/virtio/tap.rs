@@ -292,6 +292,19 @@ impl AsRawFd for Tap {
     }
 }
 
+/// Moves the calling thread into the network namespace at `path` (e.g. /run/netns/NAME).
+#[cfg(test)]
+pub(crate) fn enter_netns(path: &std::path::Path) -> io::Result<()> {
+    let ns = File::open(path)?;
+    // SAFETY: `ns` is an open namespace file; setns only changes the calling thread's namespace.
+    let ret = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
