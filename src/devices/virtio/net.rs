@@ -594,6 +594,11 @@ impl NetQueues {
                 return true;
             }
             let Some(chain) = self.rx.pop_descriptor_chain(&*mem) else {
+                // Re-arms the RX kick (EVENT_IDX) before giving up, closing the race with a
+                // driver that adds buffers right now.
+                if self.rx_has_buffers() {
+                    continue;
+                }
                 self.rx_pending = Some(p);
                 return false;
             };
@@ -777,17 +782,15 @@ impl Worker {
                     self.queues.notify(RX_QUEUE, self.interrupt.as_ref());
                 }
                 if st.starved == backend_polled {
+                    // Deregister rather than clear the mask: EPOLLERR/EPOLLHUP are reported
+                    // even with an empty mask and would make this loop spin.
                     backend_polled = !st.starved;
-                    let set = if backend_polled {
-                        EventSet::IN
+                    let op = if backend_polled {
+                        ControlOperation::Add
                     } else {
-                        EventSet::empty()
+                        ControlOperation::Delete
                     };
-                    epoll.ctl(
-                        ControlOperation::Modify,
-                        backend_fd,
-                        EpollEvent::new(set, TOKEN_BACKEND),
-                    )?;
+                    epoll.ctl(op, backend_fd, EpollEvent::new(EventSet::IN, TOKEN_BACKEND))?;
                 }
             }
             want_rx = false;
@@ -1466,6 +1469,9 @@ mod tests {
             "nothing published for a partial frame"
         );
         assert_eq!(used(&b.rxq), vec![]);
+        // EVENT_IDX: avail_event asks for a kick as soon as the next buffer arrives.
+        let avail_event = b.rxq.used_addr().0 + 4 + 8 * u64::from(QUEUE_SIZE);
+        assert_eq!(mem.read_obj::<u16>(GuestAddress(avail_event)).unwrap(), 1);
         add_chain(&b.rxq, 1, &[(DATA + 0x1000, 1000, true)]);
         let st = b.nq.process_rx();
         assert!(st.used);
@@ -1560,7 +1566,11 @@ mod tests {
             let kick_tx = kicks[1].try_clone().unwrap();
             net.activate(
                 mem.clone(),
-                net.features() & !VIRTIO_F_RING_EVENT_IDX,
+                if round == 0 {
+                    net.features() & !VIRTIO_F_RING_EVENT_IDX
+                } else {
+                    net.features()
+                },
                 active_queues(
                     &rxq,
                     &txq,
@@ -1624,6 +1634,54 @@ mod tests {
         fn drop(&mut self) {
             ip(&["netns", "del", &self.0]);
         }
+    }
+
+    /// The permission errors come from the real kernel: a thread without CAP_NET_ADMIN cannot
+    /// create a TAP nor attach to someone else's, but can attach to one created for its user.
+    #[test]
+    fn real_tap_permission_errors() {
+        let ns = NetNs(format!("ferrovm-perm-{}", std::process::id()));
+        if !ip(&["netns", "add", &ns.0]) {
+            eprintln!("skipped: cannot create a network namespace (not root, or no `ip`)");
+            return;
+        }
+        let uid = std::fs::read_to_string("/proc/self/status")
+            .unwrap()
+            .lines()
+            .find_map(|l| l.strip_prefix("Uid:"))
+            .and_then(|l| l.split_whitespace().nth(1).map(str::to_string))
+            .unwrap();
+        let other = if uid == "4242" { "4243" } else { "4242" };
+        for (dev, user) in [("fvother0", other), ("fvmine0", uid.as_str())] {
+            assert!(ip(&[
+                "-n", &ns.0, "tuntap", "add", "dev", dev, "mode", "tap", "user", user, "vnet_hdr"
+            ]));
+        }
+        let path = std::path::PathBuf::from("/run/netns").join(&ns.0);
+        let (missing, other, mine) = std::thread::spawn(move || {
+            tap::enter_netns(&path).unwrap();
+            tap::drop_net_admin().unwrap();
+            (
+                Tap::open("fvmissing0"),
+                Tap::open("fvother0"),
+                Tap::open("fvmine0"),
+            )
+        })
+        .join()
+        .unwrap();
+        let e = missing.unwrap_err();
+        assert!(matches!(e, TapError::CannotCreate { .. }), "{e}");
+        let msg = e.to_string();
+        assert!(msg.contains("CAP_NET_ADMIN"), "{msg}");
+        assert!(
+            msg.contains("ip tuntap add dev fvmissing0 mode tap user"),
+            "{msg}"
+        );
+        let e = other.unwrap_err();
+        assert!(matches!(e, TapError::PermissionDenied { .. }), "{e}");
+        assert!(e.to_string().contains("CAP_NET_ADMIN"), "{e}");
+        let mine = mine.expect("a TAP owned by this user opens without CAP_NET_ADMIN");
+        assert_ne!(mine.supported_offloads() & tap::TUN_F_CSUM, 0);
     }
 
     /// ARP request from the guest (10.213.0.2, MAC) for 10.213.0.1, the TAP's address in the

@@ -305,6 +305,43 @@ pub(crate) fn enter_netns(path: &std::path::Path) -> io::Result<()> {
     }
 }
 
+/// Drops CAP_NET_ADMIN from the calling thread's effective set (capabilities are per thread).
+#[cfg(test)]
+pub(crate) fn drop_net_admin() -> io::Result<()> {
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: libc::c_int,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy, Default)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    const VERSION_3: u32 = 0x2008_0522;
+    const CAP_NET_ADMIN: u32 = 12;
+    let mut hdr = Header {
+        version: VERSION_3,
+        pid: 0,
+    };
+    let mut data = [Data::default(); 2];
+    // SAFETY: capget writes two `Data` records (version 3) into `data` and reads `hdr`; both
+    // are live, properly laid out buffers for the duration of the call.
+    let ret = unsafe { libc::syscall(libc::SYS_capget, &mut hdr, data.as_mut_ptr()) };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    data[0].effective &= !(1 << CAP_NET_ADMIN);
+    // SAFETY: capset reads `hdr` and two `Data` records; pid 0 means the calling thread only.
+    let ret = unsafe { libc::syscall(libc::SYS_capset, &mut hdr, data.as_ptr()) };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
