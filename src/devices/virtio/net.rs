@@ -828,6 +828,8 @@ impl Worker {
 pub enum NetError {
     #[error(transparent)]
     Tap(#[from] TapError),
+    #[error(transparent)]
+    Config(#[from] NetConfigError),
 }
 
 struct Running {
@@ -851,8 +853,14 @@ const QUEUE_SIZES: [u16; 2] = [QUEUE_SIZE, QUEUE_SIZE];
 impl Net {
     /// Opens (or creates) the TAP `cfg.tap` and builds the device.
     pub fn new(cfg: &NetConfig) -> Result<Net, NetError> {
-        let tap = Tap::open(&cfg.tap)?;
         let mac = cfg.mac.unwrap_or_else(|| mac_from_name(&cfg.tap));
+        if mac[0] & 1 != 0 {
+            return Err(NetConfigError::MulticastMac {
+                mac: format_mac(&mac),
+            }
+            .into());
+        }
+        let tap = Tap::open(&cfg.tap)?;
         Ok(Self::with_backend(&cfg.tap, mac, Box::new(tap)))
     }
 
@@ -1252,6 +1260,26 @@ mod tests {
         let e = parse_net_option("tap=a,mac=01:00:5e:00:00:01").unwrap_err();
         assert!(matches!(e, NetConfigError::MulticastMac { .. }), "{e}");
         assert!(e.to_string().contains("01:00:5e:00:00:01"));
+        let e = Net::new(&NetConfig {
+            tap: "t".into(),
+            mac: Some([1, 0, 0, 0, 0, 1]),
+        })
+        .err()
+        .unwrap();
+        assert!(
+            matches!(e, NetError::Config(NetConfigError::MulticastMac { .. })),
+            "{e}"
+        );
+        let e = Net::new(&NetConfig {
+            tap: "0123456789abcdefg".into(),
+            mac: None,
+        })
+        .err()
+        .unwrap();
+        assert!(
+            matches!(e, NetError::Tap(TapError::InvalidName { .. })),
+            "{e}"
+        );
         let e = parse_net_option("tap=a,mac=xx").unwrap_err();
         assert!(e.to_string().contains("\"xx\""), "{e}");
     }
