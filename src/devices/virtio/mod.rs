@@ -11,6 +11,9 @@ pub mod block;
 
 use std::sync::Arc;
 
+pub mod net;
+pub mod tap;
+
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 

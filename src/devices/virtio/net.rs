@@ -1,0 +1,1802 @@
+//! virtio-net (virtio 1.x, 5.1) backed by a host TAP device.
+//!
+//! Two queues: receive (index [`RX_QUEUE`]) and transmit (index [`TX_QUEUE`]). A worker thread
+//! `virtio-net-<tap>` waits on the TAP, both kick eventfds and a stop eventfd. Frames are copied
+//! through bounded buffers; every frame carries a 12-byte `virtio_net_hdr_v1`, which the TAP
+//! (IFF_VNET_HDR) understands, so checksum and segmentation offloads pass straight through.
+//!
+//! The guest is not trusted: malformed chains are returned with length 0 and counted, oversized
+//! frames are dropped and counted, and nothing here panics or allocates on guest input.
+
+use std::io;
+use std::num::Wrapping;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use virtio_bindings::virtio_net as vnet;
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::tap::{self, Tap, TapError, VNET_HDR_LEN};
+use super::{
+    ActivateError, ActiveQueue, VirtioDevice, VirtioInterrupt, VirtioInterruptType, TYPE_NET,
+    VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_RING_INDIRECT_DESC, VIRTIO_F_VERSION_1,
+};
+use crate::kvm::vcpu::RateLimit;
+
+/// Receive queue index.
+pub const RX_QUEUE: u16 = 0;
+/// Transmit queue index.
+pub const TX_QUEUE: u16 = 1;
+/// Maximum size of each queue.
+pub const QUEUE_SIZE: u16 = 256;
+/// Largest frame (without the virtio-net header) accepted in either direction: a 64 KiB GSO
+/// packet plus an Ethernet header and VLAN tag.
+pub const MAX_FRAME_LEN: usize = 65550;
+/// Frame buffer size: header + frame.
+const MAX_BUF_LEN: usize = VNET_HDR_LEN + MAX_FRAME_LEN;
+/// Frames handled per wake-up before the worker looks at its other events.
+const BATCH: usize = 256;
+
+const fn bit(b: u32) -> u64 {
+    1u64 << b
+}
+
+pub const VIRTIO_NET_F_CSUM: u64 = bit(vnet::VIRTIO_NET_F_CSUM);
+pub const VIRTIO_NET_F_GUEST_CSUM: u64 = bit(vnet::VIRTIO_NET_F_GUEST_CSUM);
+pub const VIRTIO_NET_F_MAC: u64 = bit(vnet::VIRTIO_NET_F_MAC);
+pub const VIRTIO_NET_F_GUEST_TSO4: u64 = bit(vnet::VIRTIO_NET_F_GUEST_TSO4);
+pub const VIRTIO_NET_F_GUEST_TSO6: u64 = bit(vnet::VIRTIO_NET_F_GUEST_TSO6);
+pub const VIRTIO_NET_F_GUEST_ECN: u64 = bit(vnet::VIRTIO_NET_F_GUEST_ECN);
+pub const VIRTIO_NET_F_GUEST_UFO: u64 = bit(vnet::VIRTIO_NET_F_GUEST_UFO);
+pub const VIRTIO_NET_F_HOST_TSO4: u64 = bit(vnet::VIRTIO_NET_F_HOST_TSO4);
+pub const VIRTIO_NET_F_HOST_TSO6: u64 = bit(vnet::VIRTIO_NET_F_HOST_TSO6);
+pub const VIRTIO_NET_F_HOST_ECN: u64 = bit(vnet::VIRTIO_NET_F_HOST_ECN);
+pub const VIRTIO_NET_F_MRG_RXBUF: u64 = bit(vnet::VIRTIO_NET_F_MRG_RXBUF);
+pub const VIRTIO_NET_F_STATUS: u64 = bit(vnet::VIRTIO_NET_F_STATUS);
+
+/// Offset of `num_buffers` in `virtio_net_hdr_v1`.
+const NUM_BUFFERS_OFFSET: usize = 10;
+/// Size of the configuration space we expose: mac[6], status, max_virtqueue_pairs.
+const CONFIG_LEN: usize = 10;
+
+// ---------------------------------------------------------------------------------------------
+// Configuration
+// ---------------------------------------------------------------------------------------------
+
+/// `--net tap=NAME[,mac=MAC]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetConfig {
+    pub tap: String,
+    pub mac: Option<[u8; 6]>,
+}
+
+/// A malformed `--net` option.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum NetConfigError {
+    #[error("--net {input:?}: missing tap=NAME")]
+    MissingTap { input: String },
+    #[error("--net {input:?}: unknown key {key:?} (expected tap=NAME[,mac=MAC])")]
+    UnknownKey { input: String, key: String },
+    #[error("--net {input:?}: {key} given twice")]
+    Duplicate { input: String, key: &'static str },
+    #[error("--net {input:?}: invalid TAP name {name:?}: {reason}")]
+    BadTapName {
+        input: String,
+        name: String,
+        reason: String,
+    },
+    #[error("invalid MAC address {mac:?}: expected six hex bytes like 52:54:00:12:34:56")]
+    BadMac { mac: String },
+    #[error(
+        "MAC address {mac:?} is a multicast address; a NIC needs a unicast one (first byte even)"
+    )]
+    MulticastMac { mac: String },
+}
+
+/// Parses `aa:bb:cc:dd:ee:ff` (or with `-`), rejecting multicast addresses.
+pub fn parse_mac(s: &str) -> Result<[u8; 6], NetConfigError> {
+    let bad = || NetConfigError::BadMac { mac: s.to_string() };
+    let mut mac = [0u8; 6];
+    let mut parts = s.split([':', '-']);
+    for byte in mac.iter_mut() {
+        let p = parts.next().ok_or_else(bad)?;
+        if p.len() != 2 || !p.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(bad());
+        }
+        *byte = u8::from_str_radix(p, 16).map_err(|_| bad())?;
+    }
+    if parts.next().is_some() {
+        return Err(bad());
+    }
+    if mac[0] & 1 != 0 {
+        return Err(NetConfigError::MulticastMac { mac: s.to_string() });
+    }
+    Ok(mac)
+}
+
+/// Parses `tap=NAME[,mac=MAC]`.
+pub fn parse_net_option(s: &str) -> Result<NetConfig, NetConfigError> {
+    let mut tap_name = None;
+    let mut mac = None;
+    for item in s.split(',') {
+        let (key, value) = item.split_once('=').unwrap_or((item, ""));
+        match key {
+            "tap" => {
+                if tap_name.is_some() {
+                    return Err(NetConfigError::Duplicate {
+                        input: s.to_string(),
+                        key: "tap",
+                    });
+                }
+                tap::validate_ifname(value).map_err(|e| NetConfigError::BadTapName {
+                    input: s.to_string(),
+                    name: value.to_string(),
+                    reason: match e {
+                        TapError::InvalidName { reason, .. } => reason.to_string(),
+                        other => other.to_string(),
+                    },
+                })?;
+                tap_name = Some(value.to_string());
+            }
+            "mac" => {
+                if mac.is_some() {
+                    return Err(NetConfigError::Duplicate {
+                        input: s.to_string(),
+                        key: "mac",
+                    });
+                }
+                mac = Some(parse_mac(value)?);
+            }
+            _ => {
+                return Err(NetConfigError::UnknownKey {
+                    input: s.to_string(),
+                    key: key.to_string(),
+                })
+            }
+        }
+    }
+    let tap = tap_name.ok_or_else(|| NetConfigError::MissingTap {
+        input: s.to_string(),
+    })?;
+    Ok(NetConfig { tap, mac })
+}
+
+/// A stable, locally administered unicast MAC derived from the TAP name: 52:54:00 followed by
+/// three bytes of an FNV-1a hash of the name.
+pub fn mac_from_name(name: &str) -> [u8; 6] {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in name.bytes() {
+        h ^= u32::from(b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    let [a, b, c, _] = h.to_be_bytes();
+    [0x52, 0x54, 0x00, a, b, c]
+}
+
+/// Formats a MAC as `aa:bb:cc:dd:ee:ff`.
+pub fn format_mac(mac: &[u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backend
+// ---------------------------------------------------------------------------------------------
+
+/// The host side of the device: one frame (virtio-net header + Ethernet frame) per call.
+/// Both calls must not block; `read_frame` returns `WouldBlock` when nothing is queued, and
+/// the fd becomes readable when a frame is.
+pub trait NetBackend: AsRawFd + Send {
+    fn read_frame(&mut self, buf: &mut [u8]) -> io::Result<usize>;
+    fn write_frame(&mut self, iov: &[&[u8]]) -> io::Result<usize>;
+    /// TUN_F_* offloads the backend can hand to the guest (default: none).
+    fn supported_offloads(&self) -> u32 {
+        0
+    }
+    /// Applies the TUN_F_* offloads the guest accepted.
+    fn set_offload(&mut self, _tun_flags: u32) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl NetBackend for Tap {
+    fn read_frame(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.read(buf)
+    }
+    fn write_frame(&mut self, iov: &[&[u8]]) -> io::Result<usize> {
+        self.writev(iov)
+    }
+    fn supported_offloads(&self) -> u32 {
+        Tap::supported_offloads(self)
+    }
+    fn set_offload(&mut self, tun_flags: u32) -> io::Result<()> {
+        Tap::set_offload(self, tun_flags)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Statistics
+// ---------------------------------------------------------------------------------------------
+
+/// Device counters (relaxed atomics, shared with the worker).
+#[derive(Debug, Default)]
+pub struct NetStats {
+    rx_frames: AtomicU64,
+    rx_bytes: AtomicU64,
+    tx_frames: AtomicU64,
+    tx_bytes: AtomicU64,
+    rx_dropped_too_big: AtomicU64,
+    rx_dropped_runt: AtomicU64,
+    rx_malformed_chains: AtomicU64,
+    rx_errors: AtomicU64,
+    tx_dropped_malformed: AtomicU64,
+    tx_dropped_oversized: AtomicU64,
+    tx_dropped_too_short: AtomicU64,
+    tx_dropped_bad_header: AtomicU64,
+    tx_errors: AtomicU64,
+    queue_errors: AtomicU64,
+    interrupt_errors: AtomicU64,
+}
+
+/// A copy of the counters. Byte counts exclude the virtio-net header.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct NetStatsSnapshot {
+    pub rx_frames: u64,
+    pub rx_bytes: u64,
+    pub tx_frames: u64,
+    pub tx_bytes: u64,
+    /// Frames larger than the guest's buffer (no MRG_RXBUF), or than all its buffers together.
+    pub rx_dropped_too_big: u64,
+    /// Reads from the TAP shorter than a virtio-net header.
+    pub rx_dropped_runt: u64,
+    /// RX chains with device-readable descriptors, bad addresses or no room, returned empty.
+    pub rx_malformed_chains: u64,
+    /// TAP read errors other than "nothing queued".
+    pub rx_errors: u64,
+    /// TX chains with device-writable descriptors or bad addresses.
+    pub tx_dropped_malformed: u64,
+    /// TX frames above [`MAX_FRAME_LEN`].
+    pub tx_dropped_oversized: u64,
+    /// TX chains shorter than the virtio-net header.
+    pub tx_dropped_too_short: u64,
+    /// TX headers asking for an offload the driver did not negotiate.
+    pub tx_dropped_bad_header: u64,
+    /// TAP write errors.
+    pub tx_errors: u64,
+    /// Unreadable/unwritable rings.
+    pub queue_errors: u64,
+    pub interrupt_errors: u64,
+}
+
+fn inc(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
+impl NetStats {
+    pub fn snapshot(&self) -> NetStatsSnapshot {
+        let l = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        NetStatsSnapshot {
+            rx_frames: l(&self.rx_frames),
+            rx_bytes: l(&self.rx_bytes),
+            tx_frames: l(&self.tx_frames),
+            tx_bytes: l(&self.tx_bytes),
+            rx_dropped_too_big: l(&self.rx_dropped_too_big),
+            rx_dropped_runt: l(&self.rx_dropped_runt),
+            rx_malformed_chains: l(&self.rx_malformed_chains),
+            rx_errors: l(&self.rx_errors),
+            tx_dropped_malformed: l(&self.tx_dropped_malformed),
+            tx_dropped_oversized: l(&self.tx_dropped_oversized),
+            tx_dropped_too_short: l(&self.tx_dropped_too_short),
+            tx_dropped_bad_header: l(&self.tx_dropped_bad_header),
+            tx_errors: l(&self.tx_errors),
+            queue_errors: l(&self.queue_errors),
+            interrupt_errors: l(&self.interrupt_errors),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Frame path (no threads, no epoll: unit-testable against guest memory and a fake backend)
+// ---------------------------------------------------------------------------------------------
+
+/// A frame read from the backend, partly delivered into guest buffers (MRG_RXBUF).
+struct PendingRx {
+    len: usize,
+    written: usize,
+    /// Chains filled so far and the bytes written into each; published when the frame is done.
+    used: Vec<(u16, u32)>,
+    /// Guest addresses of the two `num_buffers` bytes.
+    num_buffers_at: [Option<GuestAddress>; 2],
+}
+
+/// What an RX pass ended on.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct RxStatus {
+    /// Used buffers were added to the RX ring.
+    pub used: bool,
+    /// The guest has no (more) RX buffers: stop polling the backend until the RX kick.
+    pub starved: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TxDrop {
+    Malformed,
+    Oversized,
+    TooShort,
+    BadHeader,
+}
+
+enum ChainWrite {
+    /// Bytes written into the chain.
+    Wrote(usize),
+    /// Device-readable descriptor or an address outside guest memory.
+    Malformed,
+}
+
+pub(crate) struct NetQueues {
+    mem: Arc<GuestMemoryMmap>,
+    rx: Queue,
+    tx: Queue,
+    backend: Box<dyn NetBackend>,
+    acked: u64,
+    stats: Arc<NetStats>,
+    rx_buf: Vec<u8>,
+    tx_buf: Vec<u8>,
+    rx_pending: Option<PendingRx>,
+    log: RateLimit,
+}
+
+impl NetQueues {
+    pub(crate) fn new(
+        mem: GuestMemoryMmap,
+        mut rx: Queue,
+        mut tx: Queue,
+        backend: Box<dyn NetBackend>,
+        acked: u64,
+        stats: Arc<NetStats>,
+    ) -> Self {
+        let event_idx = acked & VIRTIO_F_RING_EVENT_IDX != 0;
+        rx.set_event_idx(event_idx);
+        tx.set_event_idx(event_idx);
+        Self {
+            mem: Arc::new(mem),
+            rx,
+            tx,
+            backend,
+            acked,
+            stats,
+            rx_buf: vec![0; MAX_BUF_LEN],
+            tx_buf: vec![0; MAX_BUF_LEN],
+            rx_pending: None,
+            log: RateLimit::new(10),
+        }
+    }
+
+    fn mrg_rxbuf(&self) -> bool {
+        self.acked & VIRTIO_NET_F_MRG_RXBUF != 0
+    }
+
+    fn queue_error(&mut self, what: &str, e: impl std::fmt::Display) {
+        inc(&self.stats.queue_errors);
+        self.log.log(|| format!("virtio-net: {what}: {e}"));
+    }
+
+    /// Sends every frame the guest queued for transmission (at most [`BATCH`]).
+    /// Returns (used buffers added, more chains may be pending).
+    pub(crate) fn process_tx(&mut self) -> (bool, bool) {
+        let mut used = false;
+        let mut budget = BATCH;
+        loop {
+            if let Err(e) = self.tx.disable_notification(&*self.mem) {
+                self.queue_error("tx ring", e);
+                return (used, false);
+            }
+            let mem = Arc::clone(&self.mem);
+            while budget > 0 {
+                let Some(chain) = self.tx.pop_descriptor_chain(&*mem) else {
+                    break;
+                };
+                budget -= 1;
+                let head = chain.head_index();
+                match self.gather_tx(chain) {
+                    Ok(len) => self.send_tx(len),
+                    Err(reason) => self.count_tx_drop(reason),
+                }
+                if let Err(e) = self.tx.add_used(&*self.mem, head, 0) {
+                    self.queue_error("tx used ring", e);
+                    return (used, false);
+                }
+                used = true;
+            }
+            if budget == 0 {
+                return (used, true);
+            }
+            match self.tx.enable_notification(&*self.mem) {
+                Ok(true) => continue,
+                Ok(false) => return (used, false),
+                Err(e) => {
+                    self.queue_error("tx ring", e);
+                    return (used, false);
+                }
+            }
+        }
+    }
+
+    fn gather_tx(
+        &mut self,
+        chain: virtio_queue::DescriptorChain<&GuestMemoryMmap>,
+    ) -> Result<usize, TxDrop> {
+        let mut len = 0usize;
+        for desc in chain {
+            if desc.is_write_only() {
+                return Err(TxDrop::Malformed);
+            }
+            let n = desc.len() as usize;
+            let end = len.checked_add(n).ok_or(TxDrop::Oversized)?;
+            let dst = self.tx_buf.get_mut(len..end).ok_or(TxDrop::Oversized)?;
+            self.mem
+                .read_slice(dst, desc.addr())
+                .map_err(|_| TxDrop::Malformed)?;
+            len = end;
+        }
+        if len < VNET_HDR_LEN {
+            return Err(TxDrop::TooShort);
+        }
+        self.check_tx_header()?;
+        Ok(len)
+    }
+
+    /// Rejects headers asking for offloads the driver did not negotiate (the kernel validates
+    /// the rest of the header when the frame is written to the TAP).
+    fn check_tx_header(&self) -> Result<(), TxDrop> {
+        let flags = u32::from(self.tx_buf[0]);
+        let gso = u32::from(self.tx_buf[1]);
+        let has = |f: u64| self.acked & f != 0;
+        if flags & vnet::VIRTIO_NET_HDR_F_NEEDS_CSUM != 0 && !has(VIRTIO_NET_F_CSUM) {
+            return Err(TxDrop::BadHeader);
+        }
+        if gso & vnet::VIRTIO_NET_HDR_GSO_ECN != 0 && !has(VIRTIO_NET_F_HOST_ECN) {
+            return Err(TxDrop::BadHeader);
+        }
+        let ok = match gso & !vnet::VIRTIO_NET_HDR_GSO_ECN {
+            vnet::VIRTIO_NET_HDR_GSO_NONE => true,
+            vnet::VIRTIO_NET_HDR_GSO_TCPV4 => has(VIRTIO_NET_F_HOST_TSO4),
+            vnet::VIRTIO_NET_HDR_GSO_TCPV6 => has(VIRTIO_NET_F_HOST_TSO6),
+            _ => false,
+        };
+        if ok {
+            Ok(())
+        } else {
+            Err(TxDrop::BadHeader)
+        }
+    }
+
+    fn send_tx(&mut self, len: usize) {
+        match self.backend.write_frame(&[&self.tx_buf[..len]]) {
+            Ok(_) => {
+                inc(&self.stats.tx_frames);
+                self.stats
+                    .tx_bytes
+                    .fetch_add((len - VNET_HDR_LEN) as u64, Ordering::Relaxed);
+            }
+            Err(e) => {
+                inc(&self.stats.tx_errors);
+                self.log
+                    .log(|| format!("virtio-net: TAP write of {len} bytes failed: {e}"));
+            }
+        }
+    }
+
+    fn count_tx_drop(&mut self, reason: TxDrop) {
+        let s = &self.stats;
+        inc(match reason {
+            TxDrop::Malformed => &s.tx_dropped_malformed,
+            TxDrop::Oversized => &s.tx_dropped_oversized,
+            TxDrop::TooShort => &s.tx_dropped_too_short,
+            TxDrop::BadHeader => &s.tx_dropped_bad_header,
+        });
+        self.log
+            .log(|| format!("virtio-net: dropped a TX chain: {reason:?}"));
+    }
+
+    /// True when the guest offered RX buffers we have not used yet. When it has none, asks
+    /// it to kick when it adds some.
+    fn rx_has_buffers(&mut self) -> bool {
+        loop {
+            match self.rx.avail_idx(&*self.mem, Ordering::Acquire) {
+                Ok(idx) if idx != Wrapping(self.rx.next_avail()) => return true,
+                Ok(_) => {}
+                Err(e) => {
+                    self.queue_error("rx ring", e);
+                    return false;
+                }
+            }
+            match self.rx.enable_notification(&*self.mem) {
+                Ok(true) => continue,
+                Ok(false) => return false,
+                Err(e) => {
+                    self.queue_error("rx ring", e);
+                    return false;
+                }
+            }
+        }
+    }
+
+    /// Moves frames from the backend into the guest's RX buffers, reading a frame only when
+    /// there is a buffer for it.
+    pub(crate) fn process_rx(&mut self) -> RxStatus {
+        let mut status = RxStatus::default();
+        let mut budget = BATCH;
+        loop {
+            if self.rx_pending.is_none() {
+                if budget == 0 {
+                    return status;
+                }
+                if !self.rx_has_buffers() {
+                    status.starved = true;
+                    return status;
+                }
+                budget -= 1;
+                match self.backend.read_frame(&mut self.rx_buf) {
+                    Ok(n) if n < VNET_HDR_LEN || n > self.rx_buf.len() => {
+                        inc(&self.stats.rx_dropped_runt);
+                        continue;
+                    }
+                    Ok(n) => {
+                        self.rx_pending = Some(PendingRx {
+                            len: n,
+                            written: 0,
+                            used: Vec::new(),
+                            num_buffers_at: [None; 2],
+                        });
+                        self.rx_buf[NUM_BUFFERS_OFFSET..VNET_HDR_LEN]
+                            .copy_from_slice(&1u16.to_le_bytes());
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return status,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => {
+                        // Do not spin on a broken backend: wait for the next RX kick.
+                        inc(&self.stats.rx_errors);
+                        self.log.log(|| format!("virtio-net: TAP read failed: {e}"));
+                        status.starved = true;
+                        return status;
+                    }
+                }
+            }
+            if !self.deliver_pending(&mut status) {
+                status.starved = true;
+                return status;
+            }
+        }
+    }
+
+    /// Delivers (or drops) the pending frame. Returns false when it needs more RX buffers.
+    fn deliver_pending(&mut self, status: &mut RxStatus) -> bool {
+        let Some(mut p) = self.rx_pending.take() else {
+            return true;
+        };
+        let mrg = self.mrg_rxbuf();
+        let mem = Arc::clone(&self.mem);
+        while p.written < p.len {
+            if p.used.len() >= usize::from(self.rx.size()) {
+                // Every buffer the ring can hold is not enough: give them back empty.
+                inc(&self.stats.rx_dropped_too_big);
+                for &(head, _) in &p.used {
+                    self.add_rx_used(head, 0, status);
+                }
+                return true;
+            }
+            let Some(chain) = self.rx.pop_descriptor_chain(&*mem) else {
+                // Re-arms the RX kick (EVENT_IDX) before giving up, closing the race with a
+                // driver that adds buffers right now.
+                if self.rx_has_buffers() {
+                    continue;
+                }
+                self.rx_pending = Some(p);
+                return false;
+            };
+            let head = chain.head_index();
+            match self.write_rx_chain(chain, &mut p) {
+                ChainWrite::Wrote(n) if n > 0 && (mrg || p.written + n == p.len) => {
+                    p.written += n;
+                    p.used.push((head, n as u32));
+                }
+                ChainWrite::Wrote(n) if n > 0 => {
+                    // Without MRG_RXBUF a frame must fit one buffer; keep the buffer.
+                    self.rx.go_to_previous_position();
+                    inc(&self.stats.rx_dropped_too_big);
+                    self.log.log(|| {
+                        format!(
+                            "virtio-net: dropped a {}-byte RX frame: the guest buffer holds {n}",
+                            p.len
+                        )
+                    });
+                    return true;
+                }
+                ChainWrite::Wrote(_) | ChainWrite::Malformed => {
+                    inc(&self.stats.rx_malformed_chains);
+                    self.log
+                        .log(|| "virtio-net: returned a malformed RX chain".to_string());
+                    self.add_rx_used(head, 0, status);
+                }
+            }
+        }
+        if p.used.len() > 1 {
+            // The header sits in the first buffer; fix up num_buffers in guest memory.
+            let count = (p.used.len() as u16).to_le_bytes();
+            for (addr, byte) in p.num_buffers_at.iter().zip(count) {
+                if let Some(addr) = addr {
+                    if let Err(e) = self.mem.write_obj(byte, *addr) {
+                        self.queue_error("rx num_buffers", e);
+                    }
+                }
+            }
+        }
+        for &(head, len) in &p.used {
+            self.add_rx_used(head, len, status);
+        }
+        inc(&self.stats.rx_frames);
+        self.stats
+            .rx_bytes
+            .fetch_add((p.len - VNET_HDR_LEN) as u64, Ordering::Relaxed);
+        true
+    }
+
+    fn add_rx_used(&mut self, head: u16, len: u32, status: &mut RxStatus) {
+        match self.rx.add_used(&*self.mem, head, len) {
+            Ok(()) => status.used = true,
+            Err(e) => self.queue_error("rx used ring", e),
+        }
+    }
+
+    /// Copies the rest of the pending frame into one chain; returns how much fit.
+    fn write_rx_chain(
+        &mut self,
+        chain: virtio_queue::DescriptorChain<&GuestMemoryMmap>,
+        p: &mut PendingRx,
+    ) -> ChainWrite {
+        let mut off = p.written;
+        let mut nb_at = p.num_buffers_at;
+        for desc in chain {
+            if off == p.len {
+                break;
+            }
+            if !desc.is_write_only() {
+                return ChainWrite::Malformed;
+            }
+            let n = (desc.len() as usize).min(p.len - off);
+            if self
+                .mem
+                .write_slice(&self.rx_buf[off..off + n], desc.addr())
+                .is_err()
+            {
+                return ChainWrite::Malformed;
+            }
+            for (i, slot) in nb_at.iter_mut().enumerate() {
+                let at = NUM_BUFFERS_OFFSET + i;
+                if (off..off + n).contains(&at) {
+                    *slot = desc.addr().checked_add((at - off) as u64);
+                }
+            }
+            off += n;
+        }
+        p.num_buffers_at = nb_at;
+        ChainWrite::Wrote(off - p.written)
+    }
+
+    /// Raises the queue interrupt if the driver wants one.
+    fn notify(&mut self, index: u16, interrupt: &dyn VirtioInterrupt) {
+        let q = if index == RX_QUEUE {
+            &mut self.rx
+        } else {
+            &mut self.tx
+        };
+        match q.needs_notification(&*self.mem) {
+            Ok(false) => {}
+            Ok(true) | Err(_) => {
+                if let Err(e) = interrupt.trigger(VirtioInterruptType::Queue(index)) {
+                    inc(&self.stats.interrupt_errors);
+                    self.log
+                        .log(|| format!("virtio-net: interrupt for queue {index} failed: {e}"));
+                }
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Worker thread
+// ---------------------------------------------------------------------------------------------
+
+const TOKEN_BACKEND: u64 = 0;
+const TOKEN_RX_KICK: u64 = 1;
+const TOKEN_TX_KICK: u64 = 2;
+const TOKEN_STOP: u64 = 3;
+
+struct Worker {
+    queues: NetQueues,
+    rx_kick: EventFd,
+    tx_kick: EventFd,
+    stop: EventFd,
+    interrupt: Arc<dyn VirtioInterrupt>,
+}
+
+/// What the worker hands back when it stops.
+struct WorkerExit {
+    kicks: Vec<EventFd>,
+    backend: Box<dyn NetBackend>,
+}
+
+impl Worker {
+    fn run(mut self) -> WorkerExit {
+        if let Err(e) = self.event_loop() {
+            log::error!("virtio-net: worker stopped: {e}");
+        }
+        WorkerExit {
+            kicks: vec![self.rx_kick, self.tx_kick],
+            backend: self.queues.backend,
+        }
+    }
+
+    fn event_loop(&mut self) -> io::Result<()> {
+        let epoll = Epoll::new()?;
+        let backend_fd: RawFd = self.queues.backend.as_raw_fd();
+        for (fd, token) in [
+            (backend_fd, TOKEN_BACKEND),
+            (self.rx_kick.as_raw_fd(), TOKEN_RX_KICK),
+            (self.tx_kick.as_raw_fd(), TOKEN_TX_KICK),
+            (self.stop.as_raw_fd(), TOKEN_STOP),
+        ] {
+            epoll.ctl(
+                ControlOperation::Add,
+                fd,
+                EpollEvent::new(EventSet::IN, token),
+            )?;
+        }
+        let mut backend_polled = true;
+        let mut events = [EpollEvent::default(); 8];
+        // Frames may already be waiting, and the guest may have queued TX before DRIVER_OK.
+        let mut want_rx = true;
+        let mut want_tx = true;
+        loop {
+            if want_tx {
+                let (used, more) = self.queues.process_tx();
+                if used {
+                    self.queues.notify(TX_QUEUE, self.interrupt.as_ref());
+                }
+                if more {
+                    // Come back after the other events.
+                    let _ = self.tx_kick.write(1);
+                }
+            }
+            if want_rx {
+                let st = self.queues.process_rx();
+                if st.used {
+                    self.queues.notify(RX_QUEUE, self.interrupt.as_ref());
+                }
+                if st.starved == backend_polled {
+                    // Deregister rather than clear the mask: EPOLLERR/EPOLLHUP are reported
+                    // even with an empty mask and would make this loop spin.
+                    backend_polled = !st.starved;
+                    let op = if backend_polled {
+                        ControlOperation::Add
+                    } else {
+                        ControlOperation::Delete
+                    };
+                    epoll.ctl(op, backend_fd, EpollEvent::new(EventSet::IN, TOKEN_BACKEND))?;
+                }
+            }
+            want_rx = false;
+            want_tx = false;
+            let n = match epoll.wait(-1, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            for ev in &events[..n] {
+                match ev.data() {
+                    TOKEN_STOP => return Ok(()),
+                    TOKEN_BACKEND => want_rx = true,
+                    TOKEN_RX_KICK => {
+                        let _ = self.rx_kick.read();
+                        want_rx = true;
+                    }
+                    TOKEN_TX_KICK => {
+                        let _ = self.tx_kick.read();
+                        want_tx = true;
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The device
+// ---------------------------------------------------------------------------------------------
+
+/// Why the network device could not be created.
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    #[error(transparent)]
+    Tap(#[from] TapError),
+    #[error(transparent)]
+    Config(#[from] NetConfigError),
+}
+
+struct Running {
+    stop: EventFd,
+    thread: JoinHandle<WorkerExit>,
+}
+
+/// A virtio-net device.
+pub struct Net {
+    name: String,
+    mac: [u8; 6],
+    avail_features: u64,
+    config: [u8; CONFIG_LEN],
+    backend: Option<Box<dyn NetBackend>>,
+    running: Option<Running>,
+    stats: Arc<NetStats>,
+}
+
+const QUEUE_SIZES: [u16; 2] = [QUEUE_SIZE, QUEUE_SIZE];
+
+impl Net {
+    /// Opens (or creates) the TAP `cfg.tap` and builds the device.
+    pub fn new(cfg: &NetConfig) -> Result<Net, NetError> {
+        let mac = cfg.mac.unwrap_or_else(|| mac_from_name(&cfg.tap));
+        if mac[0] & 1 != 0 {
+            return Err(NetConfigError::MulticastMac {
+                mac: format_mac(&mac),
+            }
+            .into());
+        }
+        let tap = Tap::open(&cfg.tap)?;
+        Ok(Self::with_backend(&cfg.tap, mac, Box::new(tap)))
+    }
+
+    /// Builds the device on any backend (tests, other host back ends).
+    pub fn with_backend(name: &str, mac: [u8; 6], backend: Box<dyn NetBackend>) -> Net {
+        let off = backend.supported_offloads();
+        let mut features = VIRTIO_F_VERSION_1
+            | VIRTIO_F_RING_EVENT_IDX
+            | VIRTIO_F_RING_INDIRECT_DESC
+            | VIRTIO_NET_F_MAC
+            | VIRTIO_NET_F_STATUS
+            | VIRTIO_NET_F_MRG_RXBUF
+            | VIRTIO_NET_F_CSUM
+            | VIRTIO_NET_F_HOST_TSO4
+            | VIRTIO_NET_F_HOST_TSO6
+            | VIRTIO_NET_F_HOST_ECN;
+        if off & tap::TUN_F_CSUM != 0 {
+            features |= VIRTIO_NET_F_GUEST_CSUM;
+            if off & tap::TUN_F_TSO4 != 0 {
+                features |= VIRTIO_NET_F_GUEST_TSO4;
+            }
+            if off & tap::TUN_F_TSO6 != 0 {
+                features |= VIRTIO_NET_F_GUEST_TSO6;
+            }
+            if off & tap::TUN_F_TSO_ECN != 0 && off & (tap::TUN_F_TSO4 | tap::TUN_F_TSO6) != 0 {
+                features |= VIRTIO_NET_F_GUEST_ECN;
+            }
+            if off & tap::TUN_F_UFO != 0 {
+                features |= VIRTIO_NET_F_GUEST_UFO;
+            }
+        }
+        let mut config = [0u8; CONFIG_LEN];
+        config[..6].copy_from_slice(&mac);
+        config[6..8].copy_from_slice(&(vnet::VIRTIO_NET_S_LINK_UP as u16).to_le_bytes());
+        config[8..10].copy_from_slice(&1u16.to_le_bytes());
+        Net {
+            name: name.to_string(),
+            mac,
+            avail_features: features,
+            config,
+            backend: Some(backend),
+            running: None,
+            stats: Arc::new(NetStats::default()),
+        }
+    }
+
+    pub fn mac(&self) -> [u8; 6] {
+        self.mac
+    }
+
+    pub fn tap_name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn stats(&self) -> NetStatsSnapshot {
+        self.stats.snapshot()
+    }
+
+    /// TUN_F_* flags matching the guest offloads the driver accepted.
+    fn tun_offloads(acked: u64) -> u32 {
+        let mut f = 0;
+        for (feature, flag) in [
+            (VIRTIO_NET_F_GUEST_CSUM, tap::TUN_F_CSUM),
+            (VIRTIO_NET_F_GUEST_TSO4, tap::TUN_F_TSO4),
+            (VIRTIO_NET_F_GUEST_TSO6, tap::TUN_F_TSO6),
+            (VIRTIO_NET_F_GUEST_ECN, tap::TUN_F_TSO_ECN),
+            (VIRTIO_NET_F_GUEST_UFO, tap::TUN_F_UFO),
+        ] {
+            if acked & feature != 0 {
+                f |= flag;
+            }
+        }
+        f
+    }
+}
+
+impl VirtioDevice for Net {
+    fn device_type(&self) -> u32 {
+        TYPE_NET
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &QUEUE_SIZES
+    }
+
+    fn features(&self) -> u64 {
+        self.avail_features
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = usize::try_from(offset)
+                .ok()
+                .and_then(|o| o.checked_add(i))
+                .and_then(|o| self.config.get(o))
+                .copied()
+                .unwrap_or(0);
+        }
+    }
+
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {
+        // The MAC is read-only without VIRTIO_NET_F_CTRL_MAC_ADDR (legacy drivers only).
+    }
+
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        acked_features: u64,
+        queues: Vec<ActiveQueue>,
+        interrupt: Arc<dyn VirtioInterrupt>,
+    ) -> Result<(), ActivateError> {
+        if self.running.is_some() {
+            return Err(ActivateError::AlreadyActive);
+        }
+        if queues.len() != QUEUE_SIZES.len() {
+            return Err(ActivateError::QueueCount {
+                got: queues.len(),
+                want: QUEUE_SIZES.len(),
+            });
+        }
+        let mut rx = None;
+        let mut tx = None;
+        for q in queues {
+            match q.index {
+                RX_QUEUE => rx = Some(q),
+                TX_QUEUE => tx = Some(q),
+                _ => {}
+            }
+        }
+        let (Some(rx), Some(tx)) = (rx, tx) else {
+            return Err(ActivateError::QueueCount {
+                got: 0,
+                want: QUEUE_SIZES.len(),
+            });
+        };
+        let mut backend = self.backend.take().ok_or_else(|| {
+            ActivateError::Worker(io::Error::other("the network backend was lost"))
+        })?;
+        let acked = acked_features & self.avail_features;
+        let offloads = Self::tun_offloads(acked);
+        if let Err(e) = backend.set_offload(offloads) {
+            log::warn!(
+                "virtio-net {}: TUNSETOFFLOAD {offloads:#x} failed: {e}",
+                self.name
+            );
+        }
+        let stop = match EventFd::new(EFD_NONBLOCK) {
+            Ok(s) => s,
+            Err(e) => {
+                self.backend = Some(backend);
+                return Err(ActivateError::Worker(e));
+            }
+        };
+        let worker_stop = match stop.try_clone() {
+            Ok(s) => s,
+            Err(e) => {
+                self.backend = Some(backend);
+                return Err(ActivateError::Worker(e));
+            }
+        };
+        let worker = Worker {
+            queues: NetQueues::new(mem, rx.queue, tx.queue, backend, acked, self.stats.clone()),
+            rx_kick: rx.kick,
+            tx_kick: tx.kick,
+            stop: worker_stop,
+            interrupt,
+        };
+        let thread = std::thread::Builder::new()
+            .name(format!("virtio-net-{}", self.name))
+            .spawn(move || worker.run())
+            .map_err(ActivateError::Worker)?;
+        self.running = Some(Running { stop, thread });
+        Ok(())
+    }
+
+    fn reset(&mut self) -> Option<Vec<EventFd>> {
+        let running = self.running.take()?;
+        // A failed write means the counter is saturated: the worker is being woken anyway.
+        let _ = running.stop.write(1);
+        match running.thread.join() {
+            Ok(exit) => {
+                self.backend = Some(exit.backend);
+                Some(exit.kicks)
+            }
+            Err(_) => {
+                log::error!("virtio-net {}: the worker thread panicked", self.name);
+                Some(Vec::new())
+            }
+        }
+    }
+}
+
+impl Drop for Net {
+    fn drop(&mut self) {
+        let _ = self.reset();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::VecDeque;
+    use std::sync::Mutex;
+    use std::time::{Duration, Instant};
+
+    use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+    use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+    use virtio_queue::mock::MockSplitQueue;
+
+    use super::*;
+
+    const MEM_SIZE: usize = 0x100_0000;
+    const RXQ: GuestAddress = GuestAddress(0);
+    const TXQ: GuestAddress = GuestAddress(0x1_0000);
+    const DATA: u64 = 0x10_0000;
+    const MAC: [u8; 6] = [0x52, 0x54, 0, 1, 2, 3];
+
+    fn guest_mem() -> GuestMemoryMmap {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap()
+    }
+
+    /// A backend that hands out queued frames and records written ones.
+    struct Fake {
+        rx: Arc<Mutex<VecDeque<Vec<u8>>>>,
+        tx: Arc<Mutex<Vec<Vec<u8>>>>,
+        readable: EventFd,
+    }
+
+    #[derive(Clone)]
+    struct FakeHandle {
+        rx: Arc<Mutex<VecDeque<Vec<u8>>>>,
+        tx: Arc<Mutex<Vec<Vec<u8>>>>,
+        readable: Arc<EventFd>,
+    }
+
+    impl FakeHandle {
+        fn push(&self, frame: Vec<u8>) {
+            self.rx.lock().unwrap().push_back(frame);
+            self.readable.write(1).unwrap();
+        }
+        fn sent(&self) -> Vec<Vec<u8>> {
+            self.tx.lock().unwrap().clone()
+        }
+        fn queued(&self) -> usize {
+            self.rx.lock().unwrap().len()
+        }
+    }
+
+    fn fake() -> (Fake, FakeHandle) {
+        let readable = EventFd::new(EFD_NONBLOCK).unwrap();
+        let h = FakeHandle {
+            rx: Arc::default(),
+            tx: Arc::default(),
+            readable: Arc::new(readable.try_clone().unwrap()),
+        };
+        (
+            Fake {
+                rx: h.rx.clone(),
+                tx: h.tx.clone(),
+                readable,
+            },
+            h,
+        )
+    }
+
+    impl AsRawFd for Fake {
+        fn as_raw_fd(&self) -> RawFd {
+            self.readable.as_raw_fd()
+        }
+    }
+
+    impl NetBackend for Fake {
+        fn read_frame(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            let mut rx = self.rx.lock().unwrap();
+            match rx.pop_front() {
+                Some(f) => {
+                    let n = f.len().min(buf.len());
+                    buf[..n].copy_from_slice(&f[..n]);
+                    Ok(n)
+                }
+                None => {
+                    let _ = self.readable.read();
+                    Err(io::ErrorKind::WouldBlock.into())
+                }
+            }
+        }
+        fn write_frame(&mut self, iov: &[&[u8]]) -> io::Result<usize> {
+            let f = iov.concat();
+            let n = f.len();
+            self.tx.lock().unwrap().push(f);
+            Ok(n)
+        }
+    }
+
+    /// Writes a chain of (addr, len, device-writable) descriptors at table index `start` and
+    /// makes it available.
+    fn add_chain(q: &MockSplitQueue<GuestMemoryMmap>, start: u16, descs: &[(u64, u32, bool)]) {
+        let raw: Vec<RawDescriptor> = descs
+            .iter()
+            .enumerate()
+            .map(|(i, &(addr, len, w))| {
+                let mut flags = if w { VRING_DESC_F_WRITE as u16 } else { 0 };
+                if i + 1 < descs.len() {
+                    flags |= VRING_DESC_F_NEXT as u16;
+                }
+                RawDescriptor::from(SplitDescriptor::new(addr, len, flags, start + i as u16 + 1))
+            })
+            .collect();
+        q.add_desc_chains(&raw, start).unwrap();
+    }
+
+    fn used(q: &MockSplitQueue<GuestMemoryMmap>) -> Vec<(u32, u32)> {
+        let n = q.used().idx().load();
+        (0..n)
+            .map(|i| {
+                let e = q.used().ring().ref_at(i as usize).unwrap().load();
+                (e.id(), e.len())
+            })
+            .collect()
+    }
+
+    /// A frame as the TAP delivers it: a zeroed header, then `len` payload bytes.
+    fn frame(len: usize, seed: u8) -> Vec<u8> {
+        let mut f = vec![0u8; VNET_HDR_LEN];
+        f.extend((0..len).map(|i| (i as u8).wrapping_mul(7).wrapping_add(seed)));
+        f
+    }
+
+    struct Bed<'a> {
+        rxq: MockSplitQueue<'a, GuestMemoryMmap>,
+        txq: MockSplitQueue<'a, GuestMemoryMmap>,
+        nq: NetQueues,
+        h: FakeHandle,
+        stats: Arc<NetStats>,
+    }
+
+    fn bed(mem: &GuestMemoryMmap, acked: u64) -> Bed<'_> {
+        let rxq = MockSplitQueue::create(mem, RXQ, QUEUE_SIZE);
+        let txq = MockSplitQueue::create(mem, TXQ, QUEUE_SIZE);
+        let (f, h) = fake();
+        let stats = Arc::new(NetStats::default());
+        let nq = NetQueues::new(
+            mem.clone(),
+            rxq.create_queue().unwrap(),
+            txq.create_queue().unwrap(),
+            Box::new(f),
+            acked,
+            stats.clone(),
+        );
+        Bed {
+            rxq,
+            txq,
+            nq,
+            h,
+            stats,
+        }
+    }
+
+    const BASE: u64 = VIRTIO_F_VERSION_1 | VIRTIO_F_RING_EVENT_IDX;
+
+    // ---- configuration ------------------------------------------------------------------
+
+    #[test]
+    fn parses_net_options() {
+        assert_eq!(
+            parse_net_option("tap=tap0").unwrap(),
+            NetConfig {
+                tap: "tap0".into(),
+                mac: None
+            }
+        );
+        assert_eq!(
+            parse_net_option("tap=tap0,mac=52:54:00:AB:cd:0f").unwrap(),
+            NetConfig {
+                tap: "tap0".into(),
+                mac: Some([0x52, 0x54, 0, 0xab, 0xcd, 0x0f])
+            }
+        );
+        assert_eq!(
+            parse_net_option("mac=02-00-00-00-00-01,tap=t").unwrap().mac,
+            Some([2, 0, 0, 0, 0, 1])
+        );
+        for bad in [
+            "",
+            "mac=52:54:00:00:00:01",
+            "tap=",
+            "tap=averyveryverylongname",
+            "tap=a,tap=b",
+            "tap=a,foo=1",
+            "tap=a,mac=52:54:00:00:00",
+            "tap=a,mac=52:54:00:00:00:01:02",
+            "tap=a,mac=52:54:00:00:00:zz",
+            "tap=a,mac=525:4:00:00:00:01",
+            "tap=a,mac=+2:54:00:00:00:01",
+        ] {
+            assert!(parse_net_option(bad).is_err(), "{bad:?} accepted");
+        }
+        let e = parse_net_option("tap=a,mac=01:00:5e:00:00:01").unwrap_err();
+        assert!(matches!(e, NetConfigError::MulticastMac { .. }), "{e}");
+        assert!(e.to_string().contains("01:00:5e:00:00:01"));
+        let e = Net::new(&NetConfig {
+            tap: "t".into(),
+            mac: Some([1, 0, 0, 0, 0, 1]),
+        })
+        .err()
+        .unwrap();
+        assert!(
+            matches!(e, NetError::Config(NetConfigError::MulticastMac { .. })),
+            "{e}"
+        );
+        let e = Net::new(&NetConfig {
+            tap: "0123456789abcdefg".into(),
+            mac: None,
+        })
+        .err()
+        .unwrap();
+        assert!(
+            matches!(e, NetError::Tap(TapError::InvalidName { .. })),
+            "{e}"
+        );
+        let e = parse_net_option("tap=a,mac=xx").unwrap_err();
+        assert!(e.to_string().contains("\"xx\""), "{e}");
+    }
+
+    #[test]
+    fn generated_mac_is_stable_local_unicast() {
+        let a = mac_from_name("tap0");
+        assert_eq!(a, mac_from_name("tap0"));
+        assert_ne!(a, mac_from_name("tap1"));
+        assert_eq!(a[0] & 1, 0, "unicast");
+        assert_eq!(a[0] & 2, 2, "locally administered");
+        assert_eq!(&a[..3], &[0x52, 0x54, 0x00]);
+        assert_eq!(
+            format_mac(&[0x52, 0x54, 0, 0xa, 0xb, 0xc]),
+            "52:54:00:0a:0b:0c"
+        );
+    }
+
+    #[test]
+    fn config_space_and_features() {
+        let (f, _h) = fake();
+        let net = Net::with_backend("t0", MAC, Box::new(f));
+        assert_eq!(net.device_type(), TYPE_NET);
+        assert_eq!(net.queue_max_sizes(), &[256, 256]);
+        let mut c = [0xffu8; 16];
+        net.read_config(0, &mut c);
+        assert_eq!(&c[..6], &MAC);
+        assert_eq!(u16::from_le_bytes([c[6], c[7]]), 1, "LINK_UP");
+        assert_eq!(u16::from_le_bytes([c[8], c[9]]), 1, "max_virtqueue_pairs");
+        assert!(c[10..].iter().all(|&b| b == 0));
+        let mut b = [0xffu8; 2];
+        net.read_config(4, &mut b);
+        assert_eq!(b, [2, 3]);
+        net.read_config(u64::MAX, &mut b);
+        assert_eq!(b, [0, 0]);
+        let feat = net.features();
+        for f in [
+            VIRTIO_F_VERSION_1,
+            VIRTIO_F_RING_EVENT_IDX,
+            VIRTIO_F_RING_INDIRECT_DESC,
+            VIRTIO_NET_F_MAC,
+            VIRTIO_NET_F_STATUS,
+            VIRTIO_NET_F_MRG_RXBUF,
+            VIRTIO_NET_F_CSUM,
+            VIRTIO_NET_F_HOST_TSO4,
+        ] {
+            assert_ne!(feat & f, 0, "{f:#x}");
+        }
+        // The fake backend accepts no TUN offloads: no guest offloads offered.
+        assert_eq!(feat & VIRTIO_NET_F_GUEST_CSUM, 0);
+        assert_eq!(feat & VIRTIO_NET_F_GUEST_TSO4, 0);
+        assert_eq!(
+            Net::tun_offloads(VIRTIO_NET_F_GUEST_CSUM | VIRTIO_NET_F_GUEST_TSO6),
+            tap::TUN_F_CSUM | tap::TUN_F_TSO6
+        );
+    }
+
+    // ---- TX -----------------------------------------------------------------------------
+
+    #[test]
+    fn tx_gathers_a_frame_from_several_descriptors() {
+        let mem = guest_mem();
+        let mut b = bed(&mem, BASE);
+        let f = frame(100, 1);
+        mem.write_slice(&f[..VNET_HDR_LEN], GuestAddress(DATA))
+            .unwrap();
+        mem.write_slice(&f[VNET_HDR_LEN..], GuestAddress(DATA + 0x1000))
+            .unwrap();
+        add_chain(
+            &b.txq,
+            0,
+            &[
+                (DATA, VNET_HDR_LEN as u32, false),
+                (DATA + 0x1000, 100, false),
+            ],
+        );
+        let (used_added, more) = b.nq.process_tx();
+        assert!(used_added && !more);
+        assert_eq!(b.h.sent(), vec![f]);
+        assert_eq!(used(&b.txq), vec![(0, 0)]);
+        let s = b.stats.snapshot();
+        assert_eq!((s.tx_frames, s.tx_bytes), (1, 100));
+    }
+
+    #[test]
+    fn tx_hostile_chains_are_dropped_returned_and_counted() {
+        let mem = guest_mem();
+        let mut b = bed(&mem, BASE);
+        let good = frame(60, 9);
+        mem.write_slice(&good, GuestAddress(DATA)).unwrap();
+        let glen = good.len() as u32;
+        // 0: a device-writable descriptor in a TX chain.
+        add_chain(&b.txq, 0, &[(DATA, 12, false), (DATA + 12, 60, true)]);
+        // 2: an address outside guest memory.
+        add_chain(&b.txq, 2, &[(MEM_SIZE as u64 - 8, 64, false)]);
+        // 3: shorter than the virtio-net header.
+        add_chain(&b.txq, 3, &[(DATA, 11, false)]);
+        // 4: larger than MAX_FRAME_LEN + header.
+        add_chain(
+            &b.txq,
+            4,
+            &[(DATA, 65536, false), (DATA + 0x2_0000, 65536, false)],
+        );
+        // 6: a GSO header although HOST_TSO4 was not negotiated.
+        mem.write_slice(
+            &[0, vnet::VIRTIO_NET_HDR_GSO_TCPV4 as u8],
+            GuestAddress(DATA + 0x8_0000),
+        )
+        .unwrap();
+        add_chain(&b.txq, 6, &[(DATA + 0x8_0000, 80, false)]);
+        // 7: a good frame after all that.
+        add_chain(&b.txq, 7, &[(DATA, glen, false)]);
+        b.nq.process_tx();
+        assert_eq!(b.h.sent(), vec![good]);
+        assert_eq!(
+            used(&b.txq),
+            vec![(0, 0), (2, 0), (3, 0), (4, 0), (6, 0), (7, 0)]
+        );
+        let s = b.stats.snapshot();
+        assert_eq!(s.tx_dropped_malformed, 2);
+        assert_eq!(s.tx_dropped_too_short, 1);
+        assert_eq!(s.tx_dropped_oversized, 1);
+        assert_eq!(s.tx_dropped_bad_header, 1);
+        assert_eq!(s.tx_frames, 1);
+    }
+
+    #[test]
+    fn tx_accepts_negotiated_gso() {
+        let mem = guest_mem();
+        let mut b = bed(&mem, BASE | VIRTIO_NET_F_CSUM | VIRTIO_NET_F_HOST_TSO4);
+        let mut f = frame(200, 3);
+        f[0] = vnet::VIRTIO_NET_HDR_F_NEEDS_CSUM as u8;
+        f[1] = vnet::VIRTIO_NET_HDR_GSO_TCPV4 as u8;
+        mem.write_slice(&f, GuestAddress(DATA)).unwrap();
+        add_chain(&b.txq, 0, &[(DATA, f.len() as u32, false)]);
+        b.nq.process_tx();
+        assert_eq!(b.h.sent(), vec![f]);
+    }
+
+    // ---- RX -----------------------------------------------------------------------------
+
+    fn read_guest(mem: &GuestMemoryMmap, addr: u64, len: usize) -> Vec<u8> {
+        let mut v = vec![0u8; len];
+        mem.read_slice(&mut v, GuestAddress(addr)).unwrap();
+        v
+    }
+
+    #[test]
+    fn rx_without_buffers_does_not_read_the_backend() {
+        let mem = guest_mem();
+        let mut b = bed(&mem, BASE);
+        b.h.push(frame(50, 0));
+        let st = b.nq.process_rx();
+        assert!(st.starved && !st.used);
+        assert_eq!(b.h.queued(), 1, "frame must stay in the TAP");
+        // The guest adds a buffer and kicks: the frame arrives, header num_buffers = 1.
+        add_chain(&b.rxq, 0, &[(DATA, 2048, true)]);
+        let st = b.nq.process_rx();
+        assert!(st.used);
+        assert_eq!(used(&b.rxq), vec![(0, 62)]);
+        let mut want = frame(50, 0);
+        want[NUM_BUFFERS_OFFSET] = 1;
+        assert_eq!(read_guest(&mem, DATA, 62), want);
+        assert_eq!(b.stats.snapshot().rx_frames, 1);
+    }
+
+    #[test]
+    fn rx_frame_too_big_without_mrg_rxbuf_is_dropped_and_buffer_kept() {
+        let mem = guest_mem();
+        let mut b = bed(&mem, BASE);
+        add_chain(&b.rxq, 0, &[(DATA, 100, true)]);
+        b.h.push(frame(1000, 0));
+        b.h.push(frame(40, 5));
+        b.nq.process_rx();
+        // The big frame is dropped, the small one lands in the same buffer.
+        assert_eq!(used(&b.rxq), vec![(0, 52)]);
+        let mut want = frame(40, 5);
+        want[NUM_BUFFERS_OFFSET] = 1;
+        assert_eq!(read_guest(&mem, DATA, 52), want);
+        let s = b.stats.snapshot();
+        assert_eq!((s.rx_dropped_too_big, s.rx_frames), (1, 1));
+    }
+
+    #[test]
+    fn rx_mrg_rxbuf_spreads_a_frame_over_chains() {
+        let mem = guest_mem();
+        let mut b = bed(&mem, BASE | VIRTIO_NET_F_MRG_RXBUF);
+        // The header straddles two descriptors of the first chain.
+        add_chain(&b.rxq, 0, &[(DATA, 11, true), (DATA + 0x100, 1489, true)]);
+        add_chain(&b.rxq, 2, &[(DATA + 0x1000, 1500, true)]);
+        add_chain(&b.rxq, 3, &[(DATA + 0x2000, 1500, true)]);
+        let f = frame(3000, 7);
+        b.h.push(f.clone());
+        let st = b.nq.process_rx();
+        assert!(st.used);
+        assert_eq!(used(&b.rxq), vec![(0, 1500), (2, 1500), (3, 12)]);
+        let mut got = read_guest(&mem, DATA, 11);
+        got.extend(read_guest(&mem, DATA + 0x100, 1489));
+        got.extend(read_guest(&mem, DATA + 0x1000, 1500));
+        got.extend(read_guest(&mem, DATA + 0x2000, 12));
+        let mut want = f;
+        want[NUM_BUFFERS_OFFSET] = 3;
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn rx_mrg_rxbuf_waits_for_more_buffers_mid_frame() {
+        let mem = guest_mem();
+        let mut b = bed(&mem, BASE | VIRTIO_NET_F_MRG_RXBUF);
+        add_chain(&b.rxq, 0, &[(DATA, 1000, true)]);
+        b.h.push(frame(1500, 1));
+        let st = b.nq.process_rx();
+        assert!(
+            st.starved && !st.used,
+            "nothing published for a partial frame"
+        );
+        assert_eq!(used(&b.rxq), vec![]);
+        // EVENT_IDX: avail_event asks for a kick as soon as the next buffer arrives.
+        let avail_event = b.rxq.used_addr().0 + 4 + 8 * u64::from(QUEUE_SIZE);
+        assert_eq!(mem.read_obj::<u16>(GuestAddress(avail_event)).unwrap(), 1);
+        add_chain(&b.rxq, 1, &[(DATA + 0x1000, 1000, true)]);
+        let st = b.nq.process_rx();
+        assert!(st.used);
+        assert_eq!(used(&b.rxq), vec![(0, 1000), (1, 512)]);
+        assert_eq!(
+            read_guest(&mem, DATA + NUM_BUFFERS_OFFSET as u64, 2),
+            [2, 0]
+        );
+    }
+
+    #[test]
+    fn rx_malformed_chains_are_returned_empty() {
+        let mem = guest_mem();
+        let mut b = bed(&mem, BASE);
+        // 0: device-readable; 1: outside guest memory; 2: zero length; 3: good.
+        add_chain(&b.rxq, 0, &[(DATA, 2048, false)]);
+        add_chain(&b.rxq, 1, &[(MEM_SIZE as u64 - 4, 2048, true)]);
+        add_chain(&b.rxq, 2, &[(DATA, 0, true)]);
+        add_chain(&b.rxq, 3, &[(DATA + 0x1000, 2048, true)]);
+        b.h.push(frame(64, 2));
+        b.nq.process_rx();
+        assert_eq!(used(&b.rxq), vec![(0, 0), (1, 0), (2, 0), (3, 76)]);
+        let s = b.stats.snapshot();
+        assert_eq!((s.rx_malformed_chains, s.rx_frames), (3, 1));
+    }
+
+    #[test]
+    fn rx_runt_from_backend_is_dropped() {
+        let mem = guest_mem();
+        let mut b = bed(&mem, BASE);
+        add_chain(&b.rxq, 0, &[(DATA, 2048, true)]);
+        b.h.push(vec![0; 5]);
+        b.nq.process_rx();
+        assert_eq!(used(&b.rxq), vec![]);
+        assert_eq!(b.stats.snapshot().rx_dropped_runt, 1);
+    }
+
+    // ---- worker thread ------------------------------------------------------------------
+
+    #[derive(Default)]
+    struct Irq(Mutex<Vec<VirtioInterruptType>>);
+    impl VirtioInterrupt for Irq {
+        fn trigger(&self, kind: VirtioInterruptType) -> io::Result<()> {
+            self.0.lock().unwrap().push(kind);
+            Ok(())
+        }
+    }
+
+    fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+        let t = Instant::now();
+        while !cond() {
+            assert!(t.elapsed() < Duration::from_secs(5), "timed out: {what}");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    fn active_queues(
+        rxq: &MockSplitQueue<GuestMemoryMmap>,
+        txq: &MockSplitQueue<GuestMemoryMmap>,
+        kicks: Vec<EventFd>,
+    ) -> Vec<ActiveQueue> {
+        let mut k = kicks.into_iter();
+        vec![
+            ActiveQueue {
+                index: RX_QUEUE,
+                queue: rxq.create_queue().unwrap(),
+                kick: k.next().unwrap(),
+            },
+            ActiveQueue {
+                index: TX_QUEUE,
+                queue: txq.create_queue().unwrap(),
+                kick: k.next().unwrap(),
+            },
+        ]
+    }
+
+    #[test]
+    fn worker_serves_kicks_and_survives_reset() {
+        let mem = guest_mem();
+        let (f, h) = fake();
+        let mut net = Net::with_backend("fake0", MAC, Box::new(f));
+        assert!(net.reset().is_none(), "not active yet");
+        let irq = Arc::new(Irq::default());
+        let kicks = [
+            EventFd::new(EFD_NONBLOCK).unwrap(),
+            EventFd::new(EFD_NONBLOCK).unwrap(),
+        ];
+        for round in 0..2u8 {
+            let rxq = MockSplitQueue::create(&mem, RXQ, QUEUE_SIZE);
+            let txq = MockSplitQueue::create(&mem, TXQ, QUEUE_SIZE);
+            let kick_rx = kicks[0].try_clone().unwrap();
+            let kick_tx = kicks[1].try_clone().unwrap();
+            net.activate(
+                mem.clone(),
+                if round == 0 {
+                    net.features() & !VIRTIO_F_RING_EVENT_IDX
+                } else {
+                    net.features()
+                },
+                active_queues(
+                    &rxq,
+                    &txq,
+                    kicks.iter().map(|k| k.try_clone().unwrap()).collect(),
+                ),
+                irq.clone(),
+            )
+            .unwrap();
+            assert!(matches!(
+                net.activate(mem.clone(), 0, vec![], irq.clone()),
+                Err(ActivateError::AlreadyActive)
+            ));
+
+            let f = frame(30, round);
+            mem.write_slice(&f, GuestAddress(DATA)).unwrap();
+            add_chain(&txq, 0, &[(DATA, f.len() as u32, false)]);
+            kick_tx.write(1).unwrap();
+            wait_for("tx", || h.sent().len() == usize::from(round) + 1);
+            wait_for("tx used", || used(&txq).len() == 1);
+
+            add_chain(&rxq, 0, &[(DATA + 0x1000, 2048, true)]);
+            kick_rx.write(1).unwrap();
+            h.push(frame(40, round));
+            wait_for("rx used", || used(&rxq).len() == 1);
+            assert_eq!(used(&rxq)[0], (0, 52));
+            wait_for("irqs", || {
+                let v = irq.0.lock().unwrap();
+                v.contains(&VirtioInterruptType::Queue(0))
+                    && v.contains(&VirtioInterruptType::Queue(1))
+            });
+            irq.0.lock().unwrap().clear();
+
+            let back = net.reset().expect("active");
+            assert_eq!(back.len(), 2);
+            assert!(net.reset().is_none());
+        }
+        let s = net.stats();
+        assert_eq!((s.tx_frames, s.rx_frames), (2, 2));
+        let (f2, _) = fake();
+        let mut bad = Net::with_backend("fake1", MAC, Box::new(f2));
+        assert!(matches!(
+            bad.activate(mem.clone(), 0, vec![], irq),
+            Err(ActivateError::QueueCount { got: 0, want: 2 })
+        ));
+    }
+
+    // ---- a real TAP in a private network namespace ----------------------------------------
+
+    fn ip(args: &[&str]) -> bool {
+        std::process::Command::new("ip")
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false)
+    }
+
+    struct NetNs(String);
+    impl Drop for NetNs {
+        fn drop(&mut self) {
+            ip(&["netns", "del", &self.0]);
+        }
+    }
+
+    /// The permission errors come from the real kernel: a thread without CAP_NET_ADMIN cannot
+    /// create a TAP nor attach to someone else's, but can attach to one created for its user.
+    #[test]
+    fn real_tap_permission_errors() {
+        let ns = NetNs(format!("ferrovm-perm-{}", std::process::id()));
+        if !ip(&["netns", "add", &ns.0]) {
+            eprintln!("skipped: cannot create a network namespace (not root, or no `ip`)");
+            return;
+        }
+        let uid = std::fs::read_to_string("/proc/self/status")
+            .unwrap()
+            .lines()
+            .find_map(|l| l.strip_prefix("Uid:"))
+            .and_then(|l| l.split_whitespace().nth(1).map(str::to_string))
+            .unwrap();
+        let other = if uid == "4242" { "4243" } else { "4242" };
+        for (dev, user) in [("fvother0", other), ("fvmine0", uid.as_str())] {
+            assert!(ip(&[
+                "-n", &ns.0, "tuntap", "add", "dev", dev, "mode", "tap", "user", user, "vnet_hdr"
+            ]));
+        }
+        let path = std::path::PathBuf::from("/run/netns").join(&ns.0);
+        let (missing, other, mine) = std::thread::spawn(move || {
+            tap::enter_netns(&path).unwrap();
+            tap::drop_net_admin().unwrap();
+            (
+                Tap::open("fvmissing0"),
+                Tap::open("fvother0"),
+                Tap::open("fvmine0"),
+            )
+        })
+        .join()
+        .unwrap();
+        let e = missing.unwrap_err();
+        assert!(matches!(e, TapError::CannotCreate { .. }), "{e}");
+        let msg = e.to_string();
+        assert!(msg.contains("CAP_NET_ADMIN"), "{msg}");
+        assert!(
+            msg.contains("ip tuntap add dev fvmissing0 mode tap user"),
+            "{msg}"
+        );
+        let e = other.unwrap_err();
+        assert!(matches!(e, TapError::PermissionDenied { .. }), "{e}");
+        assert!(e.to_string().contains("CAP_NET_ADMIN"), "{e}");
+        let mine = mine.expect("a TAP owned by this user opens without CAP_NET_ADMIN");
+        assert_ne!(mine.supported_offloads() & tap::TUN_F_CSUM, 0);
+    }
+
+    /// ARP request from the guest (10.213.0.2, MAC) for 10.213.0.1, the TAP's address in the
+    /// namespace; the namespace's kernel must answer through the TAP.
+    #[test]
+    fn real_tap_in_a_netns_answers_arp() {
+        // Creating a namespace needs root (CAP_SYS_ADMIN); skip quietly elsewhere.
+        let ns = NetNs(format!("ferrovm-test-{}", std::process::id()));
+        if !ip(&["netns", "add", &ns.0]) {
+            eprintln!("skipped: cannot create a network namespace (not root, or no `ip`)");
+            return;
+        }
+        let path = std::path::PathBuf::from("/run/netns").join(&ns.0);
+        let tap = std::thread::spawn(move || {
+            tap::enter_netns(&path).map_err(|e| e.to_string())?;
+            Tap::open("fvtap0").map_err(|e| e.to_string())
+        })
+        .join()
+        .unwrap()
+        .expect("TAP in the namespace");
+        assert_eq!(tap.name(), "fvtap0");
+        let off = tap.supported_offloads();
+        assert_ne!(off & tap::TUN_F_CSUM, 0, "offloads {off:#x}");
+        assert!(ip(&[
+            "-n",
+            &ns.0,
+            "addr",
+            "add",
+            "10.213.0.1/24",
+            "dev",
+            "fvtap0"
+        ]));
+        assert!(ip(&["-n", &ns.0, "link", "set", "fvtap0", "up"]));
+
+        let mem = guest_mem();
+        let rxq = MockSplitQueue::create(&mem, RXQ, QUEUE_SIZE);
+        let txq = MockSplitQueue::create(&mem, TXQ, QUEUE_SIZE);
+        let stats = Arc::new(NetStats::default());
+        let mut nq = NetQueues::new(
+            mem.clone(),
+            rxq.create_queue().unwrap(),
+            txq.create_queue().unwrap(),
+            Box::new(tap),
+            BASE | VIRTIO_NET_F_MRG_RXBUF,
+            stats.clone(),
+        );
+        let mut arp = vec![0u8; VNET_HDR_LEN];
+        arp.extend([0xff; 6]);
+        arp.extend(MAC);
+        arp.extend([0x08, 0x06, 0, 1, 0x08, 0, 6, 4, 0, 1]);
+        arp.extend(MAC);
+        arp.extend([10, 213, 0, 2]);
+        arp.extend([0; 6]);
+        arp.extend([10, 213, 0, 1]);
+        mem.write_slice(&arp, GuestAddress(DATA)).unwrap();
+        add_chain(&txq, 0, &[(DATA, arp.len() as u32, false)]);
+        for i in 0..16u16 {
+            add_chain(
+                &rxq,
+                i,
+                &[(DATA + 0x1_0000 + u64::from(i) * 0x1000, 4096, true)],
+            );
+        }
+        nq.process_tx();
+        assert_eq!(stats.snapshot().tx_frames, 1, "{:?}", stats.snapshot());
+
+        // The kernel may also send IPv6 noise; look for the ARP reply among what arrives.
+        let t = Instant::now();
+        let mut seen = 0;
+        loop {
+            assert!(t.elapsed() < Duration::from_secs(5), "no ARP reply");
+            nq.process_rx();
+            let u = used(&rxq);
+            let found = u[seen..].iter().any(|&(id, len)| {
+                let f = read_guest(&mem, DATA + 0x1_0000 + u64::from(id) * 0x1000, len as usize);
+                f.len() >= VNET_HDR_LEN + 42
+                    && f[VNET_HDR_LEN..VNET_HDR_LEN + 6] == MAC
+                    && f[VNET_HDR_LEN + 12..VNET_HDR_LEN + 14] == [0x08, 0x06]
+                    && f[VNET_HDR_LEN + 20..VNET_HDR_LEN + 22] == [0, 2]
+                    && f[VNET_HDR_LEN + 28..VNET_HDR_LEN + 32] == [10, 213, 0, 1]
+            });
+            if found {
+                break;
+            }
+            seen = u.len();
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(stats.snapshot().rx_frames >= 1);
+    }
+}
