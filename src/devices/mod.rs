@@ -102,5 +102,6 @@ pub mod acpi_pm;
 pub mod cmos;
 pub mod debug_exit;
 pub mod i8042;
+pub mod pci;
 pub mod serial;
 pub mod virtio;
