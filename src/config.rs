@@ -42,6 +42,8 @@ pub struct VmConfig {
     pub mem_size: u64,
     pub serial: SerialMode,
     pub verbose: bool,
+    /// Add a virtio-rng entropy device (virtio-pci).
+    pub rng: bool,
 }
 
 /// The default kernel command line.

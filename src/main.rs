@@ -57,6 +57,9 @@ struct RunArgs {
     /// Verbose: debug logging and a register dump when the guest crashes.
     #[arg(short, long)]
     verbose: bool,
+    /// Add a virtio-rng entropy device (virtio-pci) fed from the host's /dev/urandom.
+    #[arg(long)]
+    rng: bool,
 }
 
 fn build_config(a: RunArgs) -> Result<VmConfig, config::ConfigError> {
@@ -68,6 +71,7 @@ fn build_config(a: RunArgs) -> Result<VmConfig, config::ConfigError> {
         initramfs: a.initramfs,
         cmdline: a.cmdline,
         verbose: a.verbose,
+        rng: a.rng,
     })
 }
 

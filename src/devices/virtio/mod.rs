@@ -9,6 +9,9 @@
 
 use std::sync::Arc;
 
+pub mod pci;
+pub mod rng;
+
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
