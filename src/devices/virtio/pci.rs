@@ -736,9 +736,12 @@ mod tests {
     use crate::devices::pci::msix::tests::FakeRouter;
     use crate::devices::virtio::ActivateError;
 
+    /// (index, size, descriptor table) of each queue handed to the device.
+    type Queues = Vec<(u16, u16, u64)>;
+
     #[derive(Default)]
     struct Log {
-        activated: Option<(u64, Vec<(u16, u16, u64)>)>,
+        activated: Option<(u64, Queues)>,
         resets: usize,
         fail: bool,
     }
