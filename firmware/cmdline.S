@@ -77,7 +77,7 @@ do_ports:
     dec %ecx
     jnz 1b
     mov $32, %ecx
-    mov $0xd0000000, %rdi       /* inside the 32-bit MMIO hole, no device */
+    mov $0xe2000000, %rdi       /* inside the 32-bit MMIO hole, no device */
 2:  movl %eax, (%rdi)
     movl (%rdi), %eax
     dec %ecx

@@ -1,7 +1,7 @@
 /* exits: known numbers of exits on the bench device (tests/exits.rs counts them exactly).
    Command line (first 4 bytes):
      coun  100 out and 70 in on port 0x700 (bench data), 50 MMIO writes and 30 MMIO reads
-           of the bench page, 20 MMIO reads at 0xd0000000 (unclaimed), 10 out to port 0x720
+           of the bench page, 20 MMIO reads at 0xe2000000 (unclaimed), 10 out to port 0x720
            (unclaimed), 5 cpuid (in-kernel: never counted), then ACPI power-off
      wait  prints "wait: ready", then loops { out to port 0x700; poll COM1 LSR } until a
            byte arrives on COM1, prints "wait: done" and powers off (live-statistics test) */
@@ -37,7 +37,7 @@ do_count:
 4:  movl (%rdi), %eax
     dec %ecx
     jnz 4b
-    mov $0xd0000000, %rdi
+    mov $0xe2000000, %rdi
     mov $20, %ecx
 5:  movl (%rdi), %eax
     dec %ecx

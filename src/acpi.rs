@@ -61,7 +61,18 @@ const _: () = assert!(layout::ACPI_START + layout::ACPI_SIZE <= u32::MAX as u64)
 pub struct AcpiConfig {
     /// Number of vCPUs; vCPU `i` has APIC ID and ACPI processor UID `i`.
     pub num_cpus: u8,
-    // Later: `pub pci: Option<PciAcpiInfo>` (PNP0A08 root bridge in the DSDT, MCFG table).
+    /// The PCI host bridge (PNP0A08 root bridge in the DSDT, MCFG table), if any.
+    pub pci: Option<PciAcpi>,
+}
+
+/// What the ACPI tables say about PCI bus 0.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PciAcpi {
+    /// ECAM base of bus 0 (1 MiB, segment 0).
+    pub ecam_base: u64,
+    /// The 32-bit MMIO window BARs live in.
+    pub mmio_start: u64,
+    pub mmio_size: u64,
 }
 
 /// Errors from building or writing the ACPI tables.
@@ -120,9 +131,13 @@ pub fn create_acpi_tables<M: GuestMemory>(
     let fadt_addr = area.alloc(fadt.len(), 16)?;
     let madt = build_madt(cfg);
     let madt_addr = area.alloc(madt.len(), 16)?;
-    // MCFG goes here once PCI lands; add its address to the XSDT list below.
+    let mut xsdt_entries = vec![fadt_addr, madt_addr];
+    let mcfg = cfg.pci.as_ref().map(build_mcfg);
+    if let Some(m) = &mcfg {
+        xsdt_entries.push(area.alloc(m.len(), 16)?);
+    }
 
-    let xsdt = build_xsdt(&[fadt_addr, madt_addr]);
+    let xsdt = build_xsdt(&xsdt_entries);
     let xsdt_addr = area.alloc(xsdt.len(), 16)?;
     let rsdp = build_rsdp(xsdt_addr);
 
@@ -134,7 +149,8 @@ pub fn create_acpi_tables<M: GuestMemory>(
         (&madt, madt_addr),
         (&xsdt, xsdt_addr),
     ];
-    for (bytes, addr) in tables {
+    let mcfg_table = mcfg.as_deref().zip(xsdt_entries.get(2).copied());
+    for (bytes, addr) in tables.into_iter().chain(mcfg_table) {
         mem.write_slice(bytes, GuestAddress(addr))
             .map_err(|source| AcpiError::GuestMemory {
                 table: String::from_utf8_lossy(&bytes[..4]).into_owned(),
@@ -402,6 +418,14 @@ fn build_madt(cfg: &AcpiConfig) -> Vec<u8> {
     t.finish()
 }
 
+/// MCFG: one ECAM allocation, segment 0, buses 0..=0.
+fn build_mcfg(pci: &PciAcpi) -> Vec<u8> {
+    let mut t = Sdt::new(b"MCFG", 1);
+    t.u64(0); // reserved
+    t.u64(pci.ecam_base).u16(0).u8(0).u8(0).u32(0);
+    t.finish()
+}
+
 /// The IOAPIC's ID: the first ID after the local APICs (0..num_cpus), so they never collide.
 fn ioapic_id(cfg: &AcpiConfig) -> u8 {
     cfg.num_cpus
@@ -415,7 +439,7 @@ fn ioapic_id(cfg: &AcpiConfig) -> u8 {
 type DeviceAmlBuilder = fn(&AcpiConfig, &mut Vec<u8>);
 
 /// Everything under `\_SB`, in order. Add new devices here (the PCI root bridge goes first).
-const SB_DEVICES: &[DeviceAmlBuilder] = &[com1_aml, rtc_aml, i8042_aml, motherboard_aml];
+const SB_DEVICES: &[DeviceAmlBuilder] = &[pci_aml, com1_aml, rtc_aml, i8042_aml, motherboard_aml];
 
 /// DSDT, revision 2 (64-bit AML integers).
 fn build_dsdt(cfg: &AcpiConfig) -> Vec<u8> {
@@ -487,13 +511,63 @@ fn i8042_aml(_cfg: &AcpiConfig, out: &mut Vec<u8>) {
     simple_device(out, "KBD_", "PNP0303", 0, &[&data, &cmd, &irq]);
 }
 
-/// Motherboard resources: ports claimed by the platform so the OS does not hand them out.
-fn motherboard_aml(_cfg: &AcpiConfig, out: &mut Vec<u8>) {
+/// Motherboard resources: ports claimed by the platform so the OS does not hand them out, and
+/// the ECAM range (Linux uses MCFG's ECAM only when it is reserved here or in the e820 map).
+fn motherboard_aml(cfg: &AcpiConfig, out: &mut Vec<u8>) {
     // PM1a event (0x600..0x604) and control (0x604..0x606) blocks, padded to 8.
     let pm = io_fixed(layout::ACPI_PM1A_EVT_PORT, 8);
     let reset = io_fixed(RESET_PORT, 1);
     let debug_exit = io_fixed(layout::DEBUG_EXIT_PORT, 1);
-    simple_device(out, "MBRD", "PNP0C02", 0, &[&pm, &reset, &debug_exit]);
+    let ecam = cfg
+        .pci
+        .as_ref()
+        .map(|p| aml::Memory32Fixed::new(true, p.ecam_base as u32, layout::PCI_ECAM_SIZE as u32));
+    let mut res: Vec<&dyn Aml> = vec![&pm, &reset, &debug_exit];
+    if let Some(e) = &ecam {
+        res.push(e);
+    }
+    simple_device(out, "MBRD", "PNP0C02", 0, &res);
+}
+
+/// The PCI root bridge `\_SB.PCI0` for bus 0: its resources (bus 0, the config ports, the MMIO
+/// window) and `_PRT`, which maps INTA..INTD of every slot straight to IOAPIC GSIs
+/// ([`layout::pci_intx_gsi`]; level-triggered, active-low by the ACPI default for `_PRT` GSIs).
+fn pci_aml(cfg: &AcpiConfig, out: &mut Vec<u8>) {
+    let Some(pci) = &cfg.pci else { return };
+    let hid = aml::EISAName::new("PNP0A08");
+    let cid = aml::EISAName::new("PNP0A03");
+    let hid = aml::Name::new(Path::new("_HID"), &hid);
+    let cid = aml::Name::new(Path::new("_CID"), &cid);
+    let seg = aml::Name::new(Path::new("_SEG"), &0u8);
+    let bbn = aml::Name::new(Path::new("_BBN"), &0u8);
+    let uid = aml::Name::new(Path::new("_UID"), &0u8);
+    let bus = aml::AddressSpace::<u16>::new_bus_number(0, 0);
+    let cfg_ports = io_fixed(0xcf8, 8);
+    let mmio_end = pci.mmio_start + pci.mmio_size - 1;
+    let mmio = aml::AddressSpace::<u32>::new_memory(
+        aml::AddressSpaceCacheable::NotCacheable,
+        true,
+        pci.mmio_start as u32,
+        mmio_end as u32,
+        None,
+    );
+    let crs = aml::ResourceTemplate::new(vec![&bus, &cfg_ports, &mmio]);
+    let crs = aml::Name::new(Path::new("_CRS"), &crs);
+    let mut prt = aml::PackageBuilder::new();
+    for slot in 0..32u8 {
+        for pin in 0..4u8 {
+            let addr = u32::from(slot) << 16 | 0xffff;
+            let gsi = layout::pci_intx_gsi(slot, pin);
+            let entry = aml::Package::new(vec![&addr, &pin, &0u8, &gsi]);
+            prt.add_element(&entry);
+        }
+    }
+    let prt = aml::Name::new(Path::new("_PRT"), &prt);
+    aml::Device::new(
+        Path::new("PCI0"),
+        vec![&hid, &cid, &seg, &bbn, &uid, &crs, &prt],
+    )
+    .to_aml_bytes(out);
 }
 
 #[cfg(test)]
@@ -553,6 +627,7 @@ mod tests {
         fadt: Vec<u8>,
         facs: Vec<u8>,
         madt: Vec<u8>,
+        mcfg: Option<Vec<u8>>,
         dsdt: Vec<u8>,
     }
 
@@ -571,7 +646,8 @@ mod tests {
             .chunks(8)
             .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
             .collect();
-        assert_eq!(entries.len(), 2);
+        assert!(entries.len() == 2 || entries.len() == 3, "{entries:x?}");
+        let mcfg = entries.get(2).map(|a| read_table(mem, *a, b"MCFG"));
         let fadt = read_table(mem, entries[0], b"FACP");
         let madt = read_table(mem, entries[1], b"APIC");
 
@@ -594,6 +670,7 @@ mod tests {
             fadt,
             facs,
             madt,
+            mcfg,
             dsdt,
         }
     }
@@ -602,7 +679,10 @@ mod tests {
     fn acpi_tables_walk_from_rsdp() {
         for num_cpus in [1u8, 2, 4, 255] {
             let mem = guest_mem();
-            let cfg = AcpiConfig { num_cpus };
+            let cfg = AcpiConfig {
+                num_cpus,
+                pci: None,
+            };
             let rsdp = create_acpi_tables(&mem, &cfg).unwrap();
             let w = walk(&mem, rsdp);
 
@@ -674,10 +754,41 @@ mod tests {
         }
     }
 
+    fn test_pci() -> PciAcpi {
+        PciAcpi {
+            ecam_base: layout::PCI_ECAM_START,
+            mmio_start: layout::PCI_MMIO32_START,
+            mmio_size: layout::PCI_MMIO32_SIZE,
+        }
+    }
+
+    #[test]
+    fn mcfg_describes_bus_0() {
+        let mem = guest_mem();
+        let cfg = AcpiConfig {
+            num_cpus: 1,
+            pci: Some(test_pci()),
+        };
+        let w = walk(&mem, create_acpi_tables(&mem, &cfg).unwrap());
+        let m = w.mcfg.unwrap();
+        assert_eq!(m.len(), HEADER_LEN + 8 + 16);
+        assert_eq!(u64_at(&m, 44), 0xe000_0000);
+        assert_eq!((u16_at(&m, 52), m[54], m[55]), (0, 0, 0));
+        assert!(w.dsdt.windows(4).any(|x| x == b"PCI0"));
+        assert!(w.dsdt.windows(4).any(|x| x == b"_PRT"));
+    }
+
     #[test]
     fn acpi_rejects_zero_cpus() {
         let mem = guest_mem();
-        let err = create_acpi_tables(&mem, &AcpiConfig { num_cpus: 0 }).unwrap_err();
+        let err = create_acpi_tables(
+            &mem,
+            &AcpiConfig {
+                num_cpus: 0,
+                pci: None,
+            },
+        )
+        .unwrap_err();
         assert!(matches!(err, AcpiError::NoCpus));
     }
 
@@ -693,7 +804,14 @@ mod tests {
     #[test]
     fn acpi_without_guest_memory_fails_cleanly() {
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x1000)]).unwrap();
-        let err = create_acpi_tables(&mem, &AcpiConfig { num_cpus: 1 }).unwrap_err();
+        let err = create_acpi_tables(
+            &mem,
+            &AcpiConfig {
+                num_cpus: 1,
+                pci: None,
+            },
+        )
+        .unwrap_err();
         assert!(matches!(err, AcpiError::GuestMemory { .. }), "{err}");
     }
 
@@ -748,13 +866,19 @@ mod tests {
     #[test]
     fn acpi_tables_pass_iasl() {
         let mem = guest_mem();
-        let rsdp = create_acpi_tables(&mem, &AcpiConfig { num_cpus: 4 }).unwrap();
+        let cfg = AcpiConfig {
+            num_cpus: 4,
+            pci: Some(test_pci()),
+        };
+        let rsdp = create_acpi_tables(&mem, &cfg).unwrap();
         let w = walk(&mem, rsdp);
+        let mcfg = w.mcfg.clone().expect("MCFG");
         let dir = temp_dir("iasl");
 
         // iasl cannot disassemble a bare binary RSDP ("does not contain a valid ACPI table");
         // `walk` has already checked its signature, revision and both checksums.
-        let tables: [(&str, &[u8]); 5] = [
+        let tables: [(&str, &[u8]); 6] = [
+            ("MCFG", &mcfg),
             ("XSDT", &w.xsdt),
             ("FACP", &w.fadt),
             ("FACS", &w.facs),
@@ -792,8 +916,39 @@ mod tests {
         }
 
         let dsl = std::fs::read_to_string(dir.join("DSDT.dsl")).unwrap();
-        for needle in ["_S5_", "PNP0501", "PNP0B00", "PNP0303", "PNP0C02", "0x0CF9"] {
-            assert!(dsl.contains(needle), "DSDT lacks {needle}:\n{dsl}");
+        for needle in [
+            "_S5_",
+            "PNP0501",
+            "PNP0B00",
+            "PNP0303",
+            "PNP0C02",
+            "0x0CF9",
+            "PNP0A08",
+            "PNP0A03",
+            "_PRT",
+            "_SEG",
+            "_BBN",
+            "WordBusNumber",
+            "0xC0000000,         // Range Minimum",
+            "0xDFFFFFFF,         // Range Maximum",
+            "Memory32Fixed (ReadWrite, 0xE0000000,",
+            // slot 1 INTA -> GSI 17, slot 31 INTD -> GSI 18
+            "0x0001FFFF, Zero, Zero, 0x11 }",
+            "0x001FFFFF, 0x03, Zero, 0x12 }",
+        ] {
+            // Compared with whitespace collapsed (iasl indents and breaks lines).
+            let flat = |t: &str| t.split_whitespace().collect::<Vec<_>>().join(" ");
+            assert!(
+                flat(&dsl).contains(&flat(needle)),
+                "DSDT lacks {needle}:\n{dsl}"
+            );
+        }
+        let mcfg_dsl = std::fs::read_to_string(dir.join("MCFG.dsl")).unwrap();
+        for needle in ["Base Address : 00000000E0000000", "End Bus Number : 00"] {
+            assert!(
+                mcfg_dsl.contains(needle),
+                "MCFG lacks {needle}:\n{mcfg_dsl}"
+            );
         }
 
         // Recompile the disassembly: it must build cleanly.

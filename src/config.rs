@@ -20,6 +20,10 @@ pub enum ConfigError {
     MemoryTooLarge(String),
     #[error("--cpus {0} is out of range: 1 to {MAX_VCPUS}")]
     Cpus(u32),
+    #[error("invalid --disk '{0}': {1}")]
+    Disk(String, String),
+    #[error("invalid --net '{0}': {1}")]
+    Net(String, String),
     #[error("invalid --serial '{0}': expected stdio, off or file=PATH")]
     Serial(String),
     #[error("invalid --exit-stats '{0}': expected --exit-stats or --exit-stats=json:PATH")]
@@ -50,6 +54,34 @@ pub struct VmConfig {
     pub record_exits: bool,
     /// The bench device's log (`bench-exits`); `None` gives the device a private one.
     pub bench: Option<std::sync::Arc<std::sync::Mutex<crate::bench::device::BenchLog>>>,
+    /// Add a virtio-rng entropy device (virtio-pci).
+    pub rng: bool,
+    /// `--disk`: virtio-blk disks, in PCI slot order (the first is /dev/vda).
+    pub disks: Vec<crate::devices::virtio::block::DiskConfig>,
+    /// `--net`: virtio-net NICs on TAP devices, in PCI slot order after the disks.
+    pub nets: Vec<crate::devices::virtio::net::NetConfig>,
+}
+
+impl VmConfig {
+    /// A VM booting `kernel` with every other option at its default (1 vCPU, 512 MiB, serial
+    /// on stdio, no devices). Callers set fields with struct update syntax.
+    pub fn with_kernel(kernel: PathBuf) -> Self {
+        Self {
+            kernel,
+            initramfs: None,
+            cmdline: DEFAULT_CMDLINE.into(),
+            cpus: 1,
+            mem_size: 512 << 20,
+            serial: SerialMode::Stdio,
+            verbose: false,
+            exit_stats: Vec::new(),
+            record_exits: true,
+            bench: None,
+            rng: false,
+            disks: Vec::new(),
+            nets: Vec::new(),
+        }
+    }
 }
 
 /// The default kernel command line.

@@ -78,6 +78,16 @@ struct RunArgs {
     #[arg(long, value_name = "json:PATH", num_args = 0..=1, require_equals = true,
           default_missing_value = "table")]
     exit_stats: Vec<String>,
+    /// Add a virtio-rng entropy device (virtio-pci) fed from the host's /dev/urandom.
+    #[arg(long)]
+    rng: bool,
+    /// A virtio-blk disk on a raw image: path=FILE[,readonly=on][,serial=ID][,direct=on].
+    /// Repeatable; the first is /dev/vda. The image is locked against other writers.
+    #[arg(long, value_name = "path=FILE[,...]")]
+    disk: Vec<String>,
+    /// A virtio-net NIC on a TAP device: tap=NAME[,mac=MAC]. Repeatable.
+    #[arg(long, value_name = "tap=NAME[,mac=MAC]")]
+    net: Vec<String>,
 }
 
 fn build_config(a: RunArgs) -> Result<VmConfig, config::ConfigError> {
@@ -89,17 +99,34 @@ fn build_config(a: RunArgs) -> Result<VmConfig, config::ConfigError> {
                 .ok_or_else(|| config::ConfigError::ExitStats(s.clone()))
         })
         .collect::<Result<_, _>>()?;
+    let disks = a
+        .disk
+        .iter()
+        .map(|s| {
+            ferrovm::devices::virtio::block::parse_disk_option(s)
+                .map_err(|e| config::ConfigError::Disk(s.clone(), e.to_string()))
+        })
+        .collect::<Result<_, _>>()?;
+    let nets = a
+        .net
+        .iter()
+        .map(|s| {
+            ferrovm::devices::virtio::net::parse_net_option(s)
+                .map_err(|e| config::ConfigError::Net(s.clone(), e.to_string()))
+        })
+        .collect::<Result<_, _>>()?;
     Ok(VmConfig {
         exit_stats,
-        record_exits: true,
-        bench: None,
         mem_size: config::parse_memory(&a.memory)?,
         cpus: config::parse_cpus(a.cpus)?,
         serial: config::parse_serial(&a.serial)?,
-        kernel: a.kernel,
         initramfs: a.initramfs,
         cmdline: a.cmdline,
         verbose: a.verbose,
+        rng: a.rng,
+        disks,
+        nets,
+        ..VmConfig::with_kernel(a.kernel)
     })
 }
 

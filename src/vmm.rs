@@ -12,12 +12,15 @@ use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
-use crate::acpi::{self, AcpiConfig};
+use crate::acpi::{self, AcpiConfig, PciAcpi};
 use crate::arch::x86_64::boot::{self, BootInfo, EntryMode};
 use crate::arch::x86_64::{layout, multiboot, regs};
 use crate::bus::{Bus, BusDevice};
 use crate::config::{SerialMode, VmConfig};
 use crate::console;
+use crate::devices::pci::{IntxLine, PciConfigIo, PciEcam, PciError, PciMmioWindow, PciRoot};
+use crate::devices::virtio::pci::{VirtioPciDevice, VirtioPciError};
+use crate::devices::virtio::VirtioDevice;
 use crate::devices::{self, IrqLine, StopRequest, VmControl};
 use crate::exit_stats::{self, ExitStats, StatsOutput};
 use crate::kvm::vcpu::{Vcpu, VcpuStop};
@@ -57,6 +60,10 @@ pub enum VmmError {
     Acpi(#[from] acpi::AcpiError),
     #[error("cannot place a device on the bus")]
     Bus(#[from] crate::bus::BusError),
+    #[error("cannot build the PCI bus")]
+    Pci(#[from] PciError),
+    #[error("cannot set up a virtio-pci device")]
+    VirtioPci(#[from] VirtioPciError),
     #[error("cannot open serial output file {0}")]
     SerialFile(std::path::PathBuf, #[source] std::io::Error),
     #[error("cannot create an eventfd")]
@@ -65,6 +72,10 @@ pub enum VmmError {
     Terminal(#[source] std::io::Error),
     #[error("cannot register the vCPU kick signal handler")]
     KickSignal(#[source] vmm_sys_util::errno::Error),
+    #[error(transparent)]
+    Disk(#[from] devices::virtio::block::BlockError),
+    #[error(transparent)]
+    Net(#[from] devices::virtio::net::NetError),
     #[error("cannot start vCPU thread {0}")]
     SpawnVcpu(u8, #[source] std::io::Error),
 }
@@ -140,6 +151,26 @@ pub fn run(cfg: VmConfig) -> Result<VmOutcome, VmmError> {
     let bench_log = cfg.bench.clone().unwrap_or_default();
     let _bench_fds =
         crate::bench::device::attach(&vm, &mem, &mut pio, &mut mmio, &control, bench_log)?;
+
+    // 3b. PCI bus 0: the host bridge, then virtio devices behind the virtio-pci transport.
+    let mut pci = PciRoot::new(layout::PCI_MMIO32_START, layout::PCI_MMIO32_SIZE);
+    for disk in &cfg.disks {
+        let block = devices::virtio::block::Block::new(disk)?;
+        add_virtio_pci(&mut pci, &vm, &mem, Box::new(block))?;
+    }
+    for nic in &cfg.nets {
+        let net = devices::virtio::net::Net::new(nic)?;
+        add_virtio_pci(&mut pci, &vm, &mem, Box::new(net))?;
+    }
+    if cfg.rng {
+        add_virtio_pci(
+            &mut pci,
+            &vm,
+            &mem,
+            Box::new(devices::virtio::rng::Rng::new()),
+        )?;
+    }
+    let pci_acpi = install_pci(pci, &mut pio, &mut mmio)?;
     let pio = Arc::new(pio);
     let mmio = Arc::new(mmio);
 
@@ -169,7 +200,13 @@ pub fn run(cfg: VmConfig) -> Result<VmOutcome, VmmError> {
     };
 
     // 5. Tables the kernel reads: ACPI, then the zero page or PVH start_info, GDT and page tables.
-    let rsdp = acpi::create_acpi_tables(&mem, &AcpiConfig { num_cpus: cfg.cpus })?;
+    let rsdp = acpi::create_acpi_tables(
+        &mem,
+        &AcpiConfig {
+            num_cpus: cfg.cpus,
+            pci: Some(pci_acpi),
+        },
+    )?;
     let info = BootInfo {
         kernel: &kernel,
         cmdline_len: cfg.cmdline.len(),
@@ -324,6 +361,52 @@ fn outcome(request: Option<StopRequest>, stops: &[(u8, VcpuStop)], panicked: boo
             VmOutcome::Stopped("host request (signal or console escape)".into())
         }
     }
+}
+
+/// Adds `device` behind the virtio-pci transport in the next free slot of bus 0: its INTx line
+/// (a resampled irqfd on the slot's GSI), MSI-X vectors and kick ioeventfds go through KVM.
+/// Returns the slot.
+pub fn add_virtio_pci(
+    pci: &mut PciRoot,
+    vm: &Vm,
+    mem: &GuestMemoryMmap,
+    device: Box<dyn VirtioDevice>,
+) -> Result<u8, VmmError> {
+    let slot = pci.free_slot()?;
+    let intx = IntxLine::new().map_err(VmmError::EventFd)?;
+    vm.register_irqfd_with_resample(&intx.irqfd, &intx.resample, layout::pci_intx_gsi(slot, 0))?;
+    let irqs = vm.interrupts();
+    let dev = VirtioPciDevice::new(device, mem.clone(), irqs.clone(), irqs, intx)?;
+    pci.insert(slot, Arc::new(Mutex::new(dev)))?;
+    log::debug!("virtio-pci device in slot {slot}");
+    Ok(slot)
+}
+
+/// Puts bus 0 on the buses: CONFIG_ADDRESS/CONFIG_DATA ports, ECAM and the BAR window.
+fn install_pci(pci: PciRoot, pio: &mut Bus, mmio: &mut Bus) -> Result<PciAcpi, VmmError> {
+    let (mmio_start, mmio_size) = pci.mmio_window();
+    let root = Arc::new(pci);
+    let (address, data) = PciConfigIo::pair(root.clone());
+    // 0xcf9 is the reset register: CONFIG_ADDRESS is a one-port range taking dword accesses.
+    pio.insert(0xcf8, 1, "pci-config-address", shared(address))?;
+    pio.insert(0xcfc, 4, "pci-config-data", shared(data))?;
+    mmio.insert(
+        layout::PCI_ECAM_START,
+        layout::PCI_ECAM_SIZE,
+        "pci-ecam",
+        shared(PciEcam::new(root.clone())),
+    )?;
+    mmio.insert(
+        mmio_start,
+        mmio_size,
+        "pci-mmio",
+        shared(PciMmioWindow::new(root)),
+    )?;
+    Ok(PciAcpi {
+        ecam_base: layout::PCI_ECAM_START,
+        mmio_start,
+        mmio_size,
+    })
 }
 
 fn shared<D: BusDevice + 'static>(d: D) -> Arc<Mutex<dyn BusDevice>> {

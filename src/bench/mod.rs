@@ -153,16 +153,12 @@ fn run_ferrovm(
 ) -> Result<BenchLog, BenchError> {
     let log = Arc::new(Mutex::new(BenchLog::new(params)));
     let cfg = VmConfig {
-        kernel: kernel.to_path_buf(),
-        initramfs: None,
         cmdline: code.into(),
-        cpus: 1,
         mem_size: 64 << 20,
         serial: SerialMode::Off,
-        verbose: false,
-        exit_stats: Vec::new(),
         record_exits: record,
         bench: Some(log.clone()),
+        ..VmConfig::with_kernel(kernel.to_path_buf())
     };
     match vmm::run(cfg)? {
         VmOutcome::PowerOff => {}

@@ -103,5 +103,6 @@ pub mod cmos;
 pub mod debug_exit;
 pub mod fw_cfg;
 pub mod i8042;
+pub mod pci;
 pub mod serial;
 pub mod virtio;

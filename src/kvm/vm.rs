@@ -1,14 +1,19 @@
 //! The VM file descriptor: memory slots, the in-kernel irqchip and PIT, irqfds and vCPU creation.
 
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
 use kvm_bindings::{
-    kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES,
-    KVM_PIT_SPEAKER_DUMMY,
+    kvm_irq_routing_entry, kvm_pit_config, kvm_userspace_memory_region, CpuId, KvmIrqRouting,
+    KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_IRQ_ROUTING_IRQCHIP,
+    KVM_IRQ_ROUTING_MSI, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Cap, IoEventAddress, Kvm, NoDatamatch, VcpuFd, VmFd};
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::x86_64::layout;
+use crate::devices::pci::{IoEventRegistry, MsiRouter, MsiVector};
 
 /// What failed while setting up the VM.
 #[derive(Debug, thiserror::Error)]
@@ -42,6 +47,10 @@ pub enum VmError {
     Irqfd(u32, #[source] kvm_ioctls::Error),
     #[error("KVM_IOEVENTFD failed for {0}")]
     Ioeventfd(String, #[source] kvm_ioctls::Error),
+    #[error("KVM_IRQFD with resample failed for GSI {0}")]
+    IrqfdResample(u32, #[source] kvm_ioctls::Error),
+    #[error("KVM_SET_GSI_ROUTING failed")]
+    GsiRouting(#[source] kvm_ioctls::Error),
     #[error("KVM_GET_SUPPORTED_CPUID failed")]
     SupportedCpuid(#[source] kvm_ioctls::Error),
     #[error("KVM_CREATE_VCPU failed for vCPU {0}")]
@@ -51,7 +60,8 @@ pub enum VmError {
 /// A KVM VM with its in-kernel interrupt controllers.
 pub struct Vm {
     kvm: Kvm,
-    fd: VmFd,
+    fd: Arc<VmFd>,
+    interrupts: Arc<KvmInterrupts>,
 }
 
 impl Vm {
@@ -90,7 +100,15 @@ impl Vm {
             ..Default::default()
         };
         fd.create_pit2(pit).map_err(VmError::CreatePit)?;
-        Ok(Self { kvm, fd })
+        let fd = Arc::new(fd);
+        let interrupts = Arc::new(KvmInterrupts::new(fd.clone()));
+        // Install the table KVM starts with through our own builder, so a failure shows now.
+        interrupts.commit().map_err(VmError::GsiRouting)?;
+        Ok(Self {
+            kvm,
+            fd,
+            interrupts,
+        })
     }
 
     /// Registers every region of `mem` as a KVM memory slot.
@@ -131,6 +149,24 @@ impl Vm {
             .map_err(|e| VmError::Ioeventfd(format!("{addr:?}"), e))
     }
 
+    /// Connects `fd` to the level-triggered line `gsi`: writing `fd` asserts it; at the guest's
+    /// EOI KVM deasserts it and signals `resample` (the device re-asserts if still pending).
+    pub fn register_irqfd_with_resample(
+        &self,
+        fd: &EventFd,
+        resample: &EventFd,
+        gsi: u32,
+    ) -> Result<(), VmError> {
+        self.fd
+            .register_irqfd_with_resample(fd, resample, gsi)
+            .map_err(|e| VmError::IrqfdResample(gsi, e))
+    }
+
+    /// MSI routes and ioeventfds, as the handle devices hold ([`MsiRouter`], [`IoEventRegistry`]).
+    pub fn interrupts(&self) -> Arc<KvmInterrupts> {
+        self.interrupts.clone()
+    }
+
     /// KVM's supported CPUID.
     pub fn supported_cpuid(&self) -> Result<CpuId, VmError> {
         self.kvm
@@ -150,5 +186,176 @@ impl Vm {
         self.fd
             .create_vcpu(index as u64)
             .map_err(|e| VmError::CreateVcpu(index, e))
+    }
+}
+
+/// First GSI handed out for MSI: GSIs 0..24 are the IOAPIC pins (0..16 also the PICs).
+pub const FIRST_MSI_GSI: u32 = 24;
+/// IOAPIC pins of KVM's in-kernel IOAPIC.
+const IOAPIC_PINS: u32 = 24;
+/// KVM's limit on routing entries (KVM_MAX_IRQ_ROUTES).
+const MAX_ROUTES: u32 = 4096;
+
+/// The VM's GSI routing table and ioeventfds, shared with devices as [`MsiRouter`] and
+/// [`IoEventRegistry`]. The table always holds KVM's default PIC/IOAPIC pin routes plus one
+/// MSI route per unmasked vector; every change rewrites it with KVM_SET_GSI_ROUTING.
+pub struct KvmInterrupts {
+    fd: Arc<VmFd>,
+    state: Mutex<RoutingState>,
+}
+
+#[derive(Default)]
+struct RoutingState {
+    next_gsi: u32,
+    /// gsi -> (address, data) of unmasked MSI vectors.
+    msi: BTreeMap<u32, (u64, u32)>,
+}
+
+fn to_io(e: kvm_ioctls::Error) -> std::io::Error {
+    std::io::Error::from_raw_os_error(e.errno())
+}
+
+impl KvmInterrupts {
+    fn new(fd: Arc<VmFd>) -> Self {
+        Self {
+            fd,
+            state: Mutex::new(RoutingState {
+                next_gsi: FIRST_MSI_GSI,
+                msi: BTreeMap::new(),
+            }),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, RoutingState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The routing entries for `msi`, pins first.
+    fn entries(msi: &BTreeMap<u32, (u64, u32)>) -> Vec<kvm_irq_routing_entry> {
+        let pin = |gsi: u32, chip: u32, pin: u32| {
+            let mut e = kvm_irq_routing_entry {
+                gsi,
+                type_: KVM_IRQ_ROUTING_IRQCHIP,
+                ..Default::default()
+            };
+            e.u.irqchip.irqchip = chip;
+            e.u.irqchip.pin = pin;
+            e
+        };
+        let mut v = Vec::new();
+        for gsi in 0..16 {
+            let chip = if gsi < 8 {
+                KVM_IRQCHIP_PIC_MASTER
+            } else {
+                KVM_IRQCHIP_PIC_SLAVE
+            };
+            v.push(pin(gsi, chip, gsi % 8));
+        }
+        for gsi in 0..IOAPIC_PINS {
+            v.push(pin(gsi, KVM_IRQCHIP_IOAPIC, gsi));
+        }
+        for (&gsi, &(addr, data)) in msi {
+            let mut e = kvm_irq_routing_entry {
+                gsi,
+                type_: KVM_IRQ_ROUTING_MSI,
+                ..Default::default()
+            };
+            e.u.msi.address_lo = addr as u32;
+            e.u.msi.address_hi = (addr >> 32) as u32;
+            e.u.msi.data = data;
+            v.push(e);
+        }
+        v
+    }
+
+    fn commit_locked(&self, st: &RoutingState) -> Result<(), kvm_ioctls::Error> {
+        let entries = Self::entries(&st.msi);
+        let table = KvmIrqRouting::from_entries(&entries)
+            .map_err(|_| kvm_ioctls::Error::new(libc::E2BIG))?;
+        self.fd.set_gsi_routing(&table)
+    }
+
+    fn commit(&self) -> Result<(), kvm_ioctls::Error> {
+        let st = self.lock();
+        self.commit_locked(&st)
+    }
+}
+
+impl MsiRouter for KvmInterrupts {
+    fn allocate(&self) -> std::io::Result<MsiVector> {
+        let mut st = self.lock();
+        if st.next_gsi >= MAX_ROUTES {
+            return Err(std::io::Error::other("no GSI left for MSI"));
+        }
+        let gsi = st.next_gsi;
+        let irqfd = EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK)?;
+        self.fd.register_irqfd(&irqfd, gsi).map_err(to_io)?;
+        st.next_gsi += 1;
+        Ok(MsiVector { gsi, irqfd })
+    }
+
+    fn update(&self, gsi: u32, addr: u64, data: u32, masked: bool) -> std::io::Result<()> {
+        if !(FIRST_MSI_GSI..MAX_ROUTES).contains(&gsi) {
+            return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        let mut st = self.lock();
+        let old = if masked {
+            st.msi.remove(&gsi)
+        } else {
+            st.msi.insert(gsi, (addr, data))
+        };
+        let new = st.msi.get(&gsi).copied();
+        if old == new {
+            return Ok(());
+        }
+        if let Err(e) = self.commit_locked(&st) {
+            // Keep the table we track equal to KVM's.
+            match old {
+                Some(o) => st.msi.insert(gsi, o),
+                None => st.msi.remove(&gsi),
+            };
+            return Err(to_io(e));
+        }
+        Ok(())
+    }
+}
+
+impl IoEventRegistry for KvmInterrupts {
+    fn register(&self, addr: u64, fd: &EventFd) -> std::io::Result<()> {
+        self.fd
+            .register_ioevent(fd, &IoEventAddress::Mmio(addr), NoDatamatch)
+            .map_err(to_io)
+    }
+
+    fn unregister(&self, addr: u64, fd: &EventFd) -> std::io::Result<()> {
+        self.fd
+            .unregister_ioevent(fd, &IoEventAddress::Mmio(addr), NoDatamatch)
+            .map_err(to_io)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routing_table_keeps_the_pins() {
+        let mut msi = BTreeMap::new();
+        msi.insert(24, (0xfee0_0000u64, 0x4041u32));
+        let e = KvmInterrupts::entries(&msi);
+        assert_eq!(e.len(), 16 + 24 + 1);
+        // SAFETY: reading the union members these entries were built with.
+        unsafe {
+            assert_eq!(
+                (e[9].gsi, e[9].u.irqchip.irqchip, e[9].u.irqchip.pin),
+                (9, 1, 1)
+            );
+            assert_eq!((e[20].gsi, e[20].u.irqchip.irqchip), (4, 2));
+            assert_eq!(e[40].type_, KVM_IRQ_ROUTING_MSI);
+            assert_eq!(
+                (e[40].gsi, e[40].u.msi.address_lo, e[40].u.msi.data),
+                (24, 0xfee0_0000, 0x4041)
+            );
+        }
     }
 }

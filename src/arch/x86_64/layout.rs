@@ -60,6 +60,17 @@ pub const PCI_MMIO32_SIZE: u64 = 0x2000_0000;
 /// PCI ECAM (memory-mapped configuration space), bus 0 only (1 MiB).
 pub const PCI_ECAM_START: u64 = 0xe000_0000;
 pub const PCI_ECAM_SIZE: u64 = 0x10_0000;
+/// PCI INTx: INTA..INTD of every slot are spread over IOAPIC pins 16..24 (level-triggered).
+pub const PCI_INTX_GSI_BASE: u32 = 16;
+pub const PCI_INTX_GSI_COUNT: u32 = 8;
+
+/// The GSI of `pin` (0 = INTA .. 3 = INTD) of PCI slot `slot` on bus 0 (the DSDT's _PRT says
+/// the same).
+pub fn pci_intx_gsi(slot: u8, pin: u8) -> u32 {
+    PCI_INTX_GSI_BASE + (u32::from(slot) + u32::from(pin)) % PCI_INTX_GSI_COUNT
+}
+/// 0xe200_0000..0xfec0_0000 has no device: firmware tests use it as unclaimed MMIO.
+pub const UNCLAIMED_MMIO_TEST: u64 = 0xe200_0000;
 /// IOAPIC of the in-kernel irqchip.
 pub const IOAPIC_START: u64 = 0xfec0_0000;
 /// Local APIC.

@@ -12,6 +12,8 @@ pub mod block;
 use std::sync::Arc;
 
 pub mod net;
+pub mod pci;
+pub mod rng;
 pub mod tap;
 
 use vm_memory::GuestMemoryMmap;

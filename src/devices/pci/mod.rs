@@ -1,0 +1,92 @@
+//! PCI: bus 0 with a host bridge at 00:00.0, configuration space through ports 0xCF8/0xCFC and
+//! ECAM, memory BARs in the 32-bit window, MSI-X.
+//!
+//! Devices implement [`PciDevice`]; [`root::PciRoot`] owns the 32 slots of bus 0, allocates BAR
+//! addresses and dispatches configuration and BAR accesses. Interrupts: MSI-X vectors are KVM GSIs
+//! whose routes the device updates through an [`MsiRouter`]; INTx is an irqfd with a resample
+//! eventfd ([`IntxLine`]) that the boot recipe registers. Devices never see the VM fd.
+
+use std::io;
+
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+pub mod config;
+pub mod msix;
+pub mod root;
+
+pub use config::{BarKind, BarSpec, PciConfig, PciHeader};
+pub use root::{PciConfigIo, PciEcam, PciMmioWindow, PciRoot};
+
+/// Errors from building the PCI topology.
+#[derive(Debug, thiserror::Error)]
+pub enum PciError {
+    #[error("BAR {0}: invalid index or size, or the slot is taken")]
+    BadBar(usize),
+    #[error("no room left in configuration space for a capability of {0} bytes")]
+    CapabilitySpace(usize),
+    #[error("bus 0 has no free slot")]
+    NoSlot,
+    #[error("slot {0} is taken or out of range")]
+    SlotTaken(u8),
+    #[error("the PCI MMIO window has no room for a BAR of {0:#x} bytes")]
+    MmioExhausted(u64),
+    #[error("cannot set up interrupt vectors")]
+    Interrupt(#[source] io::Error),
+}
+
+/// A function on bus 0. Offsets are relative to the function's 4 KiB configuration space or to
+/// the BAR. Accesses come straight from the guest: any size, any offset, must never panic.
+pub trait PciDevice: Send {
+    /// The configuration header (BAR addresses, command register).
+    fn config(&self) -> &PciConfig;
+    /// Reads configuration space at `reg` (0..4096).
+    fn config_read(&mut self, reg: u16, data: &mut [u8]);
+    /// Writes configuration space at `reg` (0..4096).
+    fn config_write(&mut self, reg: u16, data: &[u8]);
+    /// Reads BAR `bar` at `offset`.
+    fn bar_read(&mut self, bar: usize, offset: u64, data: &mut [u8]);
+    /// Writes BAR `bar` at `offset`.
+    fn bar_write(&mut self, bar: usize, offset: u64, data: &[u8]);
+    /// Sets the address of BAR `bar` (firmware-style assignment before the guest runs).
+    fn assign_bar(&mut self, bar: usize, addr: u64);
+}
+
+/// One MSI vector: a GSI whose route the [`MsiRouter`] manages, and the irqfd that raises it.
+pub struct MsiVector {
+    pub gsi: u32,
+    pub irqfd: EventFd,
+}
+
+/// Routes MSI messages to GSIs (implemented in `kvm/` over KVM_SET_GSI_ROUTING and irqfds).
+pub trait MsiRouter: Send + Sync {
+    /// Allocates a GSI and an irqfd connected to it (no route until [`MsiRouter::update`]).
+    fn allocate(&self) -> io::Result<MsiVector>;
+    /// Routes `gsi` to the MSI message (`addr`, `data`); a masked vector has no route.
+    fn update(&self, gsi: u32, addr: u64, data: u32, masked: bool) -> io::Result<()>;
+}
+
+/// Registers guest-physical MMIO addresses whose writes signal an eventfd inside KVM (kicks that
+/// never exit to userspace). Implemented in `kvm/`.
+pub trait IoEventRegistry: Send + Sync {
+    /// Any write of any size to `addr` signals `fd`.
+    fn register(&self, addr: u64, fd: &EventFd) -> io::Result<()>;
+    fn unregister(&self, addr: u64, fd: &EventFd) -> io::Result<()>;
+}
+
+/// A level-triggered INTx line: `irqfd` asserts it; KVM deasserts it at EOI and signals
+/// `resample`, where the device re-asserts it if its interrupt condition still holds. The boot
+/// recipe registers the pair (KVM_IRQFD with KVM_IRQFD_FLAG_RESAMPLE) on the slot's GSI.
+pub struct IntxLine {
+    pub irqfd: EventFd,
+    /// Blocking: a thread of the device waits on it.
+    pub resample: EventFd,
+}
+
+impl IntxLine {
+    pub fn new() -> io::Result<Self> {
+        Ok(Self {
+            irqfd: EventFd::new(EFD_NONBLOCK)?,
+            resample: EventFd::new(0)?,
+        })
+    }
+}

@@ -1,0 +1,466 @@
+//! Bus 0: the host bridge, the slots, and the three ways in (CF8/CFC, ECAM, the MMIO window).
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+
+use super::config::{PciConfig, PciHeader, EXT_CONFIG_SIZE};
+use super::{PciDevice, PciError};
+use crate::bus::BusDevice;
+
+/// Slots on bus 0.
+pub const NUM_SLOTS: usize = 32;
+
+pub type SharedPciDevice = Arc<Mutex<dyn PciDevice>>;
+
+fn lock(d: &SharedPciDevice) -> std::sync::MutexGuard<'_, dyn PciDevice + 'static> {
+    d.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The host bridge at 00:00.0 (Red Hat's "QEMU PCIe host bridge" ID, class 06/00).
+pub struct HostBridge {
+    config: PciConfig,
+}
+
+impl HostBridge {
+    pub fn new() -> Self {
+        Self {
+            config: PciConfig::new(&PciHeader {
+                vendor_id: 0x1b36,
+                device_id: 0x0008,
+                class: 0x06_00_00,
+                ..Default::default()
+            }),
+        }
+    }
+}
+
+impl Default for HostBridge {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl PciDevice for HostBridge {
+    fn config(&self) -> &PciConfig {
+        &self.config
+    }
+    fn config_read(&mut self, reg: u16, data: &mut [u8]) {
+        self.config.read(reg.into(), data);
+    }
+    fn config_write(&mut self, reg: u16, data: &[u8]) {
+        self.config.write(reg.into(), data);
+    }
+    fn bar_read(&mut self, _bar: usize, _offset: u64, data: &mut [u8]) {
+        data.fill(0xff);
+    }
+    fn bar_write(&mut self, _bar: usize, _offset: u64, _data: &[u8]) {}
+    fn assign_bar(&mut self, _bar: usize, _addr: u64) {}
+}
+
+/// Bus 0 and the BAR allocator of the 32-bit MMIO window. Built before the vCPUs start; shared
+/// (`Arc`) and immutable afterwards: each device has its own lock, and BAR addresses are read
+/// from the devices at every access, so the guest may move BARs inside the window.
+pub struct PciRoot {
+    slots: Vec<Option<SharedPciDevice>>,
+    mmio_start: u64,
+    mmio_end: u64,
+    next_mmio: u64,
+}
+
+impl PciRoot {
+    /// A bus with the host bridge in slot 0; BARs are allocated in `[mmio_start, +mmio_size)`.
+    pub fn new(mmio_start: u64, mmio_size: u64) -> Self {
+        let mut slots: Vec<Option<SharedPciDevice>> = vec![None; NUM_SLOTS];
+        slots[0] = Some(Arc::new(Mutex::new(HostBridge::new())));
+        Self {
+            slots,
+            mmio_start,
+            mmio_end: mmio_start.saturating_add(mmio_size),
+            next_mmio: mmio_start,
+        }
+    }
+
+    /// The first free slot.
+    pub fn free_slot(&self) -> Result<u8, PciError> {
+        self.slots
+            .iter()
+            .position(Option::is_none)
+            .map(|s| s as u8)
+            .ok_or(PciError::NoSlot)
+    }
+
+    /// Puts `dev` in `slot` and assigns its BARs, naturally aligned, from the MMIO window.
+    pub fn insert(&mut self, slot: u8, dev: SharedPciDevice) -> Result<(), PciError> {
+        match self.slots.get(usize::from(slot)) {
+            Some(None) => {}
+            _ => return Err(PciError::SlotTaken(slot)),
+        }
+        let specs = lock(&dev).config().bar_specs();
+        let mut next = self.next_mmio;
+        let mut assigned = Vec::new();
+        for (i, spec) in specs {
+            let addr = next
+                .checked_next_multiple_of(spec.size)
+                .filter(|a| a.checked_add(spec.size).is_some_and(|e| e <= self.mmio_end))
+                .ok_or(PciError::MmioExhausted(spec.size))?;
+            assigned.push((i, addr));
+            next = addr + spec.size;
+        }
+        {
+            let mut d = lock(&dev);
+            for (i, addr) in assigned {
+                d.assign_bar(i, addr);
+            }
+        }
+        self.next_mmio = next;
+        self.slots[usize::from(slot)] = Some(dev);
+        Ok(())
+    }
+
+    /// The window BARs are allocated from (for the ACPI description).
+    pub fn mmio_window(&self) -> (u64, u64) {
+        (self.mmio_start, self.mmio_end - self.mmio_start)
+    }
+
+    /// Occupied slots.
+    pub fn slots(&self) -> impl Iterator<Item = u8> + '_ {
+        self.slots
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.is_some())
+            .map(|(i, _)| i as u8)
+    }
+
+    fn function(&self, bus: u8, dev: u8, func: u8) -> Option<&SharedPciDevice> {
+        if bus != 0 || func != 0 {
+            return None;
+        }
+        self.slots.get(usize::from(dev))?.as_ref()
+    }
+
+    /// Configuration read of bus/dev/func at `reg`; absent functions read all-ones.
+    pub fn config_read(&self, bus: u8, dev: u8, func: u8, reg: u16, data: &mut [u8]) {
+        match self.function(bus, dev, func) {
+            Some(d) if usize::from(reg) + data.len() <= EXT_CONFIG_SIZE => {
+                lock(d).config_read(reg, data)
+            }
+            _ => data.fill(0xff),
+        }
+    }
+
+    pub fn config_write(&self, bus: u8, dev: u8, func: u8, reg: u16, data: &[u8]) {
+        if let Some(d) = self.function(bus, dev, func) {
+            if usize::from(reg) + data.len() <= EXT_CONFIG_SIZE {
+                lock(d).config_write(reg, data);
+            }
+        }
+    }
+
+    fn bar_device(&self, addr: u64) -> Option<(&SharedPciDevice, usize, u64)> {
+        self.slots.iter().flatten().find_map(|d| {
+            let (bar, off) = lock(d).config().bar_at(addr)?;
+            Some((d, bar, off))
+        })
+    }
+
+    /// A guest access to `addr` in the MMIO window; unclaimed reads return all-ones.
+    pub fn mmio_read(&self, addr: u64, data: &mut [u8]) {
+        match self.bar_device(addr) {
+            Some((d, bar, off)) => lock(d).bar_read(bar, off, data),
+            None => data.fill(0xff),
+        }
+    }
+
+    pub fn mmio_write(&self, addr: u64, data: &[u8]) {
+        if let Some((d, bar, off)) = self.bar_device(addr) {
+            lock(d).bar_write(bar, off, data);
+        }
+    }
+}
+
+/// Ports 0xCF8 (CONFIG_ADDRESS, dword) and 0xCFC..0xCFF (CONFIG_DATA): two bus entries sharing
+/// one address register. 0xCF9 is the reset register, so CONFIG_ADDRESS is a 1-port range that
+/// takes dword accesses.
+pub struct PciConfigIo {
+    root: Arc<PciRoot>,
+    address: Arc<AtomicU32>,
+    is_data: bool,
+}
+
+impl PciConfigIo {
+    /// (the 0xCF8 device, the 0xCFC device)
+    pub fn pair(root: Arc<PciRoot>) -> (Self, Self) {
+        let address = Arc::new(AtomicU32::new(0));
+        (
+            Self {
+                root: root.clone(),
+                address: address.clone(),
+                is_data: false,
+            },
+            Self {
+                root,
+                address,
+                is_data: true,
+            },
+        )
+    }
+
+    /// (bus, dev, func, reg) of the current address plus `offset`, if enabled.
+    fn target(&self, offset: u64, len: usize) -> Option<(u8, u8, u8, u16)> {
+        let a = self.address.load(Ordering::SeqCst);
+        if a & 0x8000_0000 == 0 || offset + len as u64 > 4 {
+            return None;
+        }
+        let reg = (a & 0xfc) as u16 + offset as u16;
+        Some((
+            (a >> 16) as u8,
+            (a >> 11 & 0x1f) as u8,
+            (a >> 8 & 7) as u8,
+            reg,
+        ))
+    }
+}
+
+impl BusDevice for PciConfigIo {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        if !self.is_data {
+            if offset == 0 && data.len() == 4 {
+                data.copy_from_slice(&self.address.load(Ordering::SeqCst).to_le_bytes());
+            } else {
+                data.fill(0xff);
+            }
+            return;
+        }
+        match self.target(offset, data.len()) {
+            Some((b, d, f, r)) => self.root.config_read(b, d, f, r, data),
+            None => data.fill(0xff),
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if !self.is_data {
+            if let (0, Ok(v)) = (offset, <[u8; 4]>::try_from(data)) {
+                self.address
+                    .store(u32::from_le_bytes(v) & 0x80ff_fffc, Ordering::SeqCst);
+            }
+            return;
+        }
+        if let Some((b, d, f, r)) = self.target(offset, data.len()) {
+            self.root.config_write(b, d, f, r, data);
+        }
+    }
+}
+
+/// ECAM: 4 KiB of configuration space per function, bus 0 only (1 MiB).
+pub struct PciEcam {
+    root: Arc<PciRoot>,
+}
+
+impl PciEcam {
+    pub fn new(root: Arc<PciRoot>) -> Self {
+        Self { root }
+    }
+
+    fn decode(offset: u64) -> (u8, u8, u8, u16) {
+        (
+            (offset >> 20) as u8,
+            (offset >> 15 & 0x1f) as u8,
+            (offset >> 12 & 7) as u8,
+            (offset & 0xfff) as u16,
+        )
+    }
+}
+
+impl BusDevice for PciEcam {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        let (b, d, f, r) = Self::decode(offset);
+        self.root.config_read(b, d, f, r, data);
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        let (b, d, f, r) = Self::decode(offset);
+        self.root.config_write(b, d, f, r, data);
+    }
+}
+
+/// The 32-bit MMIO window: accesses go to whichever BAR decodes them now.
+pub struct PciMmioWindow {
+    root: Arc<PciRoot>,
+    base: u64,
+}
+
+impl PciMmioWindow {
+    pub fn new(root: Arc<PciRoot>) -> Self {
+        let base = root.mmio_window().0;
+        Self { root, base }
+    }
+}
+
+impl BusDevice for PciMmioWindow {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        self.root.mmio_read(self.base + offset, data);
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        self.root.mmio_write(self.base + offset, data);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::config::{BarKind, BarSpec, COMMAND_MEMORY, REG_COMMAND};
+    use super::*;
+
+    /// A device with one 64-bit BAR that remembers the last BAR write.
+    struct Dummy {
+        config: PciConfig,
+        last: Option<(usize, u64, Vec<u8>)>,
+    }
+
+    impl PciDevice for Dummy {
+        fn config(&self) -> &PciConfig {
+            &self.config
+        }
+        fn config_read(&mut self, reg: u16, data: &mut [u8]) {
+            self.config.read(reg.into(), data)
+        }
+        fn config_write(&mut self, reg: u16, data: &[u8]) {
+            self.config.write(reg.into(), data)
+        }
+        fn bar_read(&mut self, bar: usize, offset: u64, data: &mut [u8]) {
+            data.fill(bar as u8 + offset as u8);
+        }
+        fn bar_write(&mut self, bar: usize, offset: u64, data: &[u8]) {
+            self.last = Some((bar, offset, data.to_vec()));
+        }
+        fn assign_bar(&mut self, bar: usize, addr: u64) {
+            self.config.set_bar_addr(bar, addr);
+        }
+    }
+
+    fn root() -> (Arc<PciRoot>, Arc<Mutex<Dummy>>) {
+        let mut r = PciRoot::new(0xc000_0000, 0x2000_0000);
+        let mut config = PciConfig::new(&PciHeader {
+            vendor_id: 0x1af4,
+            device_id: 0x1044,
+            ..Default::default()
+        });
+        config
+            .add_bar(
+                0,
+                BarSpec {
+                    size: 0x4000,
+                    kind: BarKind::Mem64,
+                    prefetchable: false,
+                },
+            )
+            .unwrap();
+        let d = Arc::new(Mutex::new(Dummy { config, last: None }));
+        assert_eq!(r.free_slot().unwrap(), 1);
+        r.insert(1, d.clone()).unwrap();
+        assert!(r.insert(1, d.clone()).is_err());
+        assert!(r.insert(32, d.clone()).is_err());
+        (Arc::new(r), d)
+    }
+
+    fn cf8_read(a: &mut PciConfigIo, d: &mut PciConfigIo, addr: u32, off: u64, len: usize) -> u32 {
+        a.write(0, &addr.to_le_bytes());
+        let mut b = [0u8; 4];
+        d.read(off, &mut b[..len]);
+        u32::from_le_bytes(b)
+    }
+
+    #[test]
+    fn cf8_and_ecam_agree() {
+        let (root, _) = root();
+        let (mut a, mut d) = PciConfigIo::pair(root.clone());
+        let mut ecam = PciEcam::new(root.clone());
+        for dev in [0u32, 1, 2, 31] {
+            for reg in (0..0x40u32).step_by(4) {
+                let via_io = cf8_read(&mut a, &mut d, 0x8000_0000 | dev << 11 | reg, 0, 4);
+                let mut b = [0u8; 4];
+                ecam.read(u64::from(dev << 15 | reg), &mut b);
+                assert_eq!(via_io, u32::from_le_bytes(b), "dev {dev} reg {reg:#x}");
+            }
+        }
+        // Host bridge and device identities; empty slots and other functions read all-ones.
+        assert_eq!(cf8_read(&mut a, &mut d, 0x8000_0000, 0, 4), 0x0008_1b36);
+        assert_eq!(
+            cf8_read(&mut a, &mut d, 0x8000_0000 | 1 << 11, 2, 2),
+            0x1044
+        );
+        assert_eq!(
+            cf8_read(&mut a, &mut d, 0x8000_0000 | 2 << 11, 0, 4),
+            0xffff_ffff
+        );
+        assert_eq!(
+            cf8_read(&mut a, &mut d, 0x8000_0000 | 1 << 11 | 1 << 8, 0, 4),
+            0xffff_ffff
+        );
+        assert_eq!(cf8_read(&mut a, &mut d, 0x8001_0000, 0, 4), 0xffff_ffff);
+        // Disabled CONFIG_ADDRESS reads all-ones; CONFIG_ADDRESS reads back.
+        assert_eq!(cf8_read(&mut a, &mut d, 0x0000_0000, 0, 4), 0xffff_ffff);
+        a.write(0, &0x8000_0803u32.to_le_bytes());
+        let mut b = [0u8; 4];
+        a.read(0, &mut b);
+        assert_eq!(u32::from_le_bytes(b), 0x8000_0800);
+        // A write through ECAM is seen through CF8.
+        ecam.write(1 << 15 | 0x3c, &[0x0b]);
+        assert_eq!(cf8_read(&mut a, &mut d, 0x8000_083c, 0, 1), 0x0b);
+        // Hostile: crossing the data port or the 4 KiB function space.
+        d.read(3, &mut b);
+        assert_eq!(b, [0xff; 4]);
+        d.write(2, &[0; 4]);
+        ecam.read(1 << 15 | 0xffe, &mut b);
+        assert_eq!(b, [0xff; 4]);
+        ecam.write(1 << 15 | 0xffe, &[0; 4]);
+        a.write(0, &[1]);
+        a.read(0, &mut b[..2]);
+        ecam.read(0xf_ffff, &mut b[..1]);
+    }
+
+    #[test]
+    fn bars_are_assigned_and_decoded() {
+        let (root, dev) = root();
+        let mut win = PciMmioWindow::new(root.clone());
+        let mut ecam = PciEcam::new(root.clone());
+        let bar = dev.lock().unwrap().config().bar_addr(0).unwrap();
+        assert_eq!(bar, 0xc000_0000);
+        let mut b = [0u8; 4];
+        // Memory decoding off: nothing answers.
+        win.read(0x10, &mut b);
+        assert_eq!(b, [0xff; 4]);
+        ecam.write(1 << 15 | REG_COMMAND as u64, &COMMAND_MEMORY.to_le_bytes());
+        win.read(0x10, &mut b);
+        assert_eq!(b, [0x10; 4]);
+        win.write(0x20, &[1, 2]);
+        assert_eq!(dev.lock().unwrap().last, Some((0, 0x20, vec![1, 2])));
+        // The guest moves the BAR: the window follows.
+        ecam.write(1 << 15 | 0x10, &0xc010_0000u32.to_le_bytes());
+        win.read(0x10, &mut b);
+        assert_eq!(b, [0xff; 4]);
+        win.read(0x10_0010, &mut b);
+        assert_eq!(b, [0x10; 4]);
+    }
+
+    #[test]
+    fn window_exhaustion_is_an_error() {
+        let mut r = PciRoot::new(0xc000_0000, 0x1000);
+        let mut config = PciConfig::new(&PciHeader::default());
+        config
+            .add_bar(
+                0,
+                BarSpec {
+                    size: 0x2000,
+                    kind: BarKind::Mem32,
+                    prefetchable: false,
+                },
+            )
+            .unwrap();
+        let d = Arc::new(Mutex::new(Dummy { config, last: None }));
+        assert!(matches!(
+            r.insert(1, d),
+            Err(PciError::MmioExhausted(0x2000))
+        ));
+    }
+}
