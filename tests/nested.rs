@@ -1,6 +1,7 @@
 //! Linux-guest tests of ferrovm, run by the nested harness (tests/harness/mod.rs).
 //! `cargo test --test nested [-- <substring>]`; see the harness docs for modes and knobs.
 
+mod cases;
 mod harness;
 
 use harness::{expect_output, expect_status, Case, CaseOutput, Config};
@@ -414,6 +415,17 @@ tail -c +$((base + 1)) initrd.img | "$BUSYBOX" cpio -t
     cases.extend(linux_boot_cases());
     let mut cfg = Config::from_env();
     cases.extend(pci_cases(&cfg.images));
+    cases.extend(cases::blk::cases());
+    cases.extend(cases::net::cases());
     cfg.l1_extra.extend(extra_l1_files());
+    // Disk cases copy the root image and check it with e2fsprogs; network cases make a
+    // namespace with a TAP (iproute2, the tun module).
+    cfg.rootfs_in_initrd = true;
+    cfg.l1_programs.extend(
+        ["/usr/sbin/e2fsck", "/usr/sbin/debugfs", "/usr/sbin/ip"]
+            .iter()
+            .map(PathBuf::from),
+    );
+    cfg.l1_modules.push("tun".into());
     harness::run_with(cases, cfg)
 }

@@ -155,6 +155,8 @@ pub struct Config {
     /// Host executables copied into L1 at the same path, with the shared libraries `ldd`
     /// lists (e.g. /sbin/e2fsck, /usr/bin/qemu-system-x86_64).
     pub l1_programs: Vec<PathBuf>,
+    /// More L1 kernel modules by name (dependencies resolved from modules.dep), e.g. "tun".
+    pub l1_modules: Vec<String>,
 }
 
 impl Config {
@@ -215,6 +217,7 @@ impl Config {
             l1_disks,
             l1_extra: Vec::new(),
             l1_programs: Vec::new(),
+            l1_modules: Vec::new(),
         }
     }
 }

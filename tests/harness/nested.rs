@@ -173,6 +173,7 @@ fn build_initrd(cfg: &Config, cases: &[Case], out: &Path) -> Result<(), String> 
         std::fs::read_to_string(&dep_path).map_err(|e| format!("{}: {e}", dep_path.display()))?;
     let dep = parse_modules_dep(&dep_text);
     let mut wanted = vec!["kvm_amd"];
+    wanted.extend(cfg.l1_modules.iter().map(String::as_str));
     if !cfg.l1_disks.is_empty() {
         wanted.extend(["virtio_pci", "virtio_blk"]);
     }
