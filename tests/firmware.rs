@@ -279,3 +279,25 @@ fn multiboot_kernel_with_fw_cfg_and_debug_exit() {
         );
     }
 }
+
+#[test]
+fn missing_dev_kvm_is_a_clear_error() {
+    // A private mount namespace with an empty /dev: /dev/kvm does not exist there.
+    let dir = scratch("nokvm");
+    let fw = firmware(&dir, "hello");
+    let script = format!(
+        "mount -t tmpfs none /dev && exec {FERROVM} run --kernel {}",
+        fw.display()
+    );
+    let o = Command::new("unshare")
+        .args(["--mount", "sh", "-c", &script])
+        .stdin(Stdio::null())
+        .output()
+        .expect("unshare (util-linux) is needed for this test");
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("cannot open /dev/kvm"), "{err}");
+    assert!(err.contains("No such file"), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
