@@ -276,7 +276,7 @@ pub fn low_ram_end(mem: &GuestMemoryMmap) -> u64 {
 }
 
 /// The e820 map for a guest with `mem_size` bytes of RAM: low RAM up to the EBDA, reserved
-/// BIOS area up to 1 MiB, RAM up to the MMIO hole, the rest above 4 GiB.
+/// BIOS area up to 1 MiB, RAM up to the MMIO hole, reserved PCI ECAM, the rest above 4 GiB.
 pub fn e820_map(mem_size: u64) -> Vec<(u64, u64, u32)> {
     let mut map = vec![
         (0, layout::EBDA_START, E820_RAM),
@@ -297,6 +297,9 @@ pub fn e820_map(mem_size: u64) -> Vec<(u64, u64, u32)> {
             map.push((start, end - start, E820_RAM));
         }
     }
+    // PCI ECAM, reserved as firmware does, so the kernel's early MMCONFIG check accepts it.
+    map.push((layout::PCI_ECAM_START, layout::PCI_ECAM_SIZE, E820_RESERVED));
+    map.sort_by_key(|e| e.0);
     map
 }
 
@@ -447,7 +450,11 @@ mod tests {
                 E820_RAM
             )
         );
-        assert_eq!(m[3], (layout::HIGH_RAM_START, 1 << 30, E820_RAM));
+        assert_eq!(
+            m[3],
+            (layout::PCI_ECAM_START, layout::PCI_ECAM_SIZE, E820_RESERVED)
+        );
+        assert_eq!(m[4], (layout::HIGH_RAM_START, 1 << 30, E820_RAM));
         let total: u64 = m.iter().filter(|e| e.2 == E820_RAM).map(|e| e.1).sum();
         assert_eq!(
             total,
