@@ -1,16 +1,19 @@
 //! Host-only micro-benchmark of the virtio-blk device model: 4 KiB random reads and writes
-//! submitted through a virtqueue in guest memory and served by `QueueHandler::process_queue`
-//! (the worker's code path, minus the eventfd wake-up), against plain pread/pwrite on the
-//! same file.
+//! submitted through a virtqueue in guest memory and served by the synchronous
+//! `QueueHandler::process_queue` (the worker's code path, minus the eventfd wake-up) and by
+//! the io_uring `UringQueueHandler::process_queue`, at queue depth 1 and 32 (requests
+//! queued per kick), against plain pread/pwrite on the same file; once through the page cache
+//! and once with O_DIRECT (`direct=on`).
 //!
 //! Run: `cargo bench --bench blk_device`
 
 use std::fs::OpenOptions;
 use std::io::Write;
 use std::os::unix::fs::FileExt;
+use std::os::unix::fs::OpenOptionsExt;
 use std::time::Instant;
 
-use ferrovm::devices::virtio::block::{Block, DiskConfig};
+use ferrovm::devices::virtio::block::{Block, DiskConfig, QueueHandler, UringQueueHandler};
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
 use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::desc::{split::Descriptor, RawDescriptor};
@@ -21,8 +24,11 @@ use vmm_sys_util::tempfile::TempFile;
 
 const FILE_SIZE: u64 = 256 << 20;
 const BLOCK: usize = 4096;
-const N: usize = 20_000;
-const REPS: u64 = 5;
+/// Requests per run and runs per figure (best of), page cache / O_DIRECT.
+const N_CACHED: usize = 20_000;
+const REPS_CACHED: u64 = 5;
+const N_DIRECT: usize = 4_000;
+const REPS_DIRECT: u64 = 3;
 const QUEUE_SIZE: u16 = 256;
 const USED: u64 = 0x8000;
 const HDRS: u64 = 0x10_0000;
@@ -107,45 +113,77 @@ impl<'a> Driver<'a> {
     }
 }
 
-fn device_run(blk: &Block, mem: &GuestMemoryMmap, read: bool, batch: u16, seed: u64) -> f64 {
+#[derive(Clone, Copy, PartialEq)]
+enum Backend {
+    Sync,
+    Uring,
+}
+
+enum Handler {
+    Sync(QueueHandler),
+    Uring(Box<UringQueueHandler>),
+}
+
+fn device_run(
+    blk: &Block,
+    mem: &GuestMemoryMmap,
+    backend: Backend,
+    read: bool,
+    batch: u16,
+    n: usize,
+    seed: u64,
+) -> f64 {
     let mut drv = Driver::new(mem);
-    let mut handler = blk.queue_handler();
+    let mut handler = match backend {
+        Backend::Sync => Handler::Sync(blk.queue_handler()),
+        Backend::Uring => Handler::Uring(Box::new(
+            UringQueueHandler::new(blk.queue_handler()).expect("io_uring setup"),
+        )),
+    };
     let mut rng = Rng(seed);
     let start = Instant::now();
     let mut done = 0usize;
-    while done < N {
-        let n = usize::from(batch).min(N - done);
-        for slot in 0..n {
+    while done < n {
+        let k = usize::from(batch).min(n - done);
+        for slot in 0..k {
             drv.push(slot as u16, read, rng.offset());
         }
-        handler
-            .process_queue(mem, &mut drv.queue)
-            .expect("process_queue");
-        done += n;
+        match &mut handler {
+            Handler::Sync(h) => h.process_queue(mem, &mut drv.queue),
+            Handler::Uring(h) => h.process_queue(mem, &mut drv.queue),
+        }
+        .expect("process_queue");
+        done += k;
     }
     let secs = start.elapsed().as_secs_f64();
     let used: u16 = mem
         .read_obj(GuestAddress(USED).unchecked_add(2))
         .expect("used idx");
-    assert_eq!(used, N as u16, "every request completed");
-    let status: u8 = mem.read_obj(GuestAddress(STATUS)).expect("status");
-    assert_eq!(status, 0, "last request succeeded");
-    N as f64 / secs
+    assert_eq!(used, n as u16, "every request completed");
+    for slot in 0..u64::from(batch).min(n as u64) {
+        let status: u8 = mem.read_obj(GuestAddress(STATUS + slot)).expect("status");
+        assert_eq!(status, 0, "request in slot {slot} succeeded");
+    }
+    n as f64 / secs
 }
 
-fn plain_run(file: &std::fs::File, read: bool, seed: u64) -> f64 {
-    let mut buf = vec![0x5au8; BLOCK];
+/// A 4 KiB buffer aligned for O_DIRECT.
+#[repr(C, align(4096))]
+struct Page([u8; BLOCK]);
+
+fn plain_run(file: &std::fs::File, read: bool, n: usize, seed: u64) -> f64 {
+    let mut buf = Box::new(Page([0x5au8; BLOCK]));
     let mut rng = Rng(seed);
     let start = Instant::now();
-    for _ in 0..N {
+    for _ in 0..n {
         let off = rng.offset();
         if read {
-            file.read_exact_at(&mut buf, off).expect("pread");
+            file.read_exact_at(&mut buf.0, off).expect("pread");
         } else {
-            file.write_all_at(&buf, off).expect("pwrite");
+            file.write_all_at(&buf.0, off).expect("pwrite");
         }
     }
-    N as f64 / start.elapsed().as_secs_f64()
+    n as f64 / start.elapsed().as_secs_f64()
 }
 
 fn main() {
@@ -158,55 +196,71 @@ fn main() {
         }
         f.sync_all().expect("sync");
     }
-    let blk = Block::new(&DiskConfig {
-        path: tmp.as_path().to_path_buf(),
-        readonly: false,
-        serial: None,
-        direct: false,
-    })
-    .expect("device");
-    let plain = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(tmp.as_path())
-        .expect("open");
     let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 16 << 20)]).expect("memory");
+    let mut totals = (0u64, 0u64, 0u64, 0u64);
 
-    println!(
-        "blk_device: 4 KiB random I/O on a {} MiB file in /var/tmp (page cache), N={N}, best of {REPS}",
-        FILE_SIZE >> 20
-    );
-    // Warm up both paths (and the page cache) once.
-    plain_run(&plain, true, 1);
-    device_run(&blk, &mem, true, 1, 1);
+    for direct in [false, true] {
+        let (n, reps, mode) = if direct {
+            (N_DIRECT, REPS_DIRECT, "O_DIRECT")
+        } else {
+            (N_CACHED, REPS_CACHED, "page cache")
+        };
+        let blk = Block::new(&DiskConfig {
+            path: tmp.as_path().to_path_buf(),
+            readonly: false,
+            serial: None,
+            direct,
+        })
+        .expect("device");
+        let plain = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(if direct { libc::O_DIRECT } else { 0 })
+            .open(tmp.as_path())
+            .expect("open");
+        println!(
+            "blk_device: 4 KiB random I/O, {} MiB file in /var/tmp, {mode}, N={n}, best of {reps}",
+            FILE_SIZE >> 20
+        );
+        // Warm up every path (and the page cache) once.
+        plain_run(&plain, true, n, 1);
+        device_run(&blk, &mem, Backend::Sync, true, 1, n, 1);
+        device_run(&blk, &mem, Backend::Uring, true, 32, n, 1);
 
-    for (name, read) in [("read", true), ("write", false)] {
-        // Best of REPS interleaved runs: a single 20000-op run is short enough to be noisy.
-        let (mut p, mut d1, mut d32) = (0f64, 0f64, 0f64);
-        for rep in 0..REPS {
-            let seed = 42 + rep;
-            p = p.max(plain_run(&plain, read, seed));
-            d1 = d1.max(device_run(&blk, &mem, read, 1, seed));
-            d32 = d32.max(device_run(&blk, &mem, read, 32, seed));
+        for (name, read) in [("read", true), ("write", false)] {
+            // Best of `reps` interleaved runs: a single run is short enough to be noisy.
+            let mut p = 0f64;
+            let mut dev = [[0f64; 2]; 2]; // [qd1, qd32] x [sync, uring]
+            for rep in 0..reps {
+                let seed = 42 + rep;
+                p = p.max(plain_run(&plain, read, n, seed));
+                for (q, qd) in [1u16, 32].into_iter().enumerate() {
+                    for (b, backend) in [Backend::Sync, Backend::Uring].into_iter().enumerate() {
+                        let r = device_run(&blk, &mem, backend, read, qd, n, seed);
+                        dev[q][b] = dev[q][b].max(r);
+                    }
+                }
+            }
+            println!("{mode:>10} {name:>5}: plain p{name:<5}        {p:>10.0} ops/s");
+            for (q, qd) in [1, 32].into_iter().enumerate() {
+                let [s, u] = dev[q];
+                println!(
+                    "{mode:>10} {name:>5}: QD{qd:<2} sync {s:>10.0} ops/s ({:.2} of plain)  \
+                     io_uring {u:>10.0} ops/s ({:.2} of plain)  io_uring/sync {:.2}",
+                    s / p,
+                    u / p,
+                    u / s
+                );
+            }
         }
-        println!("{name:>5}: plain p{name:<5} {p:>10.0} ops/s");
-        println!(
-            "{name:>5}: device, 1/kick  {d1:>10.0} ops/s  ratio {:.2}",
-            d1 / p
-        );
-        println!(
-            "{name:>5}: device, 32/kick {d32:>10.0} ops/s  ratio {:.2}",
-            d32 / p
-        );
+        let s = blk.stats();
+        totals.0 += s.reads;
+        totals.1 += s.writes;
+        totals.2 += s.errors;
+        totals.3 += s.invalid;
     }
-    let s = blk.stats();
     println!(
-        "device stats: {} reads, {} writes, {} MiB read, {} MiB written, {} errors, {} invalid",
-        s.reads,
-        s.writes,
-        s.bytes_read >> 20,
-        s.bytes_written >> 20,
-        s.errors,
-        s.invalid
+        "device stats: {} reads, {} writes, {} errors, {} invalid",
+        totals.0, totals.1, totals.2, totals.3
     );
 }

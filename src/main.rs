@@ -83,6 +83,8 @@ struct RunArgs {
     rng: bool,
     /// A virtio-blk disk on a raw image: path=FILE[,readonly=on][,serial=ID][,direct=on].
     /// Repeatable; the first is /dev/vda. The image is locked against other writers.
+    /// direct=on opens it O_DIRECT and serves it through io_uring (synchronous I/O where
+    /// io_uring is unavailable).
     #[arg(long, value_name = "path=FILE[,...]")]
     disk: Vec<String>,
     /// A virtio-net NIC on a TAP device: tap=NAME[,mac=MAC]. Repeatable.

@@ -103,6 +103,11 @@ impl DiskImage {
         self.readonly
     }
 
+    /// The image's file descriptor, open for the lifetime of `self`.
+    pub(crate) fn raw_fd(&self) -> std::os::unix::io::RawFd {
+        self.file.as_raw_fd()
+    }
+
     /// True when the image was opened with O_DIRECT.
     pub fn direct(&self) -> bool {
         self.direct

@@ -46,6 +46,8 @@ pub enum QueueError {
     Notification(#[source] virtio_queue::Error),
     #[error("the available ring index moved but no descriptor chain could be read")]
     Stuck,
+    #[error("io_uring_enter failed")]
+    Uring(#[source] std::io::Error),
 }
 
 /// Serves one virtio-blk queue: pops chains, executes them against the image, fills the used
@@ -59,11 +61,61 @@ pub struct QueueHandler {
 }
 
 /// What a chain turned out to be.
-enum Outcome {
-    /// Status written; `len` bytes (data + status) went to the guest.
-    Done { len: u32 },
-    /// No status byte could be located: complete with used length 0.
-    NoStatus,
+enum Step<'m> {
+    /// Completed (status written, or no status byte could be located): add a used entry of
+    /// this length (data + status bytes that went to the guest; 0 without a status byte).
+    Done(u32),
+    /// Valid, in range, allowed: needs this file I/O before its status can be written.
+    Io {
+        status: VolatileSlice<'m>,
+        io: Io<'m>,
+    },
+}
+
+/// What [`QueueHandler::execute`] decided.
+enum Plan<'m> {
+    /// Finished without file I/O; this many payload bytes went to the guest.
+    Done(u32),
+    Io(Io<'m>),
+}
+
+/// File I/O a validated request needs. Every buffer is guest memory checked by `parse`, and
+/// the range `[offset, offset + len)` lies inside the image.
+pub(crate) enum Io<'m> {
+    /// Fill `bufs` (device-writable guest memory) from the image.
+    Read {
+        bufs: Vec<VolatileSlice<'m>>,
+        offset: u64,
+        len: u64,
+    },
+    /// Write `bufs` (device-readable guest memory) to the image.
+    Write {
+        bufs: Vec<VolatileSlice<'m>>,
+        offset: u64,
+        len: u64,
+    },
+    /// Make every completed write durable.
+    Flush,
+}
+
+/// A request waiting for its file I/O; [`QueueHandler::complete`] finishes it.
+pub(crate) struct Pending<'m> {
+    /// The chain's head descriptor, for the used ring.
+    pub(crate) head: u16,
+    /// The validated status byte.
+    status: VolatileSlice<'m>,
+    pub(crate) io: Io<'m>,
+}
+
+pub(crate) fn add_used(
+    mem: &GuestMemoryMmap,
+    queue: &mut Queue,
+    head: u16,
+    len: u32,
+) -> Result<(), QueueError> {
+    queue
+        .add_used(mem, head, len)
+        .map_err(|source| QueueError::AddUsed { head, source })
 }
 
 struct Parsed<'m> {
@@ -102,12 +154,43 @@ impl QueueHandler {
 
     /// Serves every available request: disables notifications, processes, re-enables, and
     /// loops while the driver added more in between (EVENT_IDX-friendly). Returns whether the
-    /// driver must be interrupted (`Queue::needs_notification`).
+    /// driver must be interrupted (`Queue::needs_notification`). I/O is synchronous: each
+    /// request is executed and completed before the next one is popped.
     pub fn process_queue(
         &mut self,
         mem: &GuestMemoryMmap,
         queue: &mut Queue,
     ) -> Result<bool, QueueError> {
+        self.drain(mem, queue, 1, |h, mem, queue, batch| {
+            for p in batch {
+                let len = h.complete(p, h.run_sync(&p.io));
+                add_used(mem, queue, p.head, len)?;
+            }
+            Ok(())
+        })
+    }
+
+    /// The queue loop shared by the synchronous and the io_uring back ends. Requests that need
+    /// no file I/O (and malformed ones) are completed here at once; the others are collected
+    /// into batches of at most `batch_max` and handed to `run`, which must complete every one
+    /// of them (status written and used entry added, in any order) before it returns.
+    pub(crate) fn drain<'m, F>(
+        &mut self,
+        mem: &'m GuestMemoryMmap,
+        queue: &mut Queue,
+        batch_max: usize,
+        mut run: F,
+    ) -> Result<bool, QueueError>
+    where
+        F: FnMut(
+            &QueueHandler,
+            &'m GuestMemoryMmap,
+            &mut Queue,
+            &[Pending<'m>],
+        ) -> Result<(), QueueError>,
+    {
+        let batch_max = batch_max.max(1);
+        let mut batch: Vec<Pending<'m>> = Vec::new();
         let mut added = false;
         loop {
             queue
@@ -128,14 +211,21 @@ impl QueueHandler {
                     warn!("virtio-blk: available ring names descriptor {head} past the queue end");
                     continue;
                 }
-                let len = match self.process_chain(mem, chain) {
-                    Outcome::Done { len } => len,
-                    Outcome::NoStatus => 0,
-                };
-                queue
-                    .add_used(mem, head, len)
-                    .map_err(|source| QueueError::AddUsed { head, source })?;
+                match self.process_chain(mem, chain) {
+                    Step::Done(len) => add_used(mem, queue, head, len)?,
+                    Step::Io { status, io } => {
+                        batch.push(Pending { head, status, io });
+                        if batch.len() >= batch_max {
+                            run(self, mem, queue, &batch)?;
+                            batch.clear();
+                        }
+                    }
+                }
                 added = true;
+            }
+            if !batch.is_empty() {
+                run(self, mem, queue, &batch)?;
+                batch.clear();
             }
             let more = queue
                 .enable_notification(mem)
@@ -156,25 +246,72 @@ impl QueueHandler {
             .map_err(QueueError::Notification)
     }
 
-    fn process_chain(
+    /// Executes `io` synchronously (preadv/pwritev straight into guest memory, fdatasync).
+    pub(crate) fn run_sync(&self, io: &Io<'_>) -> std::io::Result<()> {
+        match io {
+            Io::Read { bufs, offset, .. } => self.disk.read_at(bufs, *offset),
+            Io::Write { bufs, offset, .. } => self.disk.write_at(bufs, *offset),
+            Io::Flush => self.disk.flush(),
+        }
+    }
+
+    /// Finishes a request whose I/O ended with `res`: counts it, writes the status byte and
+    /// returns the used length.
+    pub(crate) fn complete(&self, p: &Pending<'_>, res: std::io::Result<()>) -> u32 {
+        let s = &self.stats;
+        let (code, written) = match (res, &p.io) {
+            (Ok(()), Io::Read { len, .. }) => {
+                s.bytes_read.fetch_add(*len, Ordering::Relaxed);
+                // len <= SEG_MAX * SIZE_MAX < 4 GiB (checked in parse).
+                (VIRTIO_BLK_S_OK, u32::try_from(*len).unwrap_or(u32::MAX))
+            }
+            (Ok(()), Io::Write { len, .. }) => {
+                s.bytes_written.fetch_add(*len, Ordering::Relaxed);
+                (VIRTIO_BLK_S_OK, 0)
+            }
+            (Ok(()), Io::Flush) => (VIRTIO_BLK_S_OK, 0),
+            (Err(e), io) => {
+                let (op, offset) = match io {
+                    Io::Read { offset, .. } => ("read", *offset),
+                    Io::Write { offset, .. } => ("write", *offset),
+                    Io::Flush => ("flush", 0),
+                };
+                let (fail, _) = self.io_err(op, offset, e);
+                // A failed read may have written part of the buffer: report nothing.
+                (self.fail_status(fail), 0)
+            }
+        };
+        // `status` was validated when the chain was parsed.
+        if p.status.write_obj(code as u8, 0).is_err() {
+            return 0;
+        }
+        written.saturating_add(1)
+    }
+
+    /// The image this handler serves.
+    pub(crate) fn disk(&self) -> &DiskImage {
+        &self.disk
+    }
+
+    fn process_chain<'m>(
         &mut self,
-        mem: &GuestMemoryMmap,
-        chain: DescriptorChain<&GuestMemoryMmap>,
-    ) -> Outcome {
+        mem: &'m GuestMemoryMmap,
+        chain: DescriptorChain<&'m GuestMemoryMmap>,
+    ) -> Step<'m> {
         // Walk the chain once, bounded, before trusting anything in it.
         let mut descs = std::mem::take(&mut self.descs);
         descs.clear();
-        let outcome = self.walk_and_run(mem, chain, &mut descs);
+        let step = self.walk_and_run(mem, chain, &mut descs);
         self.descs = descs;
-        outcome
+        step
     }
 
-    fn walk_and_run(
+    fn walk_and_run<'m>(
         &mut self,
-        mem: &GuestMemoryMmap,
-        chain: DescriptorChain<&GuestMemoryMmap>,
+        mem: &'m GuestMemoryMmap,
+        chain: DescriptorChain<&'m GuestMemoryMmap>,
         descs: &mut Vec<Descriptor>,
-    ) -> Outcome {
+    ) -> Step<'m> {
         let mut broken = false;
         for d in chain {
             if descs.len() == WALK_LIMIT {
@@ -191,7 +328,7 @@ impl QueueHandler {
         if broken {
             self.stats.invalid.fetch_add(1, Ordering::Relaxed);
             debug!("virtio-blk: looping, truncated or overlong descriptor chain");
-            return Outcome::NoStatus;
+            return Step::Done(0);
         }
         descs.retain(|d| d.len() > 0);
 
@@ -205,23 +342,22 @@ impl QueueHandler {
         }) else {
             self.stats.invalid.fetch_add(1, Ordering::Relaxed);
             debug!("virtio-blk: request without a writable status byte");
-            return Outcome::NoStatus;
+            return Step::Done(0);
         };
 
         let (code, written) = match self.parse(mem, descs) {
             Ok(req) => match self.execute(req) {
-                Ok(written) => (VIRTIO_BLK_S_OK, written),
+                Ok(Plan::Done(written)) => (VIRTIO_BLK_S_OK, written),
+                Ok(Plan::Io(io)) => return Step::Io { status, io },
                 Err((fail, written)) => (self.fail_status(fail), written),
             },
             Err(fail) => (self.fail_status(fail), 0),
         };
         // `status` was validated above; a failure here would mean guest memory vanished.
         if status.write_obj(code as u8, 0).is_err() {
-            return Outcome::NoStatus;
+            return Step::Done(0);
         }
-        Outcome::Done {
-            len: written.saturating_add(1),
-        }
+        Step::Done(written.saturating_add(1))
     }
 
     fn fail_status(&self, fail: Fail) -> u32 {
@@ -288,9 +424,9 @@ impl QueueHandler {
         })
     }
 
-    /// Runs a parsed request. Returns the number of payload bytes written to the guest, also
-    /// on failure (a failed read may have written part of the buffer: report nothing).
-    fn execute(&mut self, req: Parsed<'_>) -> Result<u32, (Fail, u32)> {
+    /// Runs a parsed request, or says which file I/O it needs ([`Plan::Io`], run by the back
+    /// end). Returns the number of payload bytes written to the guest, also on failure.
+    fn execute<'m>(&mut self, req: Parsed<'m>) -> Result<Plan<'m>, (Fail, u32)> {
         let kind = u32::from_le_bytes([req.header[0], req.header[1], req.header[2], req.header[3]]);
         let mut sector_bytes = [0u8; 8];
         sector_bytes.copy_from_slice(&req.header[8..16]);
@@ -304,12 +440,11 @@ impl QueueHandler {
                 }
                 let len = total(&req.writable);
                 let offset = self.check_range(sector, len).map_err(|f| (f, 0))?;
-                self.disk
-                    .read_at(&req.writable, offset)
-                    .map_err(|e| self.io_err("read", offset, e))?;
-                s.bytes_read.fetch_add(len, Ordering::Relaxed);
-                // len <= SEG_MAX * SIZE_MAX < 4 GiB (checked in parse).
-                Ok(u32::try_from(len).unwrap_or(u32::MAX))
+                Ok(Plan::Io(Io::Read {
+                    bufs: req.writable,
+                    offset,
+                    len,
+                }))
             }
             VIRTIO_BLK_T_OUT => {
                 s.writes.fetch_add(1, Ordering::Relaxed);
@@ -321,16 +456,15 @@ impl QueueHandler {
                 if self.disk.readonly() {
                     return Err((Fail::Io, 0));
                 }
-                self.disk
-                    .write_at(&req.readable, offset)
-                    .map_err(|e| self.io_err("write", offset, e))?;
-                s.bytes_written.fetch_add(len, Ordering::Relaxed);
-                Ok(0)
+                Ok(Plan::Io(Io::Write {
+                    bufs: req.readable,
+                    offset,
+                    len,
+                }))
             }
             VIRTIO_BLK_T_FLUSH => {
                 s.flushes.fetch_add(1, Ordering::Relaxed);
-                self.disk.flush().map_err(|e| self.io_err("flush", 0, e))?;
-                Ok(0)
+                Ok(Plan::Io(Io::Flush))
             }
             VIRTIO_BLK_T_GET_ID => {
                 s.get_ids.fetch_add(1, Ordering::Relaxed);
@@ -345,7 +479,7 @@ impl QueueHandler {
                     rest = &rest[n..];
                     written += n as u32;
                 }
-                Ok(written)
+                Ok(Plan::Done(written))
             }
             VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES => {
                 let discard = kind == VIRTIO_BLK_T_DISCARD;
@@ -354,7 +488,7 @@ impl QueueHandler {
                 } else {
                     s.write_zeroes.fetch_add(1, Ordering::Relaxed);
                 }
-                self.discard_or_zero(req, discard).map(|()| 0)
+                self.discard_or_zero(req, discard).map(|()| Plan::Done(0))
             }
             _ => {
                 s.other.fetch_add(1, Ordering::Relaxed);

@@ -1,6 +1,7 @@
 //! Device-level tests: option parsing, config space, and requests from a (hostile) driver
 //! built in real guest memory with `MockSplitQueue` (no KVM).
 
+use std::cell::Cell;
 use std::io::Write;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -22,6 +23,54 @@ const DATA: u64 = 0x20000;
 const STATUS: u64 = 0x1f0000;
 /// Region boundary for the two-region guest memory.
 const SPLIT: u64 = 2 << 20;
+
+thread_local! {
+    /// Whether `handler` gives this test thread the io_uring back end.
+    static USE_URING: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Runs `test` with every request served through `UringQueueHandler`.
+fn with_uring(test: fn()) {
+    USE_URING.with(|u| u.set(true));
+    test();
+}
+
+/// The request path under test: synchronous, or io_uring inside `with_uring`.
+enum TestHandler {
+    Sync(QueueHandler),
+    Uring(Box<UringQueueHandler>),
+}
+
+impl TestHandler {
+    fn process_queue(&mut self, mem: &GuestMemoryMmap, q: &mut Queue) -> Result<bool, QueueError> {
+        match self {
+            TestHandler::Sync(h) => h.process_queue(mem, q),
+            TestHandler::Uring(h) => h.process_queue(mem, q),
+        }
+    }
+}
+
+fn handler(blk: &Block) -> TestHandler {
+    if USE_URING.with(Cell::get) {
+        TestHandler::Uring(Box::new(
+            UringQueueHandler::new(blk.queue_handler()).expect("io_uring setup"),
+        ))
+    } else {
+        TestHandler::Sync(blk.queue_handler())
+    }
+}
+
+/// Worker threads (by name) whose io_uring setup fails, to exercise the fallback.
+static FAIL_URING_SETUP: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
+/// The worker's io_uring setup in tests (see `FAIL_URING_SETUP`).
+pub(super) fn setup_ring() -> std::io::Result<io_uring::IoUring> {
+    let me = std::thread::current().name().map(str::to_string);
+    if me.is_some_and(|n| FAIL_URING_SETUP.lock().unwrap().contains(&n)) {
+        return Err(std::io::Error::from_raw_os_error(libc::EPERM));
+    }
+    super::uring::setup_ring()
+}
 
 fn guest_mem() -> GuestMemoryMmap {
     GuestMemoryMmap::from_ranges(&[
@@ -191,7 +240,7 @@ fn run(blk: &Block, mem: &GuestMemoryMmap, descs: &[D]) -> (u32, u8) {
     let mut q = drv.queue();
     mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
     let head = drv.push(descs);
-    blk.queue_handler().process_queue(mem, &mut q).unwrap();
+    handler(blk).process_queue(mem, &mut q).unwrap();
     assert_eq!(drv.used_idx(), 1, "request must be completed");
     let (id, len) = drv.used(0);
     assert_eq!(id, u32::from(head));
@@ -414,7 +463,7 @@ fn buffers_may_cross_memory_regions_and_share_descriptors() {
         let mut drv = Driver::new(&mem, 16);
         let mut q = drv.queue();
         drv.push(&[r(start - 16, 16), w(start, 1024 + 1)]);
-        blk.queue_handler().process_queue(&mem, &mut q).unwrap();
+        handler(&blk).process_queue(&mem, &mut q).unwrap();
         let (_, len) = drv.used(0);
         (len, read_mem(&mem, start + 1024, 1)[0])
     };
@@ -566,7 +615,7 @@ fn indirect_descriptors() {
     let mut q = drv.queue();
     drv.store(0, table, 48, VRING_DESC_F_INDIRECT as u16, 0);
     drv.make_available(0);
-    blk.queue_handler().process_queue(&mem, &mut q).unwrap();
+    handler(&blk).process_queue(&mem, &mut q).unwrap();
     assert_eq!(drv.used(0), (0, 513));
     assert_eq!(status(&mem), OK);
     assert_eq!(read_mem(&mem, DATA, 512), file_bytes(&t, 7 * 512, 512));
@@ -621,7 +670,7 @@ fn status_outside_guest_memory_completes_with_len_0() {
     let mut q = drv.queue();
     drv.push(&[r(HDR, 16), r(DATA, 512), w(MEM_SIZE as u64, 1)]);
     drv.push(&[r(HDR, 16), r(DATA, 512), w(u64::MAX, 1)]);
-    blk.queue_handler().process_queue(&mem, &mut q).unwrap();
+    handler(&blk).process_queue(&mem, &mut q).unwrap();
     assert_eq!(drv.used_idx(), 2);
     assert_eq!(drv.used(0).1, 0);
     assert_eq!(drv.used(1).1, 0);
@@ -639,7 +688,7 @@ fn no_room_for_status() {
     drv.push(&[r(HDR, 16), r(DATA, 512)]); // no writable descriptor at all
     drv.push(&[r(HDR, 16), r(DATA, 512), w(STATUS, 0)]); // zero-length status
     drv.push(&[w(STATUS, 1), r(HDR, 16)]); // status not last / not writable
-    blk.queue_handler().process_queue(&mem, &mut q).unwrap();
+    handler(&blk).process_queue(&mem, &mut q).unwrap();
     assert_eq!(drv.used_idx(), 3);
     for i in 0..3 {
         assert_eq!(drv.used(i).1, 0);
@@ -675,7 +724,7 @@ fn zero_length_descriptors_are_skipped() {
     let mut drv = Driver::new(&mem, 16);
     let mut q = drv.queue();
     drv.push(&[r(HDR, 0), w(STATUS, 0)]);
-    blk.queue_handler().process_queue(&mem, &mut q).unwrap();
+    handler(&blk).process_queue(&mem, &mut q).unwrap();
     assert_eq!(drv.used(0), (0, 0));
 }
 
@@ -700,7 +749,7 @@ fn looping_and_dangling_chains() {
     drv.store(3, HDR, 16, next, 200);
     drv.make_available(3);
     mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
-    blk.queue_handler().process_queue(&mem, &mut q).unwrap();
+    handler(&blk).process_queue(&mem, &mut q).unwrap();
     assert_eq!(drv.used_idx(), 3);
     assert_eq!(drv.used(0), (0, 0));
     assert_eq!(drv.used(1), (2, 0));
@@ -734,7 +783,7 @@ fn huge_indirect_table_is_bounded() {
     drv.store(0, table, 16 * u32::from(n), VRING_DESC_F_INDIRECT as u16, 0);
     drv.make_available(0);
     mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
-    blk.queue_handler().process_queue(&mem, &mut q).unwrap();
+    handler(&blk).process_queue(&mem, &mut q).unwrap();
     assert_eq!(drv.used(0), (0, 0));
     assert_eq!(status(&mem), UNTOUCHED);
 }
@@ -753,13 +802,13 @@ fn too_many_or_too_large_segments() {
     let mut q = drv.queue();
     mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
     drv.push(&descs);
-    blk.queue_handler().process_queue(&mem, &mut q).unwrap();
+    handler(&blk).process_queue(&mem, &mut q).unwrap();
     assert_eq!(drv.used(0).1, 1);
     assert_eq!(status(&mem), IOERR);
     // Exactly SEG_MAX is fine.
     descs.remove(1);
     drv.push(&descs);
-    blk.queue_handler().process_queue(&mem, &mut q).unwrap();
+    handler(&blk).process_queue(&mem, &mut q).unwrap();
     assert_eq!(drv.used(1).1, SEG_MAX * 512 + 1);
     assert_eq!(status(&mem), OK);
     // One segment larger than SIZE_MAX.
@@ -883,7 +932,7 @@ fn bad_head_index_is_skipped() {
     let mut q = drv.queue();
     drv.make_available(999);
     let head = drv.push(&[r(HDR, 16), w(STATUS, 1)]);
-    blk.queue_handler().process_queue(&mem, &mut q).unwrap();
+    handler(&blk).process_queue(&mem, &mut q).unwrap();
     assert_eq!(drv.used_idx(), 1);
     assert_eq!(drv.used(0), (u32::from(head), 1));
     assert_eq!(blk.stats().invalid, 1);
@@ -899,7 +948,7 @@ fn corrupt_avail_index_is_a_queue_error() {
     mem.write_obj(100u16, drv.vq.avail_addr().unchecked_add(2))
         .unwrap();
     assert!(matches!(
-        blk.queue_handler().process_queue(&mem, &mut q),
+        handler(&blk).process_queue(&mem, &mut q),
         Err(QueueError::AvailRing(_))
     ));
 }
@@ -913,7 +962,7 @@ fn event_idx_suppresses_interrupts() {
     let mut drv = Driver::new(&mem, 16);
     let mut q = drv.queue();
     q.set_event_idx(true);
-    let mut h = blk.queue_handler();
+    let mut h = handler(&blk);
     // No work: no interrupt.
     assert!(!h.process_queue(&mem, &mut q).unwrap());
     // The driver wants an interrupt only after used idx passes 5.
@@ -1121,18 +1170,8 @@ fn worker_thread_is_named() {
 #[test]
 fn direct_io_aligned_and_misaligned_buffers() {
     let t = image();
-    let blk = match Block::new(&DiskConfig {
-        path: t.as_path().to_path_buf(),
-        readonly: false,
-        serial: None,
-        direct: true,
-    }) {
-        Ok(b) => b,
-        // Filesystems without O_DIRECT (tmpfs) refuse the open: nothing to test there.
-        Err(BlockError::Open { source, .. }) if source.raw_os_error() == Some(libc::EINVAL) => {
-            return
-        }
-        Err(e) => panic!("{e}"),
+    let Some(blk) = direct_device(&t) else {
+        return;
     };
     assert!(blk.disk().direct());
     let mem = guest_mem();
@@ -1169,4 +1208,200 @@ fn direct_io_aligned_and_misaligned_buffers() {
     drop(blk);
     assert_eq!(file_bytes(&t, 4096, 4096), vec![0x11; 4096]);
     assert_eq!(file_bytes(&t, 8192, 1024), vec![0x22; 1024]);
+}
+
+// ---- io_uring back end ----
+
+/// Every request-path test again, served through `UringQueueHandler`.
+mod uring {
+    macro_rules! uring_too {
+        ($($name:ident),* $(,)?) => {
+            $(
+                #[test]
+                fn $name() {
+                    super::with_uring(super::$name);
+                }
+            )*
+        };
+    }
+
+    uring_too!(
+        read_fills_guest_buffers,
+        write_reaches_the_file,
+        buffers_may_cross_memory_regions_and_share_descriptors,
+        flush_get_id_and_unsupported,
+        discard_and_write_zeroes_zero_the_range,
+        readonly_disk_refuses_writes,
+        indirect_descriptors,
+        data_outside_guest_memory_is_ioerr,
+        status_outside_guest_memory_completes_with_len_0,
+        no_room_for_status,
+        zero_length_descriptors_are_skipped,
+        looping_and_dangling_chains,
+        huge_indirect_table_is_bounded,
+        too_many_or_too_large_segments,
+        wrong_directions,
+        short_header,
+        out_of_range_sectors_and_lengths,
+        bad_head_index_is_skipped,
+        corrupt_avail_index_is_a_queue_error,
+        event_idx_suppresses_interrupts,
+        direct_io_aligned_and_misaligned_buffers,
+        mixed_batch_with_hostile_requests,
+    );
+}
+
+/// One drain with valid reads, writes and a flush interleaved with malformed requests: every
+/// request completes exactly once with the right status and length, whatever the order.
+#[test]
+fn mixed_batch_with_hostile_requests() {
+    let t = image();
+    let blk = device(&t, false, None);
+    let mem = guest_mem();
+    let mut drv = Driver::new(&mem, 256);
+    let mut q = drv.queue();
+    let n = 40u64;
+    let mut expect = Vec::new(); // (head, used len, status addr, status)
+    for i in 0..n {
+        let hdr = HDR + 16 * i;
+        let data = DATA + 4096 * i;
+        let st = STATUS + i;
+        mem.write_obj(0xffu8, GuestAddress(st)).unwrap();
+        let (descs, len, code) = match i % 5 {
+            0 => {
+                header(&mem, hdr, VIRTIO_BLK_T_IN, 8 * i);
+                (vec![r(hdr, 16), w(data, 4096), w(st, 1)], 4097, OK)
+            }
+            1 => {
+                header(&mem, hdr, VIRTIO_BLK_T_OUT, 8 * i);
+                mem.write_slice(&[i as u8; 4096], GuestAddress(data))
+                    .unwrap();
+                (vec![r(hdr, 16), r(data, 4096), w(st, 1)], 1, OK)
+            }
+            2 => {
+                // Past the end of the disk.
+                header(&mem, hdr, VIRTIO_BLK_T_IN, (DISK_SIZE / 512) as u64);
+                (vec![r(hdr, 16), w(data, 512), w(st, 1)], 1, IOERR)
+            }
+            3 => {
+                // Data buffer outside guest memory.
+                header(&mem, hdr, VIRTIO_BLK_T_OUT, 0);
+                (
+                    vec![r(hdr, 16), r(MEM_SIZE as u64, 512), w(st, 1)],
+                    1,
+                    IOERR,
+                )
+            }
+            _ => {
+                header(&mem, hdr, VIRTIO_BLK_T_FLUSH, 0);
+                (vec![r(hdr, 16), w(st, 1)], 1, OK)
+            }
+        };
+        let head = drv.push(&descs);
+        expect.push((u32::from(head), len, st, code));
+    }
+    assert!(handler(&blk).process_queue(&mem, &mut q).unwrap());
+    assert_eq!(u64::from(drv.used_idx()), n);
+    let mut used: Vec<(u32, u32)> = (0..n as u16).map(|i| drv.used(i)).collect();
+    used.sort_unstable();
+    let mut want: Vec<(u32, u32)> = expect.iter().map(|e| (e.0, e.1)).collect();
+    want.sort_unstable();
+    assert_eq!(used, want);
+    for (i, &(_, _, st, code)) in expect.iter().enumerate() {
+        let got: u8 = mem.read_obj(GuestAddress(st)).unwrap();
+        assert_eq!(got, code, "request {i}");
+        let data = DATA + 4096 * i as u64;
+        match i % 5 {
+            0 => assert_eq!(read_mem(&mem, data, 4096), file_bytes(&t, 4096 * i, 4096)),
+            1 => assert_eq!(file_bytes(&t, 4096 * i, 4096), vec![i as u8; 4096]),
+            _ => {}
+        }
+    }
+    let s = blk.stats();
+    // The writes from outside guest memory fail in parsing, before they are counted.
+    assert_eq!((s.reads, s.writes, s.flushes), (16, 8, 8));
+    assert_eq!((s.invalid, s.errors), (16, 0));
+}
+
+fn direct_device(t: &TempFile) -> Option<Block> {
+    match Block::new(&DiskConfig {
+        path: t.as_path().to_path_buf(),
+        readonly: false,
+        serial: None,
+        direct: true,
+    }) {
+        Ok(b) => Some(b),
+        // Filesystems without O_DIRECT (tmpfs) refuse the open: nothing to test there.
+        Err(BlockError::Open { source, .. }) if source.raw_os_error() == Some(libc::EINVAL) => None,
+        Err(e) => panic!("{e}"),
+    }
+}
+
+/// Activates `blk`, queues 32 4 KiB reads with one kick, and checks they all complete with
+/// the right data. Returns whether the worker served them through io_uring.
+fn serve_batch_through_worker(blk: &mut Block, t: &TempFile) -> bool {
+    let mem = guest_mem();
+    let irq = Arc::new(TestInterrupt::default());
+    let mut drv = Driver::new(&mem, 128);
+    let (aq, kick) = active_queue(drv.queue());
+    blk.activate(mem.clone(), blk.features(), vec![aq], irq.clone())
+        .unwrap();
+    for i in 0..32u64 {
+        header(&mem, HDR + 16 * i, VIRTIO_BLK_T_IN, 8 * i);
+        drv.push(&[
+            r(HDR + 16 * i, 16),
+            w(DATA + 4096 * i, 4096),
+            w(STATUS + i, 1),
+        ]);
+    }
+    kick.write(1).unwrap();
+    wait_for(|| drv.used_idx() == 32);
+    for i in 0..32u16 {
+        assert_eq!(drv.used(i).1, 4097);
+    }
+    for i in 0..32u64 {
+        let st: u8 = mem.read_obj(GuestAddress(STATUS + i)).unwrap();
+        assert_eq!(st, OK);
+        assert_eq!(
+            read_mem(&mem, DATA + 4096 * i, 4096),
+            file_bytes(t, 4096 * i as usize, 4096)
+        );
+    }
+    wait_for(|| irq.count(VirtioInterruptType::Queue(0)) >= 1);
+    let uring = blk.serving_with_uring();
+    blk.reset().expect("was active");
+    assert!(!blk.serving_with_uring());
+    assert_eq!(blk.stats().reads, 32);
+    uring
+}
+
+#[test]
+fn worker_serves_direct_disks_through_uring() {
+    let t = image();
+    let Some(mut blk) = direct_device(&t) else {
+        return;
+    };
+    assert!(blk.prefers_uring());
+    assert!(serve_batch_through_worker(&mut blk, &t));
+}
+
+#[test]
+fn worker_serves_page_cache_disks_synchronously() {
+    let t = image();
+    let mut blk = device(&t, false, None);
+    assert!(!blk.prefers_uring());
+    assert!(!serve_batch_through_worker(&mut blk, &t));
+}
+
+#[test]
+fn worker_falls_back_when_uring_setup_fails() {
+    let t = image();
+    let Some(mut blk) = direct_device(&t) else {
+        return;
+    };
+    FAIL_URING_SETUP
+        .lock()
+        .unwrap()
+        .push(blk.name().to_string());
+    assert!(!serve_batch_through_worker(&mut blk, &t));
 }
