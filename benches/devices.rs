@@ -379,7 +379,8 @@ fn main() -> ExitCode {
     let r = parse(&output);
 
     for l in output.lines().filter(|l| {
-        l.contains(" round ") && (l.contains("FAILED") || l.contains("VMM-STATUS") || l.contains("NET-DOWN"))
+        l.contains(" round ")
+            && (l.contains("FAILED") || l.contains("VMM-STATUS") || l.contains("NET-DOWN"))
     }) {
         println!("{}", l.trim());
     }
@@ -402,7 +403,11 @@ fn main() -> ExitCode {
         println!(
             "| {} ({}) | {} | {} | {:.2} |",
             m.label,
-            if m.higher { "higher is better" } else { "lower is better" },
+            if m.higher {
+                "higher is better"
+            } else {
+                "lower is better"
+            },
             list(&f),
             list(&q),
             ratio
@@ -439,10 +444,7 @@ fn main() -> ExitCode {
         );
     }
     // ferrovm's own exit statistics of round 1 (whole run: boot, fio, iperf3, ping).
-    if let (Some(a), Some(b)) = (
-        output.find("EXITSTATS-BEGIN"),
-        output.find("EXITSTATS-END"),
-    ) {
+    if let (Some(a), Some(b)) = (output.find("EXITSTATS-BEGIN"), output.find("EXITSTATS-END")) {
         println!("\nferrovm --exit-stats, round 1 (whole VM lifetime):\n");
         for l in output[a..b].lines().skip(1) {
             println!("    {}", l.trim_end());
