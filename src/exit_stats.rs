@@ -253,16 +253,15 @@ impl VcpuExitStats {
 
     /// Call right after KVM_RUN returns: the start of the userspace handling time.
     #[inline]
-    pub fn start(&self) -> Option<Instant> {
-        self.enabled.then(Instant::now)
+    pub fn start(&self) -> Option<u64> {
+        self.enabled.then(clock::now)
     }
 
     /// Records one exit that was handled since `start` (from [`Self::start`]).
     #[inline]
-    pub fn record(&self, kind: ExitKind, start: Option<Instant>) {
+    pub fn record(&self, kind: ExitKind, start: Option<u64>) {
         let Some(t0) = start else { return };
-        let ns = t0.elapsed().as_nanos().min(u64::MAX as u128) as u64;
-        self.record_ns(kind, ns);
+        self.record_ns(kind, clock::since_ns(t0));
     }
 
     /// Records one exit that took `ns` in userspace.
@@ -392,6 +391,52 @@ impl VcpuSnapshot {
 
 // ---------------------------------------------------------------------------------------
 // The whole VM
+// ---------------------------------------------------------------------------------------
+
+/// The clock that times exit handling. Two reads per exit are on the hot path, so it reads the
+/// TSC directly (one instruction; a vDSO `clock_gettime` costs tens of instructions, which
+/// matters where userspace is slow, e.g. inside the nested harness's emulated L1) and converts
+/// with the frequency KVM reports (`KVM_GET_TSC_KHZ`, the host TSC rate unless scaled). Until
+/// that is known (or where KVM cannot tell) it falls back to `Instant`.
+pub mod clock {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::OnceLock;
+    use std::time::Instant;
+
+    /// ns = ticks * MULT >> 32; 0 means "use Instant".
+    static MULT: AtomicU64 = AtomicU64::new(0);
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+
+    /// Switches to the TSC, running at `khz`.
+    pub fn set_tsc_khz(khz: u32) {
+        if khz > 0 {
+            let mult = ((1_000_000u128 << 32) / u128::from(khz)).min(u64::MAX as u128) as u64;
+            MULT.store(mult, Ordering::Relaxed);
+        }
+    }
+
+    /// A timestamp in clock units.
+    #[inline]
+    pub fn now() -> u64 {
+        if MULT.load(Ordering::Relaxed) != 0 {
+            // SAFETY: RDTSC has no memory effects; every x86_64 CPU has it.
+            unsafe { core::arch::x86_64::_rdtsc() }
+        } else {
+            EPOCH.get_or_init(Instant::now).elapsed().as_nanos() as u64
+        }
+    }
+
+    /// Nanoseconds since `t0` (from [`now`]).
+    #[inline]
+    pub fn since_ns(t0: u64) -> u64 {
+        let d = now().saturating_sub(t0);
+        match MULT.load(Ordering::Relaxed) {
+            0 => d,
+            m => ((u128::from(d) * u128::from(m)) >> 32).min(u64::MAX as u128) as u64,
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------
 
 /// Every vCPU's statistics plus what is needed to name ports.

@@ -91,6 +91,12 @@ impl Vcpu {
         cpus: u8,
     ) -> Result<(), VcpuError> {
         let i = self.index;
+        if i == 0 {
+            // Exit handling is timed with the TSC at the rate KVM reports.
+            if let Ok(khz) = self.fd.get_tsc_khz() {
+                crate::exit_stats::clock::set_tsc_khz(khz);
+            }
+        }
         let cpuid = cpuid::vcpu_cpuid(supported, i, cpus, irqchip);
         self.fd
             .set_cpuid2(&cpuid)
