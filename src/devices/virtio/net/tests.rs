@@ -735,3 +735,20 @@ fn real_tap_in_a_netns_answers_arp() {
     }
     assert!(stats.snapshot().rx_frames >= 1);
 }
+
+/// A driver that moves the available index far past any chain it wrote must not make the
+/// worker spin: TX and RX give up after one retry, count a queue error and wait for a kick.
+#[test]
+fn avail_index_ahead_of_the_ring_does_not_spin() {
+    let mem = guest_mem();
+    let mut b = bed(&mem, BASE);
+    b.txq.avail().idx().store(1000);
+    let (used_tx, more) = b.nq.process_tx();
+    assert!(!used_tx && !more);
+    assert!(b.h.sent().is_empty());
+    b.h.push(frame(50, 0));
+    b.rxq.avail().idx().store(1000);
+    let st = b.nq.process_rx();
+    assert!(st.starved && !st.used);
+    assert!(b.stats.snapshot().queue_errors >= 2);
+}
