@@ -159,11 +159,14 @@ fn drain(
     index: u16,
     interrupt: &dyn VirtioInterrupt,
 ) -> Result<(), String> {
+    let mut empty_passes = 0;
     loop {
         queue
             .disable_notification(mem)
             .map_err(|e| format!("{e:?}"))?;
+        let mut popped = 0;
         while let Some(chain) = queue.pop_descriptor_chain(mem) {
+            popped += 1;
             let head = chain.head_index();
             let mut written = 0usize;
             for desc in chain {
@@ -189,6 +192,16 @@ fn drain(
         {
             break;
         }
+        // "More work" after a pass that popped nothing: once is a race with the driver,
+        // twice is an available index no chain backs (hostile driver): stop, don't spin.
+        if popped == 0 {
+            empty_passes += 1;
+            if empty_passes >= 2 {
+                return Err("available index ahead of readable chains".into());
+            }
+        } else {
+            empty_passes = 0;
+        }
     }
     if queue
         .needs_notification(mem)
@@ -199,4 +212,44 @@ fn drain(
             .map_err(|e| e.to_string())?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use virtio_bindings::virtio_ring::VRING_DESC_F_WRITE;
+    use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::GuestAddress;
+
+    struct Count(std::sync::atomic::AtomicU32);
+    impl VirtioInterrupt for Count {
+        fn trigger(&self, _: VirtioInterruptType) -> std::io::Result<()> {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn fills_buffers_and_stops_on_an_avail_index_no_chain_backs() {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let vq = MockSplitQueue::create(&mem, GuestAddress(0), 16);
+        let d = RawDescriptor::from(SplitDescriptor::new(
+            0x8000,
+            64,
+            VRING_DESC_F_WRITE as u16,
+            0,
+        ));
+        vq.add_desc_chains(&[d], 0).unwrap();
+        let mut q = vq.create_queue().unwrap();
+        let irq = Count(Default::default());
+        let mut urandom = File::open("/dev/urandom").unwrap();
+        let mut buf = vec![0u8; MAX_REQUEST];
+        drain(&mem, &mut q, &mut urandom, &mut buf, 0, &irq).unwrap();
+        assert_eq!(vq.used().idx().load(), 1);
+        assert_eq!(vq.used().ring().ref_at(0).unwrap().load().len(), 64);
+        // A hostile driver moves the index far past the ring: an error, not a spin.
+        vq.avail().idx().store(1000);
+        assert!(drain(&mem, &mut q, &mut urandom, &mut buf, 0, &irq).is_err());
+    }
 }
