@@ -28,6 +28,34 @@ pub const VIRTIO_F_RING_INDIRECT_DESC: u64 = 1 << 28;
 pub const VIRTIO_F_RING_EVENT_IDX: u64 = 1 << 29;
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
 
+/// Bounds a queue drain loop against a driver whose available index runs ahead of any chain
+/// that can be popped. After a pass, when the queue announces more work: a pass that popped
+/// nothing once is a normal race (the driver published a chain between the last pop and
+/// re-enabling notifications; the next pass gets it), twice in a row is a ring no chain backs,
+/// and the device must stop rather than spin.
+#[derive(Debug, Default)]
+pub struct DrainGuard {
+    empty_passes: u8,
+}
+
+impl DrainGuard {
+    /// Call when the queue announces more work after a pass that popped `popped_any`.
+    /// Returns false when the loop must stop: the ring is stuck.
+    pub fn go_again(&mut self, popped_any: bool) -> bool {
+        if popped_any {
+            self.popped();
+        } else {
+            self.empty_passes += 1;
+        }
+        self.empty_passes < 2
+    }
+
+    /// Records a successful pop (for loops that check after each pop, not each pass).
+    pub fn popped(&mut self) {
+        self.empty_passes = 0;
+    }
+}
+
 /// Which interrupt a device raises.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum VirtioInterruptType {
@@ -50,6 +78,21 @@ pub struct ActiveQueue {
     pub queue: virtio_queue::Queue,
     /// Written by KVM when the guest writes this queue's notify address.
     pub kick: EventFd,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::DrainGuard;
+
+    #[test]
+    fn drain_guard_allows_one_empty_pass_in_a_row() {
+        let mut g = DrainGuard::default();
+        assert!(g.go_again(true));
+        assert!(g.go_again(false), "one empty pass is a race");
+        assert!(g.go_again(true), "a pop resets the count");
+        assert!(g.go_again(false));
+        assert!(!g.go_again(false), "two empty passes in a row: stuck");
+    }
 }
 
 /// Why a device could not start.

@@ -23,8 +23,8 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::tap::{self, Tap, TapError, VNET_HDR_LEN};
 use super::{
-    ActivateError, ActiveQueue, VirtioDevice, VirtioInterrupt, VirtioInterruptType, TYPE_NET,
-    VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_RING_INDIRECT_DESC, VIRTIO_F_VERSION_1,
+    ActivateError, ActiveQueue, DrainGuard, VirtioDevice, VirtioInterrupt, VirtioInterruptType,
+    TYPE_NET, VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_RING_INDIRECT_DESC, VIRTIO_F_VERSION_1,
 };
 use crate::kvm::vcpu::RateLimit;
 
@@ -393,7 +393,7 @@ impl NetQueues {
     pub(crate) fn process_tx(&mut self) -> (bool, bool) {
         let mut used = false;
         let mut budget = BATCH;
-        let mut empty_passes = 0;
+        let mut guard = DrainGuard::default();
         loop {
             if let Err(e) = self.tx.disable_notification(&*self.mem) {
                 self.queue_error("tx ring", e);
@@ -421,17 +421,12 @@ impl NetQueues {
                 return (used, true);
             }
             match self.tx.enable_notification(&*self.mem) {
-                Ok(true) if budget == budget_at_start => {
-                    // More work announced but nothing could be popped: once is a race with
-                    // the driver, twice means an available index no chain can back (a
-                    // hostile or broken driver). Stop instead of spinning.
-                    empty_passes += 1;
-                    if empty_passes >= 2 {
+                Ok(true) => {
+                    if !guard.go_again(budget != budget_at_start) {
                         self.queue_error("tx ring", "available index ahead of readable chains");
                         return (used, false);
                     }
                 }
-                Ok(true) => empty_passes = 0,
                 Ok(false) => return (used, false),
                 Err(e) => {
                     self.queue_error("tx ring", e);
@@ -596,7 +591,7 @@ impl NetQueues {
         };
         let mrg = self.mrg_rxbuf();
         let mem = Arc::clone(&self.mem);
-        let mut empty_pop = false;
+        let mut guard = DrainGuard::default();
         while p.written < p.len {
             if p.used.len() >= usize::from(self.rx.size()) {
                 // Every buffer the ring can hold is not enough: give them back empty.
@@ -608,19 +603,17 @@ impl NetQueues {
             }
             let Some(chain) = self.rx.pop_descriptor_chain(&*mem) else {
                 // Re-arms the RX kick (EVENT_IDX) before giving up, closing the race with a
-                // driver that adds buffers right now. A second empty pop in a row while the
-                // index still says "more" is a ring no chain can back: stop, don't spin.
-                if !empty_pop && self.rx_has_buffers() {
-                    empty_pop = true;
-                    continue;
-                }
-                if empty_pop {
+                // driver that adds buffers right now.
+                if self.rx_has_buffers() {
+                    if guard.go_again(false) {
+                        continue;
+                    }
                     self.queue_error("rx ring", "available index ahead of readable chains");
                 }
                 self.rx_pending = Some(p);
                 return false;
             };
-            empty_pop = false;
+            guard.popped();
             let head = chain.head_index();
             match self.write_rx_chain(chain, &mut p) {
                 ChainWrite::Wrote(n) if n > 0 && (mrg || p.written + n == p.len) => {

@@ -12,7 +12,7 @@ use vm_memory::{Bytes, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::{
-    ActivateError, ActiveQueue, VirtioDevice, VirtioInterrupt, VirtioInterruptType,
+    ActivateError, ActiveQueue, DrainGuard, VirtioDevice, VirtioInterrupt, VirtioInterruptType,
     VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_VERSION_1,
 };
 
@@ -159,7 +159,7 @@ fn drain(
     index: u16,
     interrupt: &dyn VirtioInterrupt,
 ) -> Result<(), String> {
-    let mut empty_passes = 0;
+    let mut guard = DrainGuard::default();
     loop {
         queue
             .disable_notification(mem)
@@ -192,15 +192,8 @@ fn drain(
         {
             break;
         }
-        // "More work" after a pass that popped nothing: once is a race with the driver,
-        // twice is an available index no chain backs (hostile driver): stop, don't spin.
-        if popped == 0 {
-            empty_passes += 1;
-            if empty_passes >= 2 {
-                return Err("available index ahead of readable chains".into());
-            }
-        } else {
-            empty_passes = 0;
+        if !guard.go_again(popped > 0) {
+            return Err("available index ahead of readable chains".into());
         }
     }
     if queue

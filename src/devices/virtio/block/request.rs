@@ -192,7 +192,7 @@ impl QueueHandler {
         let batch_max = batch_max.max(1);
         let mut batch: Vec<Pending<'m>> = Vec::new();
         let mut added = false;
-        let mut empty_passes = 0u32;
+        let mut guard = crate::devices::virtio::DrainGuard::default();
         loop {
             queue
                 .disable_notification(mem)
@@ -234,17 +234,9 @@ impl QueueHandler {
             if !more {
                 break;
             }
-            // A pass that found nothing and then sees more work is a normal race: the driver
-            // published a request between the last pop and re-enabling notifications, and the
-            // next pass picks it up. Two such passes in a row mean the index moved but the
-            // ring entry cannot be read.
-            if popped == 0 {
-                empty_passes += 1;
-                if empty_passes >= 2 {
-                    return Err(QueueError::Stuck);
-                }
-            } else {
-                empty_passes = 0;
+            if !guard.go_again(popped > 0) {
+                // The index moved but the ring entry cannot be read.
+                return Err(QueueError::Stuck);
             }
         }
         if !added {
