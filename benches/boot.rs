@@ -68,28 +68,6 @@ done
     )
 }
 
-/// The firmware files QEMU loads, for the L1 initramfs (the binary and its libraries go in as
-/// an L1 program).
-fn qemu_firmware() -> Vec<(PathBuf, String)> {
-    let mut files = Vec::new();
-    for f in [
-        "bios-256k.bin",
-        "bios-microvm.bin",
-        "linuxboot_dma.bin",
-        "kvmvapic.bin",
-        "pvh.bin",
-    ] {
-        // Debian keeps SeaBIOS images in /usr/share/seabios, others in /usr/share/qemu.
-        let found = ["/usr/share/qemu", "/usr/share/seabios"]
-            .iter()
-            .find_map(|d| std::fs::canonicalize(format!("{d}/{f}")).ok());
-        if let Some(p) = found {
-            files.push((p, format!("/qemu/share/{f}")));
-        }
-    }
-    files
-}
-
 #[derive(Default, Clone)]
 struct Sample {
     ms: Vec<f64>,
@@ -187,7 +165,13 @@ fn main() -> ExitCode {
             harness::expect_status(o, 0)
         });
     let mut cfg = harness::Config::from_env();
-    cfg.l1_extra.extend(qemu_firmware());
+    cfg.l1_extra.extend(harness::qemu_firmware(&[
+        "bios-256k.bin",
+        "bios-microvm.bin",
+        "linuxboot_dma.bin",
+        "kvmvapic.bin",
+        "pvh.bin",
+    ]));
     cfg.l1_programs.push("/usr/bin/qemu-system-x86_64".into());
     let started = Instant::now();
     let status = harness::run_with(vec![case], cfg);

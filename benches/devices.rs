@@ -172,21 +172,6 @@ run_qemu() {{
     )
 }
 
-/// The firmware QEMU q35 loads for a -kernel boot (the binary and its libraries go in as an L1
-/// program). No option ROM for virtio-net-pci (Debian's ipxe-qemu is not installed): `romfile=`.
-fn qemu_firmware() -> Vec<(PathBuf, String)> {
-    let mut files = Vec::new();
-    for f in ["bios-256k.bin", "linuxboot_dma.bin", "kvmvapic.bin"] {
-        let found = ["/usr/share/qemu", "/usr/share/seabios"]
-            .iter()
-            .find_map(|d| std::fs::canonicalize(format!("{d}/{f}")).ok());
-        if let Some(p) = found {
-            files.push((p, format!("/qemu/share/{f}")));
-        }
-    }
-    files
-}
-
 /// (vmm, test) -> round -> key -> value
 type Results = BTreeMap<(String, String), BTreeMap<u32, BTreeMap<String, f64>>>;
 
@@ -360,7 +345,13 @@ fn main() -> ExitCode {
         });
     let mut cfg = harness::Config::from_env();
     cfg.rootfs_in_initrd = true;
-    cfg.l1_extra.extend(qemu_firmware());
+    // What q35 loads for a -kernel boot; no option ROM for virtio-net-pci (Debian's ipxe-qemu
+    // is not installed, hence `romfile=`).
+    cfg.l1_extra.extend(harness::qemu_firmware(&[
+        "bios-256k.bin",
+        "linuxboot_dma.bin",
+        "kvmvapic.bin",
+    ]));
     cfg.l1_programs.extend(
         [
             "/usr/bin/qemu-system-x86_64",

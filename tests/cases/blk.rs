@@ -76,11 +76,7 @@ put_script t.sh
     --disk path=disk.img --serial file=console.log \
     --cmdline "console=ttyS0 panic=1 root=/dev/vda rw ferrovm.test=/test.sh" </dev/null &
 pid=$!
-n=0
-until grep -q GUEST_SYNCED console.log 2>/dev/null; do
-    sleep 0.2; n=$((n + 1))
-    [ $n -lt 900 ] || { echo "no GUEST_SYNCED"; cat console.log; exit 1; }
-done
+wait_for_line console.log GUEST_SYNCED $pid
 kill -KILL $pid
 wait $pid || true
 cat console.log | grep -E 'big.bin|GUEST'
@@ -157,10 +153,7 @@ put_script t.sh
     --disk path=disk.img --serial file=first.log \
     --cmdline "console=ttyS0 root=/dev/vda rw ferrovm.test=/test.sh" </dev/null &
 pid=$!
-n=0
-until grep -q GUEST_HOLDING first.log 2>/dev/null; do
-    sleep 0.2; n=$((n + 1)); [ $n -lt 900 ] || { cat first.log; exit 1; }
-done
+wait_for_line first.log GUEST_HOLDING $pid
 set +e
 "$FERROVM" run --kernel "$IMAGES/bzImage" --memory 256M --disk path=disk.img </dev/null
 echo "SECOND_STATUS=$?"

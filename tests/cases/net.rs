@@ -26,15 +26,7 @@ start_guest() {
         --serial file=console.log --cmdline "console=ttyS0 panic=1 ferrovm.test=/test.sh" "$@" </dev/null &
     GUEST_PID=$!
 }
-wait_console() {
-    n=0
-    until grep -q "$1" console.log 2>/dev/null; do
-        sleep 0.2; n=$((n + 1))
-        if [ $n -ge 900 ] || ! kill -0 $GUEST_PID 2>/dev/null; then
-            echo "never saw $1 on the guest console"; cat console.log; return 1
-        fi
-    done
-}
+wait_console() { wait_for_line console.log "$1" $GUEST_PID; }
 finish_guest() {
     set +e
     wait $GUEST_PID

@@ -223,6 +223,21 @@ impl Config {
 }
 
 /// svm or vmx in /proc/cpuinfo => direct, else nested.
+/// QEMU firmware images by file name, for `Config::l1_extra`: each found one goes to
+/// `/qemu/share/<name>` in L1 (use `qemu-system-x86_64 -L /qemu/share`). Debian keeps the
+/// SeaBIOS images in /usr/share/seabios and the rest in /usr/share/qemu.
+pub fn qemu_firmware(names: &[&str]) -> Vec<(PathBuf, String)> {
+    names
+        .iter()
+        .filter_map(|f| {
+            ["/usr/share/qemu", "/usr/share/seabios"]
+                .iter()
+                .find_map(|d| std::fs::canonicalize(format!("{d}/{f}")).ok())
+                .map(|p| (p, format!("/qemu/share/{f}")))
+        })
+        .collect()
+}
+
 pub fn detect_mode() -> Mode {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let hw = cpuinfo

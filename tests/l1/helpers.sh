@@ -25,3 +25,19 @@ kvm_debugfs() {
 		[ -f "$_f" ] && echo "$(basename "$_f") $(cat "$_f" 2>/dev/null)"
 	done
 }
+
+# wait_for_line FILE NEEDLE [PID]
+#   Waits (polling every 0.2 s, at most 180 s) until FILE contains NEEDLE. Fails, printing FILE,
+#   if that never happens or if process PID (when given) exits first.
+wait_for_line() {
+	_wl_n=0
+	until grep -q "$2" "$1" 2>/dev/null; do
+		sleep 0.2
+		_wl_n=$((_wl_n + 1))
+		if [ $_wl_n -ge 900 ] || { [ -n "${3:-}" ] && ! kill -0 "$3" 2>/dev/null; }; then
+			echo "never saw $2 in $1"
+			cat "$1" 2>/dev/null
+			return 1
+		fi
+	done
+}
