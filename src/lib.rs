@@ -17,6 +17,7 @@ pub mod devices;
 pub mod exit_stats;
 pub mod firmware;
 pub mod kvm;
+pub mod ratelimit;
 pub mod vmm;
 
 /// When the process started (set first thing in `main`); start-up timings are measured from here.

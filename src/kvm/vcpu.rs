@@ -288,37 +288,4 @@ impl Vcpu {
     }
 }
 
-/// Logs at debug level, at most `burst` messages and then one in every 10,000: a guest must
-/// not be able to flood the host log.
-pub struct RateLimit {
-    burst: u64,
-    count: u64,
-}
-
-impl RateLimit {
-    pub fn new(burst: u64) -> Self {
-        Self { burst, count: 0 }
-    }
-
-    /// Returns whether the message was logged.
-    pub fn log(&mut self, msg: impl FnOnce() -> String) -> bool {
-        self.count += 1;
-        let emit = self.count <= self.burst || self.count % 10_000 == 0;
-        if emit && log::log_enabled!(log::Level::Debug) {
-            log::debug!("{} (occurrence {})", msg(), self.count);
-        }
-        emit
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn rate_limit_caps_messages() {
-        let mut r = RateLimit::new(3);
-        let logged = (0..100_000).filter(|_| r.log(String::new)).count();
-        assert_eq!(logged, 3 + 10);
-    }
-}
+pub use crate::ratelimit::RateLimit;

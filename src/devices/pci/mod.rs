@@ -78,7 +78,7 @@ pub trait IoEventRegistry: Send + Sync {
 /// recipe registers the pair (KVM_IRQFD with KVM_IRQFD_FLAG_RESAMPLE) on the slot's GSI.
 pub struct IntxLine {
     pub irqfd: EventFd,
-    /// Blocking: a thread of the device waits on it.
+    /// Watched by the device's worker while it runs.
     pub resample: EventFd,
 }
 
@@ -86,7 +86,7 @@ impl IntxLine {
     pub fn new() -> io::Result<Self> {
         Ok(Self {
             irqfd: EventFd::new(EFD_NONBLOCK)?,
-            resample: EventFd::new(0)?,
+            resample: EventFd::new(EFD_NONBLOCK)?,
         })
     }
 }

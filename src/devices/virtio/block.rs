@@ -4,8 +4,9 @@
 //!   into a [`DiskConfig`].
 //! - [`DiskImage::open`] opens and locks the image (OFD lock: one writer, or many readers).
 //! - [`Block`] is the [`VirtioDevice`]: it offers the features and the config space; on
-//!   activation it hands its single queue (index 0) to a worker thread `virtio-blk-<n>` that
-//!   waits on the kick eventfd and serves requests through [`QueueHandler`]: synchronously
+//!   activation it returns the handler of its single queue (index 0), which the one virtio
+//!   worker (`virtio-blk-<n>`, see [`super::worker`]) runs: requests are served through
+//!   [`QueueHandler`]: synchronously
 //!   (preadv/pwritev straight into guest memory) for page-cache images, the default; through
 //!   an io_uring ([`UringQueueHandler`], one batch of readv/writev/fsync per queue drain,
 //!   completed out of order) for `direct=on` images, where it serves deep queues about 3x
@@ -13,9 +14,9 @@
 //!   io_uring disabled) the worker logs it once per process and serves synchronously.
 //!
 //! When the queue cannot be served (rings outside guest memory at activation, a corrupt
-//! available index later) the device stops serving, raises a configuration interrupt and
-//! reports [`VirtioDevice::needs_reset`] = true: the transport ORs DEVICE_NEEDS_RESET (0x40)
-//! into the device status. A driver reset clears it.
+//! available index or an io_uring failure later) the worker stops serving, raises a
+//! configuration interrupt and the transport reports DEVICE_NEEDS_RESET (0x40) in the device
+//! status. A driver reset clears it.
 
 mod disk;
 mod request;
@@ -25,25 +26,24 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::sync::Once;
-use std::thread::JoinHandle;
 
-use log::{error, warn};
+use log::warn;
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO,
     VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX, VIRTIO_BLK_F_WRITE_ZEROES, VIRTIO_BLK_ID_BYTES,
 };
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 pub use disk::DiskImage;
 pub use request::{QueueError, QueueHandler};
 pub use uring::UringQueueHandler;
 
 use super::{
-    ActivateError, ActiveQueue, VirtioDevice, VirtioInterrupt, VirtioInterruptType,
-    VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_RING_INDIRECT_DESC, VIRTIO_F_VERSION_1,
+    ActivateError, DeviceError, VirtioDevice, VirtioHandler, WorkerCtx, VIRTIO_F_RING_EVENT_IDX,
+    VIRTIO_F_RING_INDIRECT_DESC, VIRTIO_F_VERSION_1,
 };
+use crate::ratelimit::RateLimit;
 
 /// virtio-blk always counts in 512-byte sectors.
 pub const SECTOR_SIZE: u64 = 512;
@@ -275,21 +275,6 @@ impl Counters {
 
 static INSTANCES: AtomicUsize = AtomicUsize::new(0);
 
-enum State {
-    Idle,
-    /// Serving: the worker owns the queue and a clone of the kick eventfd.
-    Running {
-        kick: EventFd,
-        stop: EventFd,
-        worker: JoinHandle<()>,
-    },
-    /// Activation failed after the transport handed over its queues; we keep the kick
-    /// eventfds so that `reset` can give them back.
-    Failed {
-        kicks: Vec<EventFd>,
-    },
-}
-
 /// The virtio-blk device model.
 pub struct Block {
     disk: Arc<DiskImage>,
@@ -297,11 +282,10 @@ pub struct Block {
     features: u64,
     config: [u8; CONFIG_SIZE],
     stats: Arc<Counters>,
-    needs_reset: Arc<AtomicBool>,
     /// Set by the worker while it serves through io_uring.
     uring_active: Arc<AtomicBool>,
     name: String,
-    state: State,
+    config_log: RateLimit,
 }
 
 impl Block {
@@ -344,10 +328,9 @@ impl Block {
             features,
             config,
             stats: Arc::new(Counters::default()),
-            needs_reset: Arc::new(AtomicBool::new(false)),
             uring_active: Arc::new(AtomicBool::new(false)),
             name: format!("virtio-blk-{n}"),
-            state: State::Idle,
+            config_log: RateLimit::new(3),
         })
     }
 
@@ -383,34 +366,6 @@ impl Block {
     pub fn serving_with_uring(&self) -> bool {
         self.uring_active.load(Ordering::SeqCst)
     }
-
-    fn stop_worker(&mut self) -> Option<Vec<EventFd>> {
-        match std::mem::replace(&mut self.state, State::Idle) {
-            State::Idle => None,
-            State::Failed { kicks } => Some(kicks),
-            State::Running { kick, stop, worker } => {
-                if let Err(e) = stop.write(1) {
-                    error!("{}: cannot signal the worker to stop: {e}", self.name);
-                }
-                if worker.join().is_err() {
-                    error!("{}: the worker thread panicked", self.name);
-                }
-                self.uring_active.store(false, Ordering::SeqCst);
-                Some(vec![kick])
-            }
-        }
-    }
-
-    fn fail_activation(&mut self, kicks: Vec<EventFd>, interrupt: &dyn VirtioInterrupt) {
-        self.needs_reset.store(true, Ordering::SeqCst);
-        self.state = State::Failed { kicks };
-        if let Err(e) = interrupt.trigger(VirtioInterruptType::Config) {
-            warn!(
-                "{}: cannot raise the configuration interrupt: {e}",
-                self.name
-            );
-        }
-    }
 }
 
 /// Serialises `struct virtio_blk_config` (little-endian) for a disk of `sectors` sectors.
@@ -435,6 +390,10 @@ impl VirtioDevice for Block {
         super::TYPE_BLOCK
     }
 
+    fn name(&self) -> String {
+        self.name.clone()
+    }
+
     fn queue_max_sizes(&self) -> &[u16] {
         &[QUEUE_SIZE]
     }
@@ -455,53 +414,30 @@ impl VirtioDevice for Block {
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
         // No writable field is offered (CONFIG_WCE is not negotiated).
-        warn!(
-            "{}: ignoring a {}-byte config write at offset {offset}",
-            self.name,
-            data.len()
-        );
+        self.config_log.warn(|| {
+            format!(
+                "{}: ignoring a {}-byte config write at offset {offset}",
+                self.name,
+                data.len()
+            )
+        });
     }
 
     fn activate(
         &mut self,
         mem: GuestMemoryMmap,
         acked_features: u64,
-        queues: Vec<ActiveQueue>,
-        interrupt: Arc<dyn VirtioInterrupt>,
-    ) -> Result<(), ActivateError> {
-        if !matches!(self.state, State::Idle) {
-            return Err(ActivateError::AlreadyActive);
-        }
-        if queues.len() != 1 {
-            let got = queues.len();
-            self.fail_activation(queues.into_iter().map(|q| q.kick).collect(), &*interrupt);
+        queues: Vec<(u16, Queue)>,
+    ) -> Result<Box<dyn VirtioHandler>, ActivateError> {
+        let got = queues.len();
+        let Ok([(index, mut queue)]) = <[(u16, Queue); 1]>::try_from(queues) else {
             return Err(ActivateError::QueueCount { got, want: 1 });
-        }
-        let Some(ActiveQueue {
-            index,
-            mut queue,
-            kick,
-        }) = queues.into_iter().next()
-        else {
-            return Err(ActivateError::QueueCount { got: 0, want: 1 });
         };
         queue.set_event_idx(acked_features & VIRTIO_F_RING_EVENT_IDX != 0);
         if !queue.is_valid(&mem) {
-            self.fail_activation(vec![kick], &*interrupt);
             return Err(ActivateError::InvalidQueue { index });
         }
-        let (worker_kick, stop, worker_stop) = match (|| {
-            let stop = EventFd::new(EFD_NONBLOCK)?;
-            Ok::<_, std::io::Error>((kick.try_clone()?, stop.try_clone()?, stop))
-        })() {
-            Ok((k, ws, s)) => (k, s, ws),
-            Err(e) => {
-                self.fail_activation(vec![kick], &*interrupt);
-                return Err(ActivateError::Worker(e));
-            }
-        };
-        self.needs_reset.store(false, Ordering::SeqCst);
-        let ctx = Worker {
+        Ok(Box::new(BlockHandler {
             name: self.name.clone(),
             handler: Handler::Sync(self.queue_handler()),
             uring: self.prefers_uring(),
@@ -509,40 +445,11 @@ impl VirtioDevice for Block {
             mem,
             queue,
             index,
-            kick: worker_kick,
-            stop: worker_stop,
-            interrupt: interrupt.clone(),
-            needs_reset: self.needs_reset.clone(),
-        };
-        match std::thread::Builder::new()
-            .name(self.name.clone())
-            .spawn(move || ctx.run())
-        {
-            Ok(worker) => {
-                self.state = State::Running { kick, stop, worker };
-                Ok(())
-            }
-            Err(e) => {
-                self.fail_activation(vec![kick], &*interrupt);
-                Err(ActivateError::Worker(e))
-            }
-        }
+        }))
     }
 
-    fn reset(&mut self) -> Option<Vec<EventFd>> {
-        let kicks = self.stop_worker();
-        self.needs_reset.store(false, Ordering::SeqCst);
-        kicks
-    }
-
-    fn needs_reset(&self) -> bool {
-        self.needs_reset.load(Ordering::SeqCst)
-    }
-}
-
-impl Drop for Block {
-    fn drop(&mut self) {
-        let _ = self.stop_worker();
+    fn deactivate(&mut self, _handler: Box<dyn VirtioHandler>) {
+        self.uring_active.store(false, Ordering::SeqCst);
     }
 }
 
@@ -575,8 +482,8 @@ fn setup_ring() -> std::io::Result<io_uring::IoUring> {
 #[cfg(test)]
 use tests::setup_ring;
 
-/// Everything the worker thread owns.
-struct Worker {
+/// What the worker runs for one activation: the queue and the request processor.
+struct BlockHandler {
     name: String,
     handler: Handler,
     /// Switch `handler` to io_uring when the worker starts (the ring belongs to its thread).
@@ -585,108 +492,46 @@ struct Worker {
     mem: GuestMemoryMmap,
     queue: Queue,
     index: u16,
-    kick: EventFd,
-    stop: EventFd,
-    interrupt: Arc<dyn VirtioInterrupt>,
-    needs_reset: Arc<AtomicBool>,
 }
 
-impl Worker {
+impl VirtioHandler for BlockHandler {
     /// Moves the handler onto an io_uring made on this (the worker's) thread; on failure logs
     /// once per process and keeps serving synchronously.
-    fn with_uring(self) -> Self {
-        let handler = match self.handler {
-            Handler::Sync(h) => {
-                match setup_ring() {
-                    Ok(ring) => {
-                        self.uring_active.store(true, Ordering::SeqCst);
-                        Handler::Uring(Box::new(UringQueueHandler::with_ring(h, ring)))
-                    }
-                    Err(e) => {
-                        URING_FALLBACK_LOGGED.call_once(|| {
-                        warn!("virtio-blk: io_uring unavailable ({e}); serving disks synchronously");
-                    });
-                        Handler::Sync(h)
-                    }
-                }
-            }
-            other => other,
-        };
-        Worker { handler, ..self }
-    }
-
-    fn run(mut self) {
-        use std::os::unix::io::AsRawFd;
-        if self.uring {
-            self = self.with_uring();
-        }
-        // Requests queued before DRIVER_OK (or a kick lost across a reset) are served now.
-        self.serve();
-        let mut fds = [
-            libc::pollfd {
-                fd: self.kick.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: self.stop.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-        ];
-        loop {
-            // SAFETY: `fds` is a valid array of two pollfds whose fds stay open (owned by self)
-            // for the duration of the call.
-            let ret = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
-            if ret < 0 {
-                let e = std::io::Error::last_os_error();
-                if e.kind() == std::io::ErrorKind::Interrupted {
-                    continue;
-                }
-                error!("{}: poll failed, worker exits: {e}", self.name);
-                return;
-            }
-            if fds[1].revents != 0 {
-                return;
-            }
-            if fds[0].revents & (libc::POLLERR | libc::POLLNVAL) != 0 {
-                error!("{}: kick eventfd failed, worker exits", self.name);
-                return;
-            }
-            if fds[0].revents & libc::POLLIN != 0 {
-                // Consume the kick (the counter value is irrelevant); the fd may be blocking,
-                // but POLLIN guarantees the read returns at once.
-                let _ = self.kick.read();
-                self.serve();
-            }
-        }
-    }
-
-    fn serve(&mut self) {
-        if self.needs_reset.load(Ordering::SeqCst) {
+    fn started(&mut self) {
+        if !self.uring {
             return;
         }
-        match self.handler.process_queue(&self.mem, &mut self.queue) {
-            Ok(true) => {
-                if let Err(e) = self
-                    .interrupt
-                    .trigger(VirtioInterruptType::Queue(self.index))
-                {
-                    warn!("{}: cannot raise the queue interrupt: {e}", self.name);
-                }
+        let Handler::Sync(h) = &self.handler else {
+            return;
+        };
+        match setup_ring() {
+            Ok(ring) => {
+                self.uring_active.store(true, Ordering::SeqCst);
+                let h = UringQueueHandler::with_ring(h.same_disk(), ring);
+                self.handler = Handler::Uring(Box::new(h));
             }
-            Ok(false) => {}
             Err(e) => {
-                error!("{}: queue failed, the device needs a reset: {e}", self.name);
-                self.needs_reset.store(true, Ordering::SeqCst);
-                if let Err(e) = self.interrupt.trigger(VirtioInterruptType::Config) {
-                    warn!(
-                        "{}: cannot raise the configuration interrupt: {e}",
-                        self.name
-                    );
-                }
+                URING_FALLBACK_LOGGED.call_once(|| {
+                    warn!("virtio-blk: io_uring unavailable ({e}); serving disks synchronously");
+                });
             }
         }
+    }
+
+    fn queue_event(&mut self, _slot: usize, ctx: &mut WorkerCtx) -> Result<(), DeviceError> {
+        let notify = self
+            .handler
+            .process_queue(&self.mem, &mut self.queue)
+            .map_err(|e| DeviceError::new(format!("{}: queue failed: {e}", self.name)))?;
+        if notify {
+            ctx.signal_used(self.index).map_err(|e| {
+                DeviceError::new(format!(
+                    "{}: cannot raise the queue interrupt: {e}",
+                    self.name
+                ))
+            })?;
+        }
+        Ok(())
     }
 }
 

@@ -9,12 +9,13 @@
 
 pub mod block;
 
-use std::sync::Arc;
-
 pub mod net;
 pub mod pci;
 pub mod rng;
 pub mod tap;
+pub mod worker;
+
+pub use worker::{DeviceError, Runner, VirtioHandler, WorkerCtx};
 
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
@@ -68,6 +69,13 @@ pub enum VirtioInterruptType {
 /// How a device raises interrupts; implemented by the transport (MSI-X vector or INTx + ISR).
 pub trait VirtioInterrupt: Send + Sync {
     fn trigger(&self, kind: VirtioInterruptType) -> std::io::Result<()>;
+    /// For a level-triggered line: signalled at the guest's EOI; the worker then calls
+    /// [`VirtioInterrupt::resample`].
+    fn resample_event(&self) -> Option<&EventFd> {
+        None
+    }
+    /// Re-asserts the line if the interrupt condition still holds.
+    fn resample(&self) {}
 }
 
 /// One configured queue, handed to the device at activation.
@@ -108,10 +116,13 @@ pub enum ActivateError {
     InvalidQueue { index: u16 },
 }
 
-/// A virtio device model (block, net), independent of the transport.
+/// A virtio device model (block, net, rng), independent of the transport. It owns no thread:
+/// on activation it returns a [`VirtioHandler`] that the one worker lifecycle ([`Runner`]) runs.
 pub trait VirtioDevice: Send {
     /// The virtio device type (`TYPE_BLOCK`, ...).
     fn device_type(&self) -> u32;
+    /// A short name for logs and the worker thread (`virtio-blk-0`, ...).
+    fn name(&self) -> String;
     /// Maximum size of each queue; the length is the number of queues.
     fn queue_max_sizes(&self) -> &[u16];
     /// Features the device offers (VIRTIO_F_VERSION_1 included).
@@ -120,21 +131,14 @@ pub trait VirtioDevice: Send {
     fn read_config(&self, offset: u64, data: &mut [u8]);
     /// Writes the device-specific configuration space (most devices ignore it).
     fn write_config(&mut self, offset: u64, data: &[u8]);
-    /// Starts serving `queues` with the features the driver accepted.
+    /// Builds the handler that serves `queues` (virtio index, configured queue) with the
+    /// features the driver accepted. The worker calls it with the queue's position in this list.
     fn activate(
         &mut self,
         mem: GuestMemoryMmap,
         acked_features: u64,
-        queues: Vec<ActiveQueue>,
-        interrupt: Arc<dyn VirtioInterrupt>,
-    ) -> Result<(), ActivateError>;
-    /// Stops the worker and gives the kick eventfds back (device reset by the driver).
-    /// Returns `None` when the device was not active.
-    fn reset(&mut self) -> Option<Vec<EventFd>>;
-    /// True when the device hit an error it cannot recover from without a driver reset; the
-    /// transport reports it as DEVICE_NEEDS_RESET (0x40) in the device status. Devices that
-    /// fail this way also raise a configuration interrupt.
-    fn needs_reset(&self) -> bool {
-        false
-    }
+        queues: Vec<(u16, virtio_queue::Queue)>,
+    ) -> Result<Box<dyn VirtioHandler>, ActivateError>;
+    /// Takes the handler back after its worker stopped (a device keeps its backend this way).
+    fn deactivate(&mut self, _handler: Box<dyn VirtioHandler>) {}
 }

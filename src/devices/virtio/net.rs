@@ -1,7 +1,7 @@
 //! virtio-net (virtio 1.x, 5.1) backed by a host TAP device.
 //!
-//! Two queues: receive (index [`RX_QUEUE`]) and transmit (index [`TX_QUEUE`]). A worker thread
-//! `virtio-net-<tap>` waits on the TAP, both kick eventfds and a stop eventfd. Frames are copied
+//! Two queues: receive (index [`RX_QUEUE`]) and transmit (index [`TX_QUEUE`]). The virtio
+//! worker (`virtio-net-<tap>`, see [`super::worker`]) waits on the TAP and both kicks. Frames are copied
 //! through bounded buffers; every frame carries a 12-byte `virtio_net_hdr_v1`, which the TAP
 //! (IFF_VNET_HDR) understands, so checksum and segmentation offloads pass straight through.
 //!
@@ -13,18 +13,15 @@ use std::num::Wrapping;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 
 use virtio_bindings::virtio_net as vnet;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
-use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::tap::{self, Tap, TapError, VNET_HDR_LEN};
 use super::{
-    ActivateError, ActiveQueue, DrainGuard, VirtioDevice, VirtioInterrupt, VirtioInterruptType,
-    TYPE_NET, VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_RING_INDIRECT_DESC, VIRTIO_F_VERSION_1,
+    ActivateError, DeviceError, DrainGuard, VirtioDevice, VirtioHandler, WorkerCtx, TYPE_NET,
+    VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_RING_INDIRECT_DESC, VIRTIO_F_VERSION_1,
 };
 use crate::kvm::vcpu::RateLimit;
 
@@ -704,7 +701,7 @@ impl NetQueues {
     }
 
     /// Raises the queue interrupt if the driver wants one.
-    fn notify(&mut self, index: u16, interrupt: &dyn VirtioInterrupt) {
+    fn notify(&mut self, index: u16, raise: &dyn Fn(u16) -> io::Result<()>) {
         let q = if index == RX_QUEUE {
             &mut self.rx
         } else {
@@ -713,7 +710,7 @@ impl NetQueues {
         match q.needs_notification(&*self.mem) {
             Ok(false) => {}
             Ok(true) | Err(_) => {
-                if let Err(e) = interrupt.trigger(VirtioInterruptType::Queue(index)) {
+                if let Err(e) = raise(index) {
                     inc(&self.stats.interrupt_errors);
                     self.log
                         .log(|| format!("virtio-net: interrupt for queue {index} failed: {e}"));
@@ -724,110 +721,53 @@ impl NetQueues {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Worker thread
+// What the worker runs
 // ---------------------------------------------------------------------------------------------
 
-const TOKEN_BACKEND: u64 = 0;
-const TOKEN_RX_KICK: u64 = 1;
-const TOKEN_TX_KICK: u64 = 2;
-const TOKEN_STOP: u64 = 3;
-
-struct Worker {
+/// The queues and the backend of one activation, served by the virtio worker: the TAP is its
+/// one backend fd (watched only while the guest has receive buffers).
+pub(crate) struct NetHandler {
     queues: NetQueues,
-    rx_kick: EventFd,
-    tx_kick: EventFd,
-    stop: EventFd,
-    interrupt: Arc<dyn VirtioInterrupt>,
+    /// Worker slots (positions in the activation's queue list) of RX and TX.
+    rx_slot: usize,
+    tx_slot: usize,
 }
 
-/// What the worker hands back when it stops.
-struct WorkerExit {
-    kicks: Vec<EventFd>,
-    backend: Box<dyn NetBackend>,
-}
-
-impl Worker {
-    fn run(mut self) -> WorkerExit {
-        if let Err(e) = self.event_loop() {
-            log::error!("virtio-net: worker stopped: {e}");
+impl NetHandler {
+    fn serve_rx(&mut self, ctx: &mut WorkerCtx) -> Result<(), DeviceError> {
+        let st = self.queues.process_rx();
+        if st.used {
+            self.queues.notify(RX_QUEUE, &|i| ctx.signal_used(i));
         }
-        WorkerExit {
-            kicks: vec![self.rx_kick, self.tx_kick],
-            backend: self.queues.backend,
+        ctx.watch_backend(0, !st.starved)
+            .map_err(|e| DeviceError::new(format!("virtio-net: epoll on the TAP: {e}")))
+    }
+}
+
+impl VirtioHandler for NetHandler {
+    fn backend_fds(&self) -> Vec<RawFd> {
+        vec![self.queues.backend.as_raw_fd()]
+    }
+
+    fn queue_event(&mut self, slot: usize, ctx: &mut WorkerCtx) -> Result<(), DeviceError> {
+        if slot == self.tx_slot {
+            let (used, more) = self.queues.process_tx();
+            if used {
+                self.queues.notify(TX_QUEUE, &|i| ctx.signal_used(i));
+            }
+            if more {
+                ctx.rerun(slot);
+            }
+            Ok(())
+        } else if slot == self.rx_slot {
+            self.serve_rx(ctx)
+        } else {
+            Ok(())
         }
     }
 
-    fn event_loop(&mut self) -> io::Result<()> {
-        let epoll = Epoll::new()?;
-        let backend_fd: RawFd = self.queues.backend.as_raw_fd();
-        for (fd, token) in [
-            (backend_fd, TOKEN_BACKEND),
-            (self.rx_kick.as_raw_fd(), TOKEN_RX_KICK),
-            (self.tx_kick.as_raw_fd(), TOKEN_TX_KICK),
-            (self.stop.as_raw_fd(), TOKEN_STOP),
-        ] {
-            epoll.ctl(
-                ControlOperation::Add,
-                fd,
-                EpollEvent::new(EventSet::IN, token),
-            )?;
-        }
-        let mut backend_polled = true;
-        let mut events = [EpollEvent::default(); 8];
-        // Frames may already be waiting, and the guest may have queued TX before DRIVER_OK.
-        let mut want_rx = true;
-        let mut want_tx = true;
-        loop {
-            if want_tx {
-                let (used, more) = self.queues.process_tx();
-                if used {
-                    self.queues.notify(TX_QUEUE, self.interrupt.as_ref());
-                }
-                if more {
-                    // Come back after the other events.
-                    let _ = self.tx_kick.write(1);
-                }
-            }
-            if want_rx {
-                let st = self.queues.process_rx();
-                if st.used {
-                    self.queues.notify(RX_QUEUE, self.interrupt.as_ref());
-                }
-                if st.starved == backend_polled {
-                    // Deregister rather than clear the mask: EPOLLERR/EPOLLHUP are reported
-                    // even with an empty mask and would make this loop spin.
-                    backend_polled = !st.starved;
-                    let op = if backend_polled {
-                        ControlOperation::Add
-                    } else {
-                        ControlOperation::Delete
-                    };
-                    epoll.ctl(op, backend_fd, EpollEvent::new(EventSet::IN, TOKEN_BACKEND))?;
-                }
-            }
-            want_rx = false;
-            want_tx = false;
-            let n = match epoll.wait(-1, &mut events) {
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e),
-            };
-            for ev in &events[..n] {
-                match ev.data() {
-                    TOKEN_STOP => return Ok(()),
-                    TOKEN_BACKEND => want_rx = true,
-                    TOKEN_RX_KICK => {
-                        let _ = self.rx_kick.read();
-                        want_rx = true;
-                    }
-                    TOKEN_TX_KICK => {
-                        let _ = self.tx_kick.read();
-                        want_tx = true;
-                    }
-                    _ => {}
-                }
-            }
-        }
+    fn backend_event(&mut self, _id: usize, ctx: &mut WorkerCtx) -> Result<(), DeviceError> {
+        self.serve_rx(ctx)
     }
 }
 
@@ -844,19 +784,14 @@ pub enum NetError {
     Config(#[from] NetConfigError),
 }
 
-struct Running {
-    stop: EventFd,
-    thread: JoinHandle<WorkerExit>,
-}
-
 /// A virtio-net device.
 pub struct Net {
     name: String,
     mac: [u8; 6],
     avail_features: u64,
     config: [u8; CONFIG_LEN],
+    /// The TAP while no worker has it (between activations).
     backend: Option<Box<dyn NetBackend>>,
-    running: Option<Running>,
     stats: Arc<NetStats>,
 }
 
@@ -914,7 +849,6 @@ impl Net {
             avail_features: features,
             config,
             backend: Some(backend),
-            running: None,
             stats: Arc::new(NetStats::default()),
         }
     }
@@ -954,6 +888,10 @@ impl VirtioDevice for Net {
         TYPE_NET
     }
 
+    fn name(&self) -> String {
+        format!("virtio-net-{}", self.name)
+    }
+
     fn queue_max_sizes(&self) -> &[u16] {
         &QUEUE_SIZES
     }
@@ -981,35 +919,18 @@ impl VirtioDevice for Net {
         &mut self,
         mem: GuestMemoryMmap,
         acked_features: u64,
-        queues: Vec<ActiveQueue>,
-        interrupt: Arc<dyn VirtioInterrupt>,
-    ) -> Result<(), ActivateError> {
-        if self.running.is_some() {
-            return Err(ActivateError::AlreadyActive);
-        }
-        if queues.len() != QUEUE_SIZES.len() {
+        queues: Vec<(u16, Queue)>,
+    ) -> Result<Box<dyn VirtioHandler>, ActivateError> {
+        let got = queues.len();
+        let slot_of = |index| queues.iter().position(|(i, _)| *i == index);
+        let (Some(rx_slot), Some(tx_slot), 2) = (slot_of(RX_QUEUE), slot_of(TX_QUEUE), got) else {
             return Err(ActivateError::QueueCount {
-                got: queues.len(),
-                want: QUEUE_SIZES.len(),
-            });
-        }
-        let mut rx = None;
-        let mut tx = None;
-        for q in queues {
-            match q.index {
-                RX_QUEUE => rx = Some(q),
-                TX_QUEUE => tx = Some(q),
-                _ => {}
-            }
-        }
-        let (Some(rx), Some(tx)) = (rx, tx) else {
-            return Err(ActivateError::QueueCount {
-                got: 0,
+                got,
                 want: QUEUE_SIZES.len(),
             });
         };
         let mut backend = self.backend.take().ok_or_else(|| {
-            ActivateError::Worker(io::Error::other("the network backend was lost"))
+            ActivateError::Worker(io::Error::other("the network backend is in use"))
         })?;
         let acked = acked_features & self.avail_features;
         let offloads = Self::tun_offloads(acked);
@@ -1019,55 +940,24 @@ impl VirtioDevice for Net {
                 self.name
             );
         }
-        let stop = match EventFd::new(EFD_NONBLOCK) {
-            Ok(s) => s,
-            Err(e) => {
-                self.backend = Some(backend);
-                return Err(ActivateError::Worker(e));
-            }
+        let mut qs = queues.into_iter().map(|(_, q)| q);
+        let (Some(a), Some(b)) = (qs.next(), qs.next()) else {
+            self.backend = Some(backend);
+            return Err(ActivateError::QueueCount { got, want: 2 });
         };
-        let worker_stop = match stop.try_clone() {
-            Ok(s) => s,
-            Err(e) => {
-                self.backend = Some(backend);
-                return Err(ActivateError::Worker(e));
-            }
-        };
-        let worker = Worker {
-            queues: NetQueues::new(mem, rx.queue, tx.queue, backend, acked, self.stats.clone()),
-            rx_kick: rx.kick,
-            tx_kick: tx.kick,
-            stop: worker_stop,
-            interrupt,
-        };
-        let thread = std::thread::Builder::new()
-            .name(format!("virtio-net-{}", self.name))
-            .spawn(move || worker.run())
-            .map_err(ActivateError::Worker)?;
-        self.running = Some(Running { stop, thread });
-        Ok(())
+        let (rx, tx) = if rx_slot == 0 { (a, b) } else { (b, a) };
+        Ok(Box::new(NetHandler {
+            queues: NetQueues::new(mem, rx, tx, backend, acked, self.stats.clone()),
+            rx_slot,
+            tx_slot,
+        }))
     }
 
-    fn reset(&mut self) -> Option<Vec<EventFd>> {
-        let running = self.running.take()?;
-        // A failed write means the counter is saturated: the worker is being woken anyway.
-        let _ = running.stop.write(1);
-        match running.thread.join() {
-            Ok(exit) => {
-                self.backend = Some(exit.backend);
-                Some(exit.kicks)
-            }
-            Err(_) => {
-                log::error!("virtio-net {}: the worker thread panicked", self.name);
-                Some(Vec::new())
-            }
+    fn deactivate(&mut self, handler: Box<dyn VirtioHandler>) {
+        match super::worker::downcast::<NetHandler>(handler) {
+            Some(h) => self.backend = Some(h.queues.backend),
+            None => log::error!("virtio-net {}: foreign handler given back", self.name),
         }
-    }
-}
-
-impl Drop for Net {
-    fn drop(&mut self) {
-        let _ = self.reset();
     }
 }
 

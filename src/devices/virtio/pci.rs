@@ -25,14 +25,15 @@ use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::{
-    ActiveQueue, VirtioDevice, VirtioInterrupt, VirtioInterruptType, VIRTIO_F_RING_EVENT_IDX,
-    VIRTIO_F_VERSION_1,
+    ActiveQueue, Runner, VirtioDevice, VirtioInterrupt, VirtioInterruptType,
+    VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_VERSION_1,
 };
 use crate::devices::pci::config::{BarKind, BarSpec, COMMAND_INTX_DISABLE};
 use crate::devices::pci::msix::{self, Msix};
 use crate::devices::pci::{
     IntxLine, IoEventRegistry, MsiRouter, PciConfig, PciDevice, PciError, PciHeader,
 };
+use crate::ratelimit::RateLimit;
 
 pub const VIRTIO_PCI_VENDOR_ID: u16 = 0x1af4;
 /// Modern device IDs are 0x1040 + the virtio device type.
@@ -89,8 +90,6 @@ pub enum VirtioPciError {
     EventFd(#[source] io::Error),
     #[error("cannot allocate MSI-X vectors")]
     Msix(#[source] io::Error),
-    #[error("cannot start the INTx resample thread")]
-    Thread(#[source] io::Error),
 }
 
 /// Interrupt state shared by the transport (vCPU threads) and the device's worker.
@@ -106,6 +105,8 @@ struct IrqState {
 pub struct VirtioPciInterrupt {
     state: Mutex<IrqState>,
     intx: EventFd,
+    /// Signalled by KVM at the guest's EOI of the INTx line; the device worker watches it.
+    resample: EventFd,
 }
 
 impl VirtioPciInterrupt {
@@ -126,14 +127,6 @@ impl VirtioPciInterrupt {
         }
         self.intx.write(1)
     }
-
-    /// After an EOI of the INTx line: re-assert it while the ISR still has bits set.
-    fn resample(&self) {
-        let st = self.lock();
-        if st.isr != 0 && !st.msix.enabled() && !st.intx_disabled {
-            let _ = self.intx.write(1);
-        }
-    }
 }
 
 impl VirtioInterrupt for VirtioPciInterrupt {
@@ -152,6 +145,18 @@ impl VirtioInterrupt for VirtioPciInterrupt {
                 let v = st.config_vector;
                 self.raise(&mut st, v, ISR_CONFIG)
             }
+        }
+    }
+
+    fn resample_event(&self) -> Option<&EventFd> {
+        Some(&self.resample)
+    }
+
+    /// After an EOI of the INTx line: re-assert it while the ISR still has bits set.
+    fn resample(&self) {
+        let st = self.lock();
+        if st.isr != 0 && !st.msix.enabled() && !st.intx_disabled {
+            let _ = self.intx.write(1);
         }
     }
 }
@@ -185,7 +190,7 @@ pub struct VirtioPciDevice {
     config: PciConfig,
     msix_cap: usize,
     pci_cfg_cap: usize,
-    device: Box<dyn VirtioDevice>,
+    device: Runner<dyn VirtioDevice>,
     mem: GuestMemoryMmap,
     interrupt: Arc<VirtioPciInterrupt>,
     ioevents: Arc<dyn IoEventRegistry>,
@@ -199,6 +204,8 @@ pub struct VirtioPciDevice {
     config_generation: u8,
     queue_select: u16,
     queues: Vec<QueueConfig>,
+    /// Guest-triggered warnings (failed activations, BARs moved onto taken addresses).
+    log: RateLimit,
 }
 
 /// Does `[off, off + len)` overlap `r`?
@@ -299,24 +306,13 @@ impl VirtioPciDevice {
                 intx_disabled: false,
             }),
             intx: intx.irqfd,
+            resample: intx.resample,
         });
-        let irq = interrupt.clone();
-        let resample = intx.resample;
-        std::thread::Builder::new()
-            .name("virtio-pci-intx".into())
-            .spawn(move || loop {
-                match resample.read() {
-                    Ok(_) => irq.resample(),
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(_) => return,
-                }
-            })
-            .map_err(VirtioPciError::Thread)?;
         Ok(Self {
             config,
             msix_cap,
             pci_cfg_cap,
-            device,
+            device: Runner::new(device),
             mem,
             interrupt,
             ioevents,
@@ -329,16 +325,20 @@ impl VirtioPciDevice {
             config_generation: 0,
             queue_select: 0,
             queues: maxes.into_iter().map(QueueConfig::new).collect(),
+            log: RateLimit::new(5),
         })
     }
 
     /// What the transport offers: the device's features, always with VIRTIO_F_VERSION_1.
     fn device_features(&self) -> u64 {
-        self.device.features() | VIRTIO_F_VERSION_1
+        self.device.device().features() | VIRTIO_F_VERSION_1
     }
 
+    /// The device status as the driver reads it: DEVICE_NEEDS_RESET is set when the device
+    /// failed to start or its worker failed since.
     pub fn status(&self) -> u8 {
-        self.status
+        let failed = self.status & STATUS_DRIVER_OK != 0 && self.device.needs_reset();
+        self.status | if failed { STATUS_NEEDS_RESET } else { 0 }
     }
 
     fn queue(&mut self) -> Option<&mut QueueConfig> {
@@ -347,7 +347,7 @@ impl VirtioPciDevice {
 
     /// Back to the power-on state of the virtio device (MSI-X, a PCI feature, is untouched).
     fn reset(&mut self) {
-        // The device stops its worker; its clones of the kick eventfds are dropped with it.
+        // The worker is stopped and joined; its clones of the kick eventfds go with it.
         drop(self.device.reset());
         self.device_feature_select = 0;
         self.driver_feature_select = 0;
@@ -401,7 +401,9 @@ impl VirtioPciDevice {
                 return;
             }
             if let Err(e) = self.activate() {
-                log::warn!("virtio-pci: cannot activate the device: {e}");
+                let name = self.device.device().name();
+                self.log
+                    .warn(|| format!("virtio-pci {name}: cannot activate the device: {e}"));
                 self.needs_reset();
             }
         }
@@ -472,7 +474,7 @@ impl VirtioPciDevice {
         put(0x0c, &driver.to_le_bytes());
         put(0x10, &st.config_vector.to_le_bytes());
         put(0x12, &(self.queues.len() as u16).to_le_bytes());
-        put(0x14, &[self.status, self.config_generation]);
+        put(0x14, &[self.status(), self.config_generation]);
         put(0x16, &self.queue_select.to_le_bytes());
         let sel = usize::from(self.queue_select);
         if let Some(q) = self.queues.get(sel) {
@@ -599,10 +601,13 @@ impl VirtioPciDevice {
             }
             if let Some(new) = want {
                 if let Err(e) = self.ioevents.register(new + off, fd) {
-                    log::warn!(
-                        "virtio-pci: queue {q}: no ioeventfd at {:#x}: {e}",
-                        new + off
-                    );
+                    self.log.warn(|| {
+                        format!(
+                            "virtio-pci {}: queue {q}: no ioeventfd at {:#x}: {e}",
+                            self.device.device().name(),
+                            new + off
+                        )
+                    });
                 }
             }
         }
@@ -692,7 +697,7 @@ impl PciDevice for VirtioPciDevice {
                 data[0] = st.isr;
                 st.isr = 0;
             }
-            DEVICE_OFF => self.device.read_config(rel, data),
+            DEVICE_OFF => self.device.device().read_config(rel, data),
             MSIX_TABLE_OFF => self.interrupt.lock().msix.table_read(rel, data),
             MSIX_PBA_OFF => self.interrupt.lock().msix.pba_read(rel, data),
             _ => {}
@@ -711,7 +716,7 @@ impl PciDevice for VirtioPciDevice {
         }
         match region {
             COMMON_OFF => self.common_write(rel, data),
-            DEVICE_OFF => self.device.write_config(rel, data),
+            DEVICE_OFF => self.device.device_mut().write_config(rel, data),
             NOTIFY_OFF if rel % u64::from(NOTIFY_MULTIPLIER) == 0 => {
                 let q = (rel / u64::from(NOTIFY_MULTIPLIER)) as usize;
                 if let Some(k) = self.kicks.get(q) {

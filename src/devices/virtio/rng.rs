@@ -3,16 +3,12 @@
 
 use std::fs::File;
 use std::io::Read;
-use std::os::fd::AsRawFd;
-use std::sync::Arc;
-use std::thread::JoinHandle;
 
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestMemoryMmap};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::{
-    ActivateError, ActiveQueue, DrainGuard, VirtioDevice, VirtioInterrupt, VirtioInterruptType,
+    ActivateError, DeviceError, DrainGuard, VirtioDevice, VirtioHandler, WorkerCtx,
     VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_VERSION_1,
 };
 
@@ -22,21 +18,22 @@ const QUEUE_SIZE: u16 = 256;
 /// Bytes served per request at most (the rest of a larger buffer is left untouched).
 const MAX_REQUEST: usize = 64 << 10;
 
-struct Worker {
-    stop: EventFd,
-    thread: JoinHandle<Vec<EventFd>>,
-}
-
-/// The entropy device.
+/// The entropy device. It owns nothing but its configuration: each activation gets a fresh
+/// handle on /dev/urandom.
 pub struct Rng {
-    worker: Option<Worker>,
+    name: String,
 }
 
 impl Rng {
     pub fn new() -> Self {
-        Self { worker: None }
+        let n = INSTANCES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Self {
+            name: format!("virtio-rng-{n}"),
+        }
     }
 }
+
+static INSTANCES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 impl Default for Rng {
     fn default() -> Self {
@@ -47,6 +44,10 @@ impl Default for Rng {
 impl VirtioDevice for Rng {
     fn device_type(&self) -> u32 {
         TYPE_RNG
+    }
+
+    fn name(&self) -> String {
+        self.name.clone()
     }
 
     fn queue_max_sizes(&self) -> &[u16] {
@@ -67,103 +68,55 @@ impl VirtioDevice for Rng {
         &mut self,
         mem: GuestMemoryMmap,
         _acked_features: u64,
-        mut queues: Vec<ActiveQueue>,
-        interrupt: Arc<dyn VirtioInterrupt>,
-    ) -> Result<(), ActivateError> {
-        if self.worker.is_some() {
-            return Err(ActivateError::AlreadyActive);
-        }
+        mut queues: Vec<(u16, Queue)>,
+    ) -> Result<Box<dyn VirtioHandler>, ActivateError> {
         if queues.len() != 1 {
             return Err(ActivateError::QueueCount {
                 got: queues.len(),
                 want: 1,
             });
         }
-        let q = queues.remove(0);
+        let (index, queue) = queues.remove(0);
         let urandom = File::open("/dev/urandom").map_err(ActivateError::Worker)?;
-        let stop = EventFd::new(EFD_NONBLOCK).map_err(ActivateError::Worker)?;
-        let stop2 = stop.try_clone().map_err(ActivateError::Worker)?;
-        let thread = std::thread::Builder::new()
-            .name("virtio-rng".into())
-            .spawn(move || {
-                let ActiveQueue {
-                    index,
-                    mut queue,
-                    kick,
-                } = q;
-                serve(&mem, &mut queue, index, &kick, &stop2, urandom, &*interrupt);
-                vec![kick]
-            })
-            .map_err(ActivateError::Worker)?;
-        self.worker = Some(Worker { stop, thread });
+        Ok(Box::new(RngHandler {
+            mem,
+            queue,
+            index,
+            urandom,
+            buf: vec![0u8; MAX_REQUEST],
+        }))
+    }
+}
+
+/// Serves the one queue from /dev/urandom.
+struct RngHandler {
+    mem: GuestMemoryMmap,
+    queue: Queue,
+    index: u16,
+    urandom: File,
+    buf: Vec<u8>,
+}
+
+impl VirtioHandler for RngHandler {
+    fn queue_event(&mut self, _slot: usize, ctx: &mut WorkerCtx) -> Result<(), DeviceError> {
+        if drain(&self.mem, &mut self.queue, &mut self.urandom, &mut self.buf)? {
+            ctx.signal_used(self.index).map_err(DeviceError::new)?;
+        }
         Ok(())
     }
-
-    fn reset(&mut self) -> Option<Vec<EventFd>> {
-        let w = self.worker.take()?;
-        let _ = w.stop.write(1);
-        w.thread.join().ok()
-    }
 }
 
-/// Waits for kicks (or `stop`) and answers every available buffer.
-fn serve(
-    mem: &GuestMemoryMmap,
-    queue: &mut Queue,
-    index: u16,
-    kick: &EventFd,
-    stop: &EventFd,
-    mut urandom: File,
-    interrupt: &dyn VirtioInterrupt,
-) {
-    let mut buf = vec![0u8; MAX_REQUEST];
-    // After a queue error (a broken ring from the driver) kicks are ignored until reset.
-    let mut broken = false;
-    loop {
-        // Buffers may already be waiting (the driver can kick before DRIVER_OK lands).
-        if !broken {
-            if let Err(e) = drain(mem, queue, &mut urandom, &mut buf, index, interrupt) {
-                log::warn!("virtio-rng: queue error, ignoring the queue until reset: {e}");
-                broken = true;
-            }
-        }
-        let mut fds = [
-            libc::pollfd {
-                fd: kick.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: stop.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-        ];
-        // SAFETY: `fds` is a valid array of two pollfds for the duration of the call.
-        let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
-        if r < 0 {
-            continue; // EINTR
-        }
-        if fds[1].revents != 0 {
-            return;
-        }
-        let _ = kick.read();
-    }
-}
-
+/// Answers every available buffer. Returns whether the driver wants an interrupt.
 fn drain(
     mem: &GuestMemoryMmap,
     queue: &mut Queue,
     urandom: &mut File,
     buf: &mut [u8],
-    index: u16,
-    interrupt: &dyn VirtioInterrupt,
-) -> Result<(), String> {
+) -> Result<bool, DeviceError> {
+    let ring = |e: virtio_queue::Error| DeviceError::new(format!("queue: {e:?}"));
     let mut guard = DrainGuard::default();
     loop {
-        queue
-            .disable_notification(mem)
-            .map_err(|e| format!("{e:?}"))?;
+        queue.disable_notification(mem).map_err(ring)?;
         let mut popped = 0;
         while let Some(chain) = queue.pop_descriptor_chain(mem) {
             popped += 1;
@@ -182,29 +135,16 @@ fn drain(
                 }
                 written += n;
             }
-            queue
-                .add_used(mem, head, written as u32)
-                .map_err(|e| format!("{e:?}"))?;
+            queue.add_used(mem, head, written as u32).map_err(ring)?;
         }
-        if !queue
-            .enable_notification(mem)
-            .map_err(|e| format!("{e:?}"))?
-        {
+        if !queue.enable_notification(mem).map_err(ring)? {
             break;
         }
         if !guard.go_again(popped > 0) {
-            return Err("available index ahead of readable chains".into());
+            return Err(DeviceError::new("available index ahead of readable chains"));
         }
     }
-    if queue
-        .needs_notification(mem)
-        .map_err(|e| format!("{e:?}"))?
-    {
-        interrupt
-            .trigger(VirtioInterruptType::Queue(index))
-            .map_err(|e| e.to_string())?;
-    }
-    Ok(())
+    queue.needs_notification(mem).map_err(ring)
 }
 
 #[cfg(test)]
@@ -214,14 +154,6 @@ mod tests {
     use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
     use vm_memory::GuestAddress;
-
-    struct Count(std::sync::atomic::AtomicU32);
-    impl VirtioInterrupt for Count {
-        fn trigger(&self, _: VirtioInterruptType) -> std::io::Result<()> {
-            self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            Ok(())
-        }
-    }
 
     #[test]
     fn fills_buffers_and_stops_on_an_avail_index_no_chain_backs() {
@@ -235,14 +167,13 @@ mod tests {
         ));
         vq.add_desc_chains(&[d], 0).unwrap();
         let mut q = vq.create_queue().unwrap();
-        let irq = Count(Default::default());
         let mut urandom = File::open("/dev/urandom").unwrap();
         let mut buf = vec![0u8; MAX_REQUEST];
-        drain(&mem, &mut q, &mut urandom, &mut buf, 0, &irq).unwrap();
+        drain(&mem, &mut q, &mut urandom, &mut buf).unwrap();
         assert_eq!(vq.used().idx().load(), 1);
         assert_eq!(vq.used().ring().ref_at(0).unwrap().load().len(), 64);
         // A hostile driver moves the index far past the ring: an error, not a spin.
         vq.avail().idx().store(1000);
-        assert!(drain(&mem, &mut q, &mut urandom, &mut buf, 0, &irq).is_err());
+        assert!(drain(&mem, &mut q, &mut urandom, &mut buf).is_err());
     }
 }

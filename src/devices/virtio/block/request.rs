@@ -6,7 +6,9 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use log::{debug, warn};
+use log::debug;
+
+use crate::ratelimit::RateLimit;
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP,
     VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN,
@@ -58,6 +60,8 @@ pub struct QueueHandler {
     stats: Arc<Counters>,
     /// Reused across requests to walk chains without allocating.
     descs: Vec<Descriptor>,
+    /// Guest-triggered warnings (bad heads, failing host I/O), rate-limited.
+    log: RateLimit,
 }
 
 /// What a chain turned out to be.
@@ -149,7 +153,13 @@ impl QueueHandler {
             id,
             stats,
             descs: Vec::with_capacity(MAX_DESCRIPTORS),
+            log: RateLimit::new(10),
         }
+    }
+
+    /// A handler for the same image, id and counters (with its own scratch state).
+    pub(crate) fn same_disk(&self) -> Self {
+        Self::new(self.disk.clone(), self.id, self.stats.clone())
     }
 
     /// Serves every available request: disables notifications, processes, re-enables, and
@@ -209,7 +219,12 @@ impl QueueHandler {
                 if head >= queue.size() {
                     // Not a descriptor: cannot be returned through the used ring.
                     self.stats.invalid.fetch_add(1, Ordering::Relaxed);
-                    warn!("virtio-blk: available ring names descriptor {head} past the queue end");
+                    self.log.warn(|| {
+                        format!(
+                            "virtio-blk {}: available ring names descriptor {head} past the queue end",
+                            self.disk.path().display()
+                        )
+                    });
                     continue;
                 }
                 match self.process_chain(mem, chain) {
@@ -558,10 +573,12 @@ impl QueueHandler {
     }
 
     fn io_err(&self, op: &str, offset: u64, e: std::io::Error) -> (Fail, u32) {
-        warn!(
-            "virtio-blk: {op} at offset {offset} of {} failed: {e}",
-            self.disk.path().display()
-        );
+        self.log.warn(|| {
+            format!(
+                "virtio-blk: {op} at offset {offset} of {} failed: {e}",
+                self.disk.path().display()
+            )
+        });
         (Fail::Io, 0)
     }
 }

@@ -14,6 +14,8 @@ use vm_memory::{Address, Bytes, GuestAddress};
 use vmm_sys_util::tempfile::TempFile;
 
 use super::*;
+use crate::devices::virtio::{ActiveQueue, Runner, VirtioInterrupt, VirtioInterruptType};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 const MEM_SIZE: usize = 4 << 20;
 const DISK_SIZE: usize = 1 << 20;
@@ -1042,7 +1044,7 @@ fn active_queue(q: Queue) -> (ActiveQueue, EventFd) {
 #[test]
 fn reset_without_activate_is_none() {
     let t = image();
-    let mut blk = device(&t, false, None);
+    let mut blk = Runner::new(Box::new(device(&t, false, None)));
     assert!(blk.reset().is_none());
     assert!(!blk.needs_reset());
 }
@@ -1050,7 +1052,7 @@ fn reset_without_activate_is_none() {
 #[test]
 fn worker_serves_kicks_and_survives_reactivation() {
     let t = image();
-    let mut blk = device(&t, false, None);
+    let mut blk = Runner::new(Box::new(device(&t, false, None)));
     let mem = guest_mem();
     let irq = Arc::new(TestInterrupt::default());
     header(&mem, HDR, VIRTIO_BLK_T_IN, 4);
@@ -1061,7 +1063,7 @@ fn worker_serves_kicks_and_survives_reactivation() {
             .unwrap();
         let mut drv = Driver::new(&mem, 64);
         let (aq, kick) = active_queue(drv.queue());
-        let acked = blk.features() & !VIRTIO_F_RING_EVENT_IDX;
+        let acked = blk.device().features() & !VIRTIO_F_RING_EVENT_IDX;
         blk.activate(mem.clone(), acked, vec![aq], irq.clone())
             .unwrap();
         assert!(matches!(
@@ -1080,21 +1082,21 @@ fn worker_serves_kicks_and_survives_reactivation() {
         assert_eq!(kicks.len(), 1);
         assert!(blk.reset().is_none());
     }
-    assert_eq!(blk.stats().reads, 12);
+    assert_eq!(blk.device().stats().reads, 12);
     assert_eq!(irq.count(VirtioInterruptType::Config), 0);
 }
 
 #[test]
 fn worker_serves_requests_queued_before_activation() {
     let t = image();
-    let mut blk = device(&t, false, None);
+    let mut blk = Runner::new(Box::new(device(&t, false, None)));
     let mem = guest_mem();
     header(&mem, HDR, VIRTIO_BLK_T_FLUSH, 0);
     let mut drv = Driver::new(&mem, 16);
     drv.push(&[r(HDR, 16), w(STATUS, 1)]);
     let (aq, _kick) = active_queue(drv.queue());
     let irq = Arc::new(TestInterrupt::default());
-    blk.activate(mem.clone(), blk.features(), vec![aq], irq)
+    blk.activate(mem.clone(), blk.device().features(), vec![aq], irq)
         .unwrap();
     wait_for(|| drv.used_idx() == 1);
     assert!(blk.reset().is_some());
@@ -1103,7 +1105,7 @@ fn worker_serves_requests_queued_before_activation() {
 #[test]
 fn invalid_queue_at_activation_needs_reset() {
     let t = image();
-    let mut blk = device(&t, false, None);
+    let mut blk = Runner::new(Box::new(device(&t, false, None)));
     let mem = guest_mem();
     let irq = Arc::new(TestInterrupt::default());
     let drv = Driver::new(&mem, 16);
@@ -1111,11 +1113,12 @@ fn invalid_queue_at_activation_needs_reset() {
     q.set_used_ring_address(Some(0), Some(0x10)); // 64 GiB: outside guest memory
     let (aq, _kick) = active_queue(q);
     let err = blk
-        .activate(mem.clone(), blk.features(), vec![aq], irq.clone())
+        .activate(mem.clone(), blk.device().features(), vec![aq], irq.clone())
         .unwrap_err();
     assert!(matches!(err, ActivateError::InvalidQueue { index: 0 }));
     assert!(blk.needs_reset());
-    assert_eq!(irq.count(VirtioInterruptType::Config), 1);
+    // The transport raises the configuration interrupt for a failed activation (pci tests).
+    assert_eq!(irq.count(VirtioInterruptType::Config), 0);
     // The kick eventfd comes back on reset, which clears the condition.
     assert_eq!(blk.reset().map(|k| k.len()), Some(1));
     assert!(!blk.needs_reset());
@@ -1125,7 +1128,7 @@ fn invalid_queue_at_activation_needs_reset() {
     q.set_ready(false);
     let (aq, _kick) = active_queue(q);
     assert!(blk
-        .activate(mem.clone(), blk.features(), vec![aq], irq.clone())
+        .activate(mem.clone(), blk.device().features(), vec![aq], irq.clone())
         .is_err());
     assert_eq!(blk.reset().map(|k| k.len()), Some(1));
 
@@ -1133,7 +1136,12 @@ fn invalid_queue_at_activation_needs_reset() {
     let (a, _k1) = active_queue(drv.queue());
     let (b, _k2) = active_queue(drv.queue());
     assert!(matches!(
-        blk.activate(mem.clone(), blk.features(), vec![a, b], irq.clone()),
+        blk.activate(
+            mem.clone(),
+            blk.device().features(),
+            vec![a, b],
+            irq.clone()
+        ),
         Err(ActivateError::QueueCount { got: 2, want: 1 })
     ));
     assert_eq!(blk.reset().map(|k| k.len()), Some(2));
@@ -1142,12 +1150,12 @@ fn invalid_queue_at_activation_needs_reset() {
 #[test]
 fn corrupt_ring_while_running_needs_reset() {
     let t = image();
-    let mut blk = device(&t, false, None);
+    let mut blk = Runner::new(Box::new(device(&t, false, None)));
     let mem = guest_mem();
     let irq = Arc::new(TestInterrupt::default());
     let drv = Driver::new(&mem, 16);
     let (aq, kick) = active_queue(drv.queue());
-    blk.activate(mem.clone(), blk.features(), vec![aq], irq.clone())
+    blk.activate(mem.clone(), blk.device().features(), vec![aq], irq.clone())
         .unwrap();
     mem.write_obj(1000u16, drv.vq.avail_addr().unchecked_add(2))
         .unwrap();
@@ -1339,12 +1347,13 @@ fn direct_device(t: &TempFile) -> Option<Block> {
 
 /// Activates `blk`, queues 32 4 KiB reads with one kick, and checks they all complete with
 /// the right data. Returns whether the worker served them through io_uring.
-fn serve_batch_through_worker(blk: &mut Block, t: &TempFile) -> bool {
+fn serve_batch_through_worker(blk: Block, t: &TempFile) -> bool {
+    let mut blk = Runner::new(Box::new(blk));
     let mem = guest_mem();
     let irq = Arc::new(TestInterrupt::default());
     let mut drv = Driver::new(&mem, 128);
     let (aq, kick) = active_queue(drv.queue());
-    blk.activate(mem.clone(), blk.features(), vec![aq], irq.clone())
+    blk.activate(mem.clone(), blk.device().features(), vec![aq], irq.clone())
         .unwrap();
     for i in 0..32u64 {
         header(&mem, HDR + 16 * i, VIRTIO_BLK_T_IN, 8 * i);
@@ -1368,40 +1377,40 @@ fn serve_batch_through_worker(blk: &mut Block, t: &TempFile) -> bool {
         );
     }
     wait_for(|| irq.count(VirtioInterruptType::Queue(0)) >= 1);
-    let uring = blk.serving_with_uring();
+    let uring = blk.device().serving_with_uring();
     blk.reset().expect("was active");
-    assert!(!blk.serving_with_uring());
-    assert_eq!(blk.stats().reads, 32);
+    assert!(!blk.device().serving_with_uring());
+    assert_eq!(blk.device().stats().reads, 32);
     uring
 }
 
 #[test]
 fn worker_serves_direct_disks_through_uring() {
     let t = image();
-    let Some(mut blk) = direct_device(&t) else {
+    let Some(blk) = direct_device(&t) else {
         return;
     };
     assert!(blk.prefers_uring());
-    assert!(serve_batch_through_worker(&mut blk, &t));
+    assert!(serve_batch_through_worker(blk, &t));
 }
 
 #[test]
 fn worker_serves_page_cache_disks_synchronously() {
     let t = image();
-    let mut blk = device(&t, false, None);
+    let blk = device(&t, false, None);
     assert!(!blk.prefers_uring());
-    assert!(!serve_batch_through_worker(&mut blk, &t));
+    assert!(!serve_batch_through_worker(blk, &t));
 }
 
 #[test]
 fn worker_falls_back_when_uring_setup_fails() {
     let t = image();
-    let Some(mut blk) = direct_device(&t) else {
+    let Some(blk) = direct_device(&t) else {
         return;
     };
     FAIL_URING_SETUP
         .lock()
         .unwrap()
         .push(blk.name().to_string());
-    assert!(!serve_batch_through_worker(&mut blk, &t));
+    assert!(!serve_batch_through_worker(blk, &t));
 }

@@ -7,6 +7,8 @@ use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
 
 use super::*;
+use crate::devices::virtio::{ActiveQueue, Runner, VirtioInterrupt, VirtioInterruptType};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 const MEM_SIZE: usize = 0x100_0000;
 const RXQ: GuestAddress = GuestAddress(0);
@@ -517,7 +519,7 @@ fn active_queues(
 fn worker_serves_kicks_and_survives_reset() {
     let mem = guest_mem();
     let (f, h) = fake();
-    let mut net = Net::with_backend("fake0", MAC, Box::new(f));
+    let mut net = Runner::new(Box::new(Net::with_backend("fake0", MAC, Box::new(f))));
     assert!(net.reset().is_none(), "not active yet");
     let irq = Arc::new(Irq::default());
     let kicks = [
@@ -532,9 +534,9 @@ fn worker_serves_kicks_and_survives_reset() {
         net.activate(
             mem.clone(),
             if round == 0 {
-                net.features() & !VIRTIO_F_RING_EVENT_IDX
+                net.device().features() & !VIRTIO_F_RING_EVENT_IDX
             } else {
-                net.features()
+                net.device().features()
             },
             active_queues(
                 &rxq,
@@ -571,10 +573,10 @@ fn worker_serves_kicks_and_survives_reset() {
         assert_eq!(back.len(), 2);
         assert!(net.reset().is_none());
     }
-    let s = net.stats();
+    let s = net.device().stats();
     assert_eq!((s.tx_frames, s.rx_frames), (2, 2));
     let (f2, _) = fake();
-    let mut bad = Net::with_backend("fake1", MAC, Box::new(f2));
+    let mut bad = Runner::new(Box::new(Net::with_backend("fake1", MAC, Box::new(f2))));
     assert!(matches!(
         bad.activate(mem.clone(), 0, vec![], irq),
         Err(ActivateError::QueueCount { got: 0, want: 2 })

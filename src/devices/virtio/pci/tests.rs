@@ -1,7 +1,7 @@
 use super::*;
 use crate::devices::pci::config::{COMMAND_MEMORY, REG_CAP_PTR, REG_COMMAND};
 use crate::devices::pci::msix::tests::FakeRouter;
-use crate::devices::virtio::ActivateError;
+use crate::devices::virtio::{ActivateError, DeviceError, VirtioHandler, WorkerCtx};
 
 /// (index, size, descriptor table) of each queue handed to the device.
 type Queues = Vec<(u16, u16, u64)>;
@@ -11,6 +11,8 @@ struct Log {
     activated: Option<(u64, Queues)>,
     resets: usize,
     fail: bool,
+    fail_worker: bool,
+    served: Vec<usize>,
 }
 
 struct FakeDevice(Arc<Mutex<Log>>);
@@ -29,28 +31,44 @@ impl VirtioDevice for FakeDevice {
         data.fill(offset as u8);
     }
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
+    fn name(&self) -> String {
+        "fake".into()
+    }
     fn activate(
         &mut self,
         _mem: GuestMemoryMmap,
         acked: u64,
-        queues: Vec<ActiveQueue>,
-        _interrupt: Arc<dyn VirtioInterrupt>,
-    ) -> Result<(), ActivateError> {
+        queues: Vec<(u16, Queue)>,
+    ) -> Result<Box<dyn VirtioHandler>, ActivateError> {
         let mut l = self.0.lock().unwrap();
         if l.fail {
             return Err(ActivateError::AlreadyActive);
         }
         let qs = queues
             .iter()
-            .map(|q| (q.index, q.queue.size(), q.queue.desc_table()))
+            .map(|(i, q)| (*i, q.size(), q.desc_table()))
             .collect();
         l.activated = Some((acked, qs));
-        Ok(())
+        Ok(Box::new(FakeHandler(self.0.clone())))
     }
-    fn reset(&mut self) -> Option<Vec<EventFd>> {
+    fn deactivate(&mut self, _handler: Box<dyn VirtioHandler>) {
         let mut l = self.0.lock().unwrap();
         l.resets += 1;
-        l.activated.take().map(|_| vec![])
+        l.activated = None;
+    }
+}
+
+/// Serves nothing; fails on demand (`Log::fail_worker`) to test NEEDS_RESET.
+struct FakeHandler(Arc<Mutex<Log>>);
+
+impl VirtioHandler for FakeHandler {
+    fn queue_event(&mut self, slot: usize, _ctx: &mut WorkerCtx) -> Result<(), DeviceError> {
+        let mut l = self.0.lock().unwrap();
+        l.served.push(slot);
+        if l.fail_worker {
+            return Err(DeviceError::new("injected failure"));
+        }
+        Ok(())
     }
 }
 
@@ -369,4 +387,49 @@ fn hostile_bar_and_config_accesses() {
     // is frozen or ignored; nothing panicked.
     let st = r(&mut s.dev, 0x14, 1) as u8;
     assert_eq!(st & STATUS_FEATURES_OK, 0);
+}
+
+/// Brings the device up to DRIVER_OK with queue 0 at `base`.
+fn bring_up(d: &mut VirtioPciDevice, base: u64) {
+    w(d, 0x14, 3, 1);
+    ack(d, VIRTIO_F_VERSION_1);
+    w(d, 0x14, 0xb, 1);
+    setup_queue(d, 0, 256, base);
+    w(d, 0x14, 0xf, 1);
+}
+
+#[test]
+fn worker_failure_reaches_the_driver_as_needs_reset() {
+    let mut s = setup();
+    s.log.lock().unwrap().fail_worker = true;
+    let d = &mut s.dev;
+    bring_up(d, 0x10000);
+    // The worker serves each queue once at start; the handler fails.
+    let t0 = std::time::Instant::now();
+    while r(d, 0x14, 1) & u64::from(STATUS_NEEDS_RESET) == 0 {
+        assert!(t0.elapsed().as_secs() < 5, "NEEDS_RESET never appeared");
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    assert_eq!(r(d, 0x14, 1), 0x4f);
+    assert_eq!(
+        r(d, 0x1000, 1),
+        u64::from(ISR_CONFIG),
+        "config interrupt raised"
+    );
+    // Kicks after the failure are not served.
+    let served = s.log.lock().unwrap().served.len();
+    w(d, 0x3000, 0, 2);
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    assert_eq!(s.log.lock().unwrap().served.len(), served);
+    // A driver reset recovers: the next activation serves again and reports no failure.
+    s.log.lock().unwrap().fail_worker = false;
+    w(d, 0x14, 0, 1);
+    assert_eq!(r(d, 0x14, 1), 0);
+    bring_up(d, 0x10000);
+    let t0 = std::time::Instant::now();
+    while s.log.lock().unwrap().served.len() == served {
+        assert!(t0.elapsed().as_secs() < 5, "not served after reset");
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    assert_eq!(r(d, 0x14, 1), 0xf);
 }
