@@ -52,8 +52,10 @@ pub struct VmConfig {
     pub exit_stats: Vec<crate::exit_stats::StatsOutput>,
     /// Record exit statistics (on by default; `bench-exits` turns it off to measure the cost).
     pub record_exits: bool,
-    /// The bench device's log (`bench-exits`); `None` gives the device a private one.
+    /// The bench device's log (`bench-exits`, which implies the device).
     pub bench: Option<std::sync::Arc<std::sync::Mutex<crate::bench::device::BenchLog>>>,
+    /// `--bench-device`: attach the bench device (test and benchmark guests only).
+    pub bench_device: bool,
     /// Add a virtio-rng entropy device (virtio-pci).
     pub rng: bool,
     /// `--disk`: virtio-blk disks, in PCI slot order (the first is /dev/vda).
@@ -77,6 +79,7 @@ impl VmConfig {
             exit_stats: Vec::new(),
             record_exits: true,
             bench: None,
+            bench_device: false,
             rng: false,
             disks: Vec::new(),
             nets: Vec::new(),

@@ -90,6 +90,10 @@ struct RunArgs {
     /// A virtio-net NIC on a TAP device: tap=NAME[,mac=MAC]. Repeatable.
     #[arg(long, value_name = "tap=NAME[,mac=MAC]")]
     net: Vec<String>,
+    /// Attach the bench device (ports 0x700-0x71f, MMIO 0xe1000000-0xe1001fff, GSI 23) that
+    /// `bench-exits` and the exit-statistics test guests talk to. Never in an ordinary VM.
+    #[arg(long)]
+    bench_device: bool,
 }
 
 fn build_config(a: RunArgs) -> Result<VmConfig, config::ConfigError> {
@@ -126,6 +130,7 @@ fn build_config(a: RunArgs) -> Result<VmConfig, config::ConfigError> {
         cmdline: a.cmdline,
         verbose: a.verbose,
         rng: a.rng,
+        bench_device: a.bench_device,
         disks,
         nets,
         ..VmConfig::with_kernel(a.kernel)

@@ -148,9 +148,14 @@ pub fn run(cfg: VmConfig) -> Result<VmOutcome, VmmError> {
         shared(devices::fw_cfg::FwCfg::new(cfg.mem_size, cfg.cpus.into())),
     )?;
     let mut mmio = Bus::new();
-    let bench_log = cfg.bench.clone().unwrap_or_default();
-    let _bench_fds =
-        crate::bench::device::attach(&vm, &mem, &mut pio, &mut mmio, &control, bench_log)?;
+    // The bench device only where asked for: it lets the guest start host threads.
+    let _bench_fds = match (&cfg.bench, cfg.bench_device) {
+        (Some(log), _) => Some(log.clone()),
+        (None, true) => Some(Arc::default()),
+        (None, false) => None,
+    }
+    .map(|log| crate::bench::device::attach(&vm, &mem, &mut pio, &mut mmio, &control, log))
+    .transpose()?;
 
     // 3b. PCI bus 0: the host bridge, then virtio devices behind the virtio-pci transport.
     let mut pci = PciRoot::new(layout::PCI_MMIO32_START, layout::PCI_MMIO32_SIZE);

@@ -96,9 +96,13 @@ fn bufs_of<'a, 'm>(io: &'a Io<'m>) -> &'a [VolatileSlice<'m>] {
     }
 }
 
+/// Times `io_uring_enter` is retried (with a short back-off) before it counts as failed for good.
+const WAIT_RETRIES: u32 = 4;
+
 /// Submits every request of `batch` (at most `sq_entries`) and completes each one as its CQE
 /// arrives. Returns only once nothing of the batch is in flight any more, except when
-/// `io_uring_enter` itself fails for good.
+/// `io_uring_enter` itself fails for good: then guest memory stays mapped for the rest of the
+/// process (see the error path), so the kernel's late writes still land in guest RAM.
 fn run_batch(
     ring: &mut IoUring,
     fd: RawFd,
@@ -148,7 +152,8 @@ fn run_batch(
             };
             // SAFETY: the iovecs point into guest memory validated by `parse` (kept mapped
             // by `guards` and by `mem`, which outlive every completion: this function waits
-            // for all of them), each with its exact length; the iovec array lives until the
+            // for all of them, or leaks a `mem` handle when it cannot), each with its exact
+            // length; the iovec array lives until the
             // end of this function, after submission (IORING_FEAT_SUBMIT_STABLE, checked at
             // setup); `fd` is the image's, open for the handler's lifetime.
             match unsafe { sq.push(&entry.user_data(i as u64)) } {
@@ -171,15 +176,32 @@ fn run_batch(
     for i in sync {
         complete(i, h.run_sync(&batch[i].io), &mut first_err);
     }
+    let mut failures = 0u32;
     while in_flight > 0 {
         match ring.submit_and_wait(1) {
-            Ok(_) => {}
+            Ok(_) => failures = 0,
             Err(e)
                 if matches!(
                     e.raw_os_error(),
                     Some(libc::EINTR) | Some(libc::EAGAIN) | Some(libc::EBUSY)
                 ) => {}
-            Err(e) => return Err(QueueError::Uring(e)),
+            Err(e) if failures < WAIT_RETRIES => {
+                failures += 1;
+                log::debug!("io_uring_enter failed ({e}), retrying");
+                std::thread::sleep(std::time::Duration::from_millis(1 << failures));
+            }
+            Err(e) => {
+                // The kernel may still write into guest memory for the requests in flight,
+                // and nothing tells us when it is done. Keep guest RAM mapped for the life
+                // of the process, so no later mapping can sit where those writes land; the
+                // device is marked NEEDS_RESET by the worker, and the guest never sees
+                // these requests completed.
+                log::error!(
+                    "io_uring_enter failed for good with {in_flight} requests in flight: {e}"
+                );
+                std::mem::forget(mem.clone());
+                return Err(QueueError::Uring(e));
+            }
         }
         for cqe in ring.completion() {
             let Some(p) = usize::try_from(cqe.user_data())

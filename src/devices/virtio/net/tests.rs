@@ -608,7 +608,10 @@ impl Drop for NetNs {
 fn real_tap_permission_errors() {
     let ns = NetNs(format!("ferrovm-perm-{}", std::process::id()));
     if !ip(&["netns", "add", &ns.0]) {
-        eprintln!("skipped: cannot create a network namespace (not root, or no `ip`)");
+        crate::test_support::skipped(
+            "real_tap_permission_errors",
+            "cannot create a network namespace (not root, or no `ip`)",
+        );
         return;
     }
     let uid = std::fs::read_to_string("/proc/self/status")
@@ -654,10 +657,13 @@ fn real_tap_permission_errors() {
 /// namespace; the namespace's kernel must answer through the TAP.
 #[test]
 fn real_tap_in_a_netns_answers_arp() {
-    // Creating a namespace needs root (CAP_SYS_ADMIN); skip quietly elsewhere.
+    // Creating a namespace needs root (CAP_SYS_ADMIN).
     let ns = NetNs(format!("ferrovm-test-{}", std::process::id()));
     if !ip(&["netns", "add", &ns.0]) {
-        eprintln!("skipped: cannot create a network namespace (not root, or no `ip`)");
+        crate::test_support::skipped(
+            "real_tap_in_a_netns_answers_arp",
+            "cannot create a network namespace (not root, or no `ip`)",
+        );
         return;
     }
     let path = std::path::PathBuf::from("/run/netns").join(&ns.0);
