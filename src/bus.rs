@@ -2,18 +2,42 @@
 //!
 //! A vCPU that exits on port I/O or MMIO looks the address up here and calls the device's
 //! `read`/`write` with the offset inside the device's range. One `Bus` serves port I/O and
-//! another serves MMIO; they behave the same.
+//! another serves MMIO; they behave the same. The bus takes no lock: devices take `&self` and
+//! lock what they must themselves ([`BusDevice`]); a simple register-file device implements
+//! [`BusDeviceMut`] and sits behind its own `Mutex`.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
-/// A device reachable through port I/O or MMIO.
+/// A device reachable through port I/O or MMIO, called concurrently from every vCPU thread.
 ///
 /// `offset` is relative to the start of the range the device was inserted at. `data` has the
 /// access size (1, 2, 4 or 8 bytes). Reads must fill every byte of `data`.
-pub trait BusDevice: Send {
+pub trait BusDevice: Send + Sync {
+    fn read(&self, offset: u64, data: &mut [u8]);
+    fn write(&self, offset: u64, data: &[u8]);
+}
+
+/// A device whose registers are plain state: it gets `&mut self`, and `Mutex<D>` is the
+/// [`BusDevice`] on the bus (one lock per device, held only for the access).
+pub trait BusDeviceMut: Send {
     fn read(&mut self, offset: u64, data: &mut [u8]);
     fn write(&mut self, offset: u64, data: &[u8]);
+}
+
+impl<D: BusDeviceMut> BusDevice for Mutex<D> {
+    fn read(&self, offset: u64, data: &mut [u8]) {
+        // A device that panicked once keeps serving (its state is plain data); the panic
+        // itself was already reported.
+        self.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .read(offset, data)
+    }
+    fn write(&self, offset: u64, data: &[u8]) {
+        self.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .write(offset, data)
+    }
 }
 
 /// Errors from building a bus.
@@ -34,8 +58,8 @@ pub enum BusError {
     },
 }
 
-/// A shared, lockable device.
-pub type SharedDevice = Arc<Mutex<dyn BusDevice>>;
+/// A device shared by the bus and whoever else holds it.
+pub type SharedDevice = Arc<dyn BusDevice>;
 
 #[derive(Clone)]
 struct Entry {
@@ -106,7 +130,7 @@ impl Bus {
     pub fn read(&self, addr: u64, data: &mut [u8]) -> Option<&'static str> {
         match self.resolve(addr) {
             Some(r) => {
-                lock(r.device).read(r.offset, data);
+                r.device.read(r.offset, data);
                 Some(r.name)
             }
             None => {
@@ -119,7 +143,7 @@ impl Bus {
     /// Writes to the device at `addr`. Returns the device name, or `None` when no device is there.
     pub fn write(&self, addr: u64, data: &[u8]) -> Option<&'static str> {
         let r = self.resolve(addr)?;
-        lock(r.device).write(r.offset, data);
+        r.device.write(r.offset, data);
         Some(r.name)
     }
 
@@ -129,18 +153,12 @@ impl Bus {
     }
 }
 
-/// Locks a device, recovering from a poisoned lock: a device that panicked once keeps serving
-/// (its state is plain data), and the panic itself was already reported.
-fn lock(device: &SharedDevice) -> std::sync::MutexGuard<'_, dyn BusDevice + 'static> {
-    device.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     struct Echo(u8);
-    impl BusDevice for Echo {
+    impl BusDeviceMut for Echo {
         fn read(&mut self, offset: u64, data: &mut [u8]) {
             data.fill(self.0.wrapping_add(offset as u8));
         }

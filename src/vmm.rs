@@ -15,11 +15,11 @@ use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 use crate::acpi::{self, AcpiConfig, PciAcpi};
 use crate::arch::x86_64::boot::{self, BootInfo, EntryMode};
 use crate::arch::x86_64::{layout, multiboot, regs};
-use crate::bus::{Bus, BusDevice};
+use crate::bus::{Bus, BusDeviceMut};
 use crate::config::{SerialMode, VmConfig};
 use crate::console;
 use crate::devices::pci::{IntxLine, PciConfigIo, PciEcam, PciError, PciMmioWindow, PciRoot};
-use crate::devices::virtio::pci::{VirtioPciDevice, VirtioPciError};
+use crate::devices::virtio::pci::{VirtioPci, VirtioPciDevice, VirtioPciError};
 use crate::devices::virtio::VirtioDevice;
 use crate::devices::{self, IrqLine, StopRequest, VmControl};
 use crate::exit_stats::{self, ExitStats, StatsOutput};
@@ -382,7 +382,7 @@ pub fn add_virtio_pci(
     vm.register_irqfd_with_resample(&intx.irqfd, &intx.resample, layout::pci_intx_gsi(slot, 0))?;
     let irqs = vm.interrupts();
     let dev = VirtioPciDevice::new(device, mem.clone(), irqs.clone(), irqs, intx)?;
-    pci.insert(slot, Arc::new(Mutex::new(dev)))?;
+    pci.insert(slot, Arc::new(VirtioPci::new(dev)))?;
     log::debug!("virtio-pci device in slot {slot}");
     Ok(slot)
 }
@@ -393,19 +393,19 @@ fn install_pci(pci: PciRoot, pio: &mut Bus, mmio: &mut Bus) -> Result<PciAcpi, V
     let root = Arc::new(pci);
     let (address, data) = PciConfigIo::pair(root.clone());
     // 0xcf9 is the reset register: CONFIG_ADDRESS is a one-port range taking dword accesses.
-    pio.insert(0xcf8, 1, "pci-config-address", shared(address))?;
-    pio.insert(0xcfc, 4, "pci-config-data", shared(data))?;
+    pio.insert(0xcf8, 1, "pci-config-address", Arc::new(address))?;
+    pio.insert(0xcfc, 4, "pci-config-data", Arc::new(data))?;
     mmio.insert(
         layout::PCI_ECAM_START,
         layout::PCI_ECAM_SIZE,
         "pci-ecam",
-        shared(PciEcam::new(root.clone())),
+        Arc::new(PciEcam::new(root.clone())),
     )?;
     mmio.insert(
         mmio_start,
         mmio_size,
         "pci-mmio",
-        shared(PciMmioWindow::new(root)),
+        Arc::new(PciMmioWindow::new(root)),
     )?;
     Ok(PciAcpi {
         ecam_base: layout::PCI_ECAM_START,
@@ -414,13 +414,14 @@ fn install_pci(pci: PciRoot, pio: &mut Bus, mmio: &mut Bus) -> Result<PciAcpi, V
     })
 }
 
-fn shared<D: BusDevice + 'static>(d: D) -> Arc<Mutex<dyn BusDevice>> {
+/// A register-file device behind its own lock, as the bus holds it.
+fn shared<D: BusDeviceMut + 'static>(d: D) -> crate::bus::SharedDevice {
     Arc::new(Mutex::new(d))
 }
 
 /// Port 0x80: the POST code port, written by Linux as an I/O delay. Writes are dropped.
 struct PostPort;
-impl BusDevice for PostPort {
+impl BusDeviceMut for PostPort {
     fn read(&mut self, _offset: u64, data: &mut [u8]) {
         data.fill(0xff);
     }

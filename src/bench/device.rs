@@ -19,7 +19,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::arch::x86_64::layout;
-use crate::bus::{Bus, BusDevice};
+use crate::bus::{Bus, BusDeviceMut};
 use crate::devices::{IrqLine, VmControl};
 use crate::kvm::vm::Vm;
 
@@ -156,7 +156,7 @@ impl Drop for BenchDevice {
     }
 }
 
-impl BusDevice for BenchDevice {
+impl BusDeviceMut for BenchDevice {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         match offset {
             OFF_DATA => data.fill(READ_VALUE),
@@ -203,7 +203,7 @@ impl BusDevice for BenchDevice {
 /// The MMIO page: reads return [`READ_VALUE`], writes are dropped.
 pub struct BenchMmio;
 
-impl BusDevice for BenchMmio {
+impl BusDeviceMut for BenchMmio {
     fn read(&mut self, _offset: u64, data: &mut [u8]) {
         data.fill(READ_VALUE);
     }

@@ -4,7 +4,7 @@
 //! +4): insert it at port 0x600 with length [`ACPI_PM_LEN`]. The machine has no SMI_CMD
 //! port, so it is always in ACPI mode and SCI_EN always reads 1. The only sleep state is S5.
 
-use crate::bus::BusDevice;
+use crate::bus::BusDeviceMut;
 use crate::devices::{StopRequest, VmControl};
 
 /// The SLP_TYP value of \_S5 in the DSDT.
@@ -69,7 +69,7 @@ impl AcpiPm {
     }
 }
 
-impl BusDevice for AcpiPm {
+impl BusDeviceMut for AcpiPm {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         let regs = self.bytes();
         for (i, b) in data.iter_mut().enumerate() {
@@ -115,7 +115,7 @@ impl ResetPort {
     }
 }
 
-impl BusDevice for ResetPort {
+impl BusDeviceMut for ResetPort {
     fn read(&mut self, _offset: u64, data: &mut [u8]) {
         data.fill(0xff);
         if let Some(b) = data.first_mut() {

@@ -5,7 +5,7 @@
 //! ignored (the guest cannot set the clock). There is no interrupt line: alarm, periodic
 //! and update interrupts are not emulated, and register C always reads 0.
 
-use crate::bus::BusDevice;
+use crate::bus::BusDeviceMut;
 
 /// Clock registers.
 const SECONDS: u8 = 0x00;
@@ -161,7 +161,7 @@ fn host_utc_now() -> ClockTime {
     }
 }
 
-impl BusDevice for Cmos {
+impl BusDeviceMut for Cmos {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         data.fill(0xff);
         match (offset, data) {

@@ -4,7 +4,7 @@
 //! ferrovm then exits with status `(V << 1) | 1`, as QEMU does. Reads return all-ones.
 //! Insert at port [`DEBUG_EXIT_PORT`] with length [`DEBUG_EXIT_LEN`].
 
-use crate::bus::BusDevice;
+use crate::bus::BusDeviceMut;
 use crate::devices::{StopRequest, VmControl};
 
 /// QEMU's default `iobase`.
@@ -24,7 +24,7 @@ impl DebugExit {
     }
 }
 
-impl BusDevice for DebugExit {
+impl BusDeviceMut for DebugExit {
     fn read(&mut self, _offset: u64, data: &mut [u8]) {
         data.fill(0xff);
     }

@@ -6,7 +6,7 @@
 //! CPU count (u16 LE), and an empty file directory (u32 BE count 0). Unknown items and reads
 //! past an item's end read as 0, as in QEMU.
 
-use crate::bus::BusDevice;
+use crate::bus::BusDeviceMut;
 
 /// Selector port; the data port is `FW_CFG_PORT + 1`.
 pub const FW_CFG_PORT: u16 = 0x510;
@@ -49,7 +49,7 @@ impl FwCfg {
     }
 }
 
-impl BusDevice for FwCfg {
+impl BusDeviceMut for FwCfg {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         if offset != 1 {
             data.fill(0);

@@ -9,7 +9,7 @@
 //! Linux then skips its AUX IRQ delivery test, which would wait 250 ms for an interrupt
 //! this controller cannot raise.
 
-use crate::bus::BusDevice;
+use crate::bus::BusDeviceMut;
 use crate::devices::{StopRequest, VmControl};
 
 /// Offset of the data port (0x60).
@@ -123,7 +123,7 @@ impl I8042 {
     }
 }
 
-impl BusDevice for I8042 {
+impl BusDeviceMut for I8042 {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         data.fill(0xff);
         if data.len() != 1 {

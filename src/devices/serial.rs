@@ -8,7 +8,7 @@ use std::io::{self, Write};
 use vm_superio::serial::{Error as SerialError, NoEvents};
 use vm_superio::{Serial, Trigger};
 
-use crate::bus::BusDevice;
+use crate::bus::BusDeviceMut;
 use crate::devices::IrqLine;
 
 /// Number of I/O ports a UART decodes.
@@ -110,7 +110,7 @@ impl SerialDevice {
     }
 }
 
-impl BusDevice for SerialDevice {
+impl BusDeviceMut for SerialDevice {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         match (data.len(), u8::try_from(offset)) {
             (1, Ok(off)) if u64::from(off) < SERIAL_PORT_LEN => data[0] = self.uart.read(off),

@@ -34,8 +34,78 @@ pub enum PciError {
     Interrupt(#[source] io::Error),
 }
 
-/// A function on bus 0. Offsets are relative to the function's 4 KiB configuration space or to
-/// the BAR. Accesses come straight from the guest: any size, any offset, must never panic.
+/// One BAR as it decodes now: guest-physical `[addr, addr + len)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DecodedBar {
+    pub bar: usize,
+    pub addr: u64,
+    pub len: u64,
+}
+
+/// What bus 0 holds for a slot: called from any vCPU thread with `&self`; the function locks
+/// what it needs itself. `Mutex<D>` of any [`PciDevice`] is one.
+pub trait PciFunction: Send + Sync {
+    fn config_read(&self, reg: u16, data: &mut [u8]);
+    fn config_write(&self, reg: u16, data: &[u8]);
+    fn bar_read(&self, bar: usize, offset: u64, data: &mut [u8]);
+    fn bar_write(&self, bar: usize, offset: u64, data: &[u8]);
+    /// The BARs' sizes and kinds, for address assignment.
+    fn bar_specs(&self) -> Vec<(usize, BarSpec)>;
+    fn assign_bar(&self, bar: usize, addr: u64);
+    /// The BARs that decode now (memory decoding on, address assigned).
+    fn decoded_bars(&self) -> Vec<DecodedBar>;
+}
+
+impl<D: PciDevice> PciFunction for std::sync::Mutex<D> {
+    fn config_read(&self, reg: u16, data: &mut [u8]) {
+        lock(self).config_read(reg, data)
+    }
+    fn config_write(&self, reg: u16, data: &[u8]) {
+        lock(self).config_write(reg, data)
+    }
+    fn bar_read(&self, bar: usize, offset: u64, data: &mut [u8]) {
+        lock(self).bar_read(bar, offset, data)
+    }
+    fn bar_write(&self, bar: usize, offset: u64, data: &[u8]) {
+        lock(self).bar_write(bar, offset, data)
+    }
+    fn bar_specs(&self) -> Vec<(usize, BarSpec)> {
+        lock(self).config().bar_specs()
+    }
+    fn assign_bar(&self, bar: usize, addr: u64) {
+        lock(self).assign_bar(bar, addr)
+    }
+    fn decoded_bars(&self) -> Vec<DecodedBar> {
+        decoded_bars(lock(self).config())
+    }
+}
+
+/// The BARs of `config` that decode now.
+pub fn decoded_bars(config: &PciConfig) -> Vec<DecodedBar> {
+    if !config.memory_enabled() {
+        return Vec::new();
+    }
+    config
+        .bar_specs()
+        .into_iter()
+        .filter_map(|(bar, spec)| {
+            let addr = config.bar_addr(bar).filter(|a| *a != 0)?;
+            Some(DecodedBar {
+                bar,
+                addr,
+                len: spec.size,
+            })
+        })
+        .collect()
+}
+
+fn lock<D: ?Sized>(m: &std::sync::Mutex<D>) -> std::sync::MutexGuard<'_, D> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A function on bus 0 with plain state (`&mut self`; wrap it in a `Mutex` for the bus).
+/// Offsets are relative to the function's 4 KiB configuration space or to the BAR. Accesses
+/// come straight from the guest: any size, any offset, must never panic.
 pub trait PciDevice: Send {
     /// The configuration header (BAR addresses, command register).
     fn config(&self) -> &PciConfig;

@@ -1,20 +1,16 @@
 //! Bus 0: the host bridge, the slots, and the three ways in (CF8/CFC, ECAM, the MMIO window).
 
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 
 use super::config::{PciConfig, PciHeader, EXT_CONFIG_SIZE};
-use super::{PciDevice, PciError};
+use super::{DecodedBar, PciDevice, PciError, PciFunction};
 use crate::bus::BusDevice;
 
 /// Slots on bus 0.
 pub const NUM_SLOTS: usize = 32;
 
-pub type SharedPciDevice = Arc<Mutex<dyn PciDevice>>;
-
-fn lock(d: &SharedPciDevice) -> std::sync::MutexGuard<'_, dyn PciDevice + 'static> {
-    d.lock().unwrap_or_else(|e| e.into_inner())
-}
+pub type SharedPciDevice = Arc<dyn PciFunction>;
 
 /// The host bridge at 00:00.0 (Red Hat's "QEMU PCIe host bridge" ID, class 06/00).
 pub struct HostBridge {
@@ -58,13 +54,16 @@ impl PciDevice for HostBridge {
 }
 
 /// Bus 0 and the BAR allocator of the 32-bit MMIO window. Built before the vCPUs start; shared
-/// (`Arc`) and immutable afterwards: each device has its own lock, and BAR addresses are read
-/// from the devices at every access, so the guest may move BARs inside the window.
+/// (`Arc`) afterwards. Each function locks itself; the root keeps a cache of where every BAR
+/// decodes, refreshed after each configuration write to that slot (the guest may move BARs),
+/// so an MMIO access finds its function without touching any other.
 pub struct PciRoot {
     slots: Vec<Option<SharedPciDevice>>,
     mmio_start: u64,
     mmio_end: u64,
     next_mmio: u64,
+    /// (slot, BAR) ranges that decode now.
+    decode: RwLock<Vec<(u8, DecodedBar)>>,
 }
 
 impl PciRoot {
@@ -77,6 +76,7 @@ impl PciRoot {
             mmio_start,
             mmio_end: mmio_start.saturating_add(mmio_size),
             next_mmio: mmio_start,
+            decode: RwLock::new(Vec::new()),
         }
     }
 
@@ -95,7 +95,7 @@ impl PciRoot {
             Some(None) => {}
             _ => return Err(PciError::SlotTaken(slot)),
         }
-        let specs = lock(&dev).config().bar_specs();
+        let specs = dev.bar_specs();
         let mut next = self.next_mmio;
         let mut assigned = Vec::new();
         for (i, spec) in specs {
@@ -106,15 +106,24 @@ impl PciRoot {
             assigned.push((i, addr));
             next = addr + spec.size;
         }
-        {
-            let mut d = lock(&dev);
-            for (i, addr) in assigned {
-                d.assign_bar(i, addr);
-            }
+        for (i, addr) in assigned {
+            dev.assign_bar(i, addr);
         }
         self.next_mmio = next;
         self.slots[usize::from(slot)] = Some(dev);
+        self.refresh_decode(slot);
         Ok(())
+    }
+
+    /// Re-reads where the BARs of `slot` decode.
+    fn refresh_decode(&self, slot: u8) {
+        let now = match self.slots.get(usize::from(slot)) {
+            Some(Some(d)) => d.decoded_bars(),
+            _ => Vec::new(),
+        };
+        let mut cache = self.decode.write().unwrap_or_else(|e| e.into_inner());
+        cache.retain(|(s, _)| *s != slot);
+        cache.extend(now.into_iter().map(|b| (slot, b)));
     }
 
     /// The window BARs are allocated from (for the ACPI description).
@@ -141,9 +150,7 @@ impl PciRoot {
     /// Configuration read of bus/dev/func at `reg`; absent functions read all-ones.
     pub fn config_read(&self, bus: u8, dev: u8, func: u8, reg: u16, data: &mut [u8]) {
         match self.function(bus, dev, func) {
-            Some(d) if usize::from(reg) + data.len() <= EXT_CONFIG_SIZE => {
-                lock(d).config_read(reg, data)
-            }
+            Some(d) if usize::from(reg) + data.len() <= EXT_CONFIG_SIZE => d.config_read(reg, data),
             _ => data.fill(0xff),
         }
     }
@@ -151,29 +158,37 @@ impl PciRoot {
     pub fn config_write(&self, bus: u8, dev: u8, func: u8, reg: u16, data: &[u8]) {
         if let Some(d) = self.function(bus, dev, func) {
             if usize::from(reg) + data.len() <= EXT_CONFIG_SIZE {
-                lock(d).config_write(reg, data);
+                d.config_write(reg, data);
+                // BAR addresses and the command register may have changed.
+                self.refresh_decode(dev);
             }
         }
     }
 
+    /// The function and (BAR, offset) decoding `addr`, from the cache.
     fn bar_device(&self, addr: u64) -> Option<(&SharedPciDevice, usize, u64)> {
-        self.slots.iter().flatten().find_map(|d| {
-            let (bar, off) = lock(d).config().bar_at(addr)?;
-            Some((d, bar, off))
-        })
+        let (slot, bar, off) = {
+            let cache = self.decode.read().unwrap_or_else(|e| e.into_inner());
+            cache.iter().find_map(|(slot, b)| {
+                let off = addr.checked_sub(b.addr).filter(|o| *o < b.len)?;
+                Some((*slot, b.bar, off))
+            })?
+        };
+        let d = self.slots.get(usize::from(slot))?.as_ref()?;
+        Some((d, bar, off))
     }
 
     /// A guest access to `addr` in the MMIO window; unclaimed reads return all-ones.
     pub fn mmio_read(&self, addr: u64, data: &mut [u8]) {
         match self.bar_device(addr) {
-            Some((d, bar, off)) => lock(d).bar_read(bar, off, data),
+            Some((d, bar, off)) => d.bar_read(bar, off, data),
             None => data.fill(0xff),
         }
     }
 
     pub fn mmio_write(&self, addr: u64, data: &[u8]) {
         if let Some((d, bar, off)) = self.bar_device(addr) {
-            lock(d).bar_write(bar, off, data);
+            d.bar_write(bar, off, data);
         }
     }
 }
@@ -222,7 +237,7 @@ impl PciConfigIo {
 }
 
 impl BusDevice for PciConfigIo {
-    fn read(&mut self, offset: u64, data: &mut [u8]) {
+    fn read(&self, offset: u64, data: &mut [u8]) {
         if !self.is_data {
             if offset == 0 && data.len() == 4 {
                 data.copy_from_slice(&self.address.load(Ordering::SeqCst).to_le_bytes());
@@ -237,7 +252,7 @@ impl BusDevice for PciConfigIo {
         }
     }
 
-    fn write(&mut self, offset: u64, data: &[u8]) {
+    fn write(&self, offset: u64, data: &[u8]) {
         if !self.is_data {
             if let (0, Ok(v)) = (offset, <[u8; 4]>::try_from(data)) {
                 self.address
@@ -272,12 +287,12 @@ impl PciEcam {
 }
 
 impl BusDevice for PciEcam {
-    fn read(&mut self, offset: u64, data: &mut [u8]) {
+    fn read(&self, offset: u64, data: &mut [u8]) {
         let (b, d, f, r) = Self::decode(offset);
         self.root.config_read(b, d, f, r, data);
     }
 
-    fn write(&mut self, offset: u64, data: &[u8]) {
+    fn write(&self, offset: u64, data: &[u8]) {
         let (b, d, f, r) = Self::decode(offset);
         self.root.config_write(b, d, f, r, data);
     }
@@ -297,11 +312,11 @@ impl PciMmioWindow {
 }
 
 impl BusDevice for PciMmioWindow {
-    fn read(&mut self, offset: u64, data: &mut [u8]) {
+    fn read(&self, offset: u64, data: &mut [u8]) {
         self.root.mmio_read(self.base + offset, data);
     }
 
-    fn write(&mut self, offset: u64, data: &[u8]) {
+    fn write(&self, offset: u64, data: &[u8]) {
         self.root.mmio_write(self.base + offset, data);
     }
 }

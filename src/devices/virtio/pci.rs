@@ -643,6 +643,66 @@ impl VirtioPciDevice {
     }
 }
 
+impl VirtioPciDevice {
+    /// Is this BAR write the driver's device reset (device_status = 0 while not reset)?
+    fn is_reset_write(&self, bar: usize, off: u64, data: &[u8]) -> bool {
+        bar == BAR && off == COMMON_OFF + 0x14 && data == [0] && self.status != 0
+    }
+}
+
+/// A [`VirtioPciDevice`] as bus 0 holds it: its own lock, and a driver reset that stops the
+/// device worker *outside* that lock, so a vCPU reading this device's registers meanwhile
+/// (or the worker raising an interrupt) is never stuck behind a slow disk.
+pub struct VirtioPci {
+    state: Mutex<VirtioPciDevice>,
+}
+
+impl VirtioPci {
+    pub fn new(dev: VirtioPciDevice) -> Self {
+        Self {
+            state: Mutex::new(dev),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, VirtioPciDevice> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl crate::devices::pci::PciFunction for VirtioPci {
+    fn config_read(&self, reg: u16, data: &mut [u8]) {
+        self.lock().config_read(reg, data)
+    }
+    fn config_write(&self, reg: u16, data: &[u8]) {
+        self.lock().config_write(reg, data)
+    }
+    fn bar_read(&self, bar: usize, offset: u64, data: &mut [u8]) {
+        self.lock().bar_read(bar, offset, data)
+    }
+    fn bar_write(&self, bar: usize, offset: u64, data: &[u8]) {
+        let mut st = self.lock();
+        if st.is_reset_write(bar, offset, data) {
+            if let Some(worker) = st.device.take_worker() {
+                // The status stays as it was until the reset below completes.
+                drop(st);
+                let handler = worker.stop();
+                st = self.lock();
+                st.device.park(handler);
+            }
+        }
+        st.bar_write(bar, offset, data)
+    }
+    fn bar_specs(&self) -> Vec<(usize, BarSpec)> {
+        self.lock().config.bar_specs()
+    }
+    fn assign_bar(&self, bar: usize, addr: u64) {
+        self.lock().assign_bar(bar, addr)
+    }
+    fn decoded_bars(&self) -> Vec<crate::devices::pci::DecodedBar> {
+        crate::devices::pci::decoded_bars(&self.lock().config)
+    }
+}
+
 impl PciDevice for VirtioPciDevice {
     fn config(&self) -> &PciConfig {
         &self.config

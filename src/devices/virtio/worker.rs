@@ -441,6 +441,8 @@ fn event_loop(setup: &Setup, handler: &mut dyn VirtioHandler) -> io::Result<()> 
 pub struct Runner<D: VirtioDevice + ?Sized> {
     device: Box<D>,
     worker: Option<Worker>,
+    /// A handler whose worker was stopped by the caller ([`Runner::park`]), for the next reset.
+    parked: Option<Box<dyn VirtioHandler>>,
     /// The kick eventfds handed over at activation, given back at reset.
     kicks: Vec<EventFd>,
     active: bool,
@@ -452,6 +454,7 @@ impl<D: VirtioDevice + ?Sized> Runner<D> {
         Self {
             device,
             worker: None,
+            parked: None,
             kicks: Vec::new(),
             active: false,
             needs_reset: Arc::new(AtomicBool::new(false)),
@@ -531,19 +534,25 @@ impl<D: VirtioDevice + ?Sized> Runner<D> {
         Err(e)
     }
 
-    /// Takes the worker out, so the caller can stop it without holding its own locks
-    /// ([`Runner::finish_reset`] completes the reset).
+    /// Takes the worker out, so the caller can stop (join) it without holding its own locks;
+    /// it hands the handler back with [`Runner::park`] before the reset.
     pub fn take_worker(&mut self) -> Option<Worker> {
         self.worker.take()
     }
 
-    /// Completes a reset after the worker (from [`Runner::take_worker`]) was stopped: gives
-    /// the handler back to the device and returns the kick eventfds (None when not active).
-    pub fn finish_reset(
-        &mut self,
-        handler: Option<Box<dyn VirtioHandler>>,
-    ) -> Option<Vec<EventFd>> {
+    /// Keeps the handler of a worker stopped through [`Runner::take_worker`] until the reset.
+    pub fn park(&mut self, handler: Option<Box<dyn VirtioHandler>>) {
         if let Some(h) = handler {
+            if let Some(old) = self.parked.replace(h) {
+                self.device.deactivate(old);
+            }
+        }
+    }
+
+    /// Gives the handler back to the device and returns the kick eventfds (None when not
+    /// active).
+    fn finish_reset(&mut self, handler: Option<Box<dyn VirtioHandler>>) -> Option<Vec<EventFd>> {
+        if let Some(h) = handler.or_else(|| self.parked.take()) {
             self.device.deactivate(h);
         }
         self.needs_reset.store(false, Ordering::SeqCst);

@@ -13,6 +13,8 @@ struct Log {
     fail: bool,
     fail_worker: bool,
     served: Vec<usize>,
+    hold: Arc<std::sync::atomic::AtomicBool>,
+    hold_timed_out: bool,
 }
 
 struct FakeDevice(Arc<Mutex<Log>>);
@@ -63,10 +65,22 @@ struct FakeHandler(Arc<Mutex<Log>>);
 
 impl VirtioHandler for FakeHandler {
     fn queue_event(&mut self, slot: usize, _ctx: &mut WorkerCtx) -> Result<(), DeviceError> {
-        let mut l = self.0.lock().unwrap();
-        l.served.push(slot);
-        if l.fail_worker {
-            return Err(DeviceError::new("injected failure"));
+        let hold = {
+            let mut l = self.0.lock().unwrap();
+            l.served.push(slot);
+            if l.fail_worker {
+                return Err(DeviceError::new("injected failure"));
+            }
+            l.hold.clone()
+        };
+        // A slow request: busy until the test releases it (or 5 s pass).
+        let t0 = std::time::Instant::now();
+        while hold.load(std::sync::atomic::Ordering::SeqCst) {
+            if t0.elapsed().as_secs() >= 5 {
+                self.0.lock().unwrap().hold_timed_out = true;
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
         }
         Ok(())
     }
@@ -432,4 +446,60 @@ fn worker_failure_reaches_the_driver_as_needs_reset() {
         std::thread::sleep(std::time::Duration::from_millis(1));
     }
     assert_eq!(r(d, 0x14, 1), 0xf);
+}
+
+#[test]
+fn reset_stops_the_worker_outside_the_device_lock() {
+    use crate::devices::pci::PciFunction;
+    use std::sync::atomic::Ordering;
+    let s = setup();
+    let hold = s.log.lock().unwrap().hold.clone();
+    hold.store(true, Ordering::SeqCst);
+    let dev = Arc::new(VirtioPci::new(s.dev));
+    let wr =
+        |d: &VirtioPci, off: u64, v: u64, len: usize| d.bar_write(0, off, &v.to_le_bytes()[..len]);
+    let rd = |d: &VirtioPci, off: u64| {
+        let mut b = [0u8; 1];
+        d.bar_read(0, off, &mut b);
+        b[0]
+    };
+    wr(&dev, 0x14, 3, 1);
+    for (sel, f) in [
+        (0u64, VIRTIO_F_VERSION_1 & 0xffff_ffff),
+        (1, VIRTIO_F_VERSION_1 >> 32),
+    ] {
+        wr(&dev, 0x08, sel, 4);
+        wr(&dev, 0x0c, f, 4);
+    }
+    wr(&dev, 0x14, 0xb, 1);
+    for (off, v, len) in [
+        (0x16, 0, 2),
+        (0x20, 0x10000, 8),
+        (0x28, 0x11000, 8),
+        (0x30, 0x12000, 8),
+        (0x1c, 1, 2),
+    ] {
+        wr(&dev, off, v, len);
+    }
+    wr(&dev, 0x14, 0xf, 1);
+    // The worker is now busy in a slow request.
+    let t0 = std::time::Instant::now();
+    while s.log.lock().unwrap().served.is_empty() {
+        assert!(t0.elapsed().as_secs() < 5);
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    let resetter = {
+        let dev = dev.clone();
+        std::thread::spawn(move || dev.bar_write(0, 0x14, &[0]))
+    };
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    // Another vCPU reads the device while the reset waits for the worker: not blocked, and
+    // the reset is not complete yet.
+    assert_eq!(rd(&dev, 0x14), 0xf);
+    hold.store(false, Ordering::SeqCst);
+    resetter.join().unwrap();
+    assert_eq!(rd(&dev, 0x14), 0, "reset complete once the worker stopped");
+    let l = s.log.lock().unwrap();
+    assert!(!l.hold_timed_out, "the register read waited for the worker");
+    assert_eq!(l.resets, 1, "the handler went back to the device");
 }
