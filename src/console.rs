@@ -12,8 +12,8 @@
 
 use std::io::{self, Write};
 use std::os::fd::RawFd;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Once, OnceLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -105,51 +105,148 @@ pub fn restore_terminal() {
     }
 }
 
-/// Makes panics restore the terminal before the panic message is printed.
+/// Makes panics restore the terminal before the panic message is printed. Installs one
+/// hook per process however often it is called (once per VM is fine).
 pub fn install_panic_hook() {
-    let previous = std::panic::take_hook();
-    std::panic::set_hook(Box::new(move |info| {
-        restore_terminal();
-        previous(info);
-    }));
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            restore_terminal();
+            previous(info);
+        }));
+    });
 }
 
 // ---------------------------------------------------------------------------------------
 // Stop signals
 // ---------------------------------------------------------------------------------------
 
-/// The VM the signal handler stops. Set before the handler is installed.
-static SIGNAL_STOP: OnceLock<VmControl> = OnceLock::new();
-/// Stop signals received so far.
-static SIGNALS_SEEN: AtomicU32 = AtomicU32::new(0);
-
 const STOP_SIGNALS: [libc::c_int; 3] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
 
-/// The handler for [`STOP_SIGNALS`]. The first signal asks the VM to stop; a second one
-/// (the VMM did not shut down in time) restores the terminal and exits with `128 + sig`.
+/// How many VMs can be registered for stop signals at the same time.
+pub const MAX_SIGNAL_VMS: usize = 64;
+
+/// Set in a slot once a signal stopped its VM (a `Box<VmControl>` address has the low bit
+/// clear).
+const SIGNALLED: usize = 1;
+
+/// The registered VMs: 0 for a free slot, otherwise the exposed address of a leaked
+/// `Box<VmControl>`, ORed with [`SIGNALLED`]. Read by the signal handler with atomics only.
+static STOP_SLOTS: [AtomicUsize; MAX_SIGNAL_VMS] = [const { AtomicUsize::new(0) }; MAX_SIGNAL_VMS];
+/// Signal handlers currently reading [`STOP_SLOTS`]; a slot's box is freed only when this
+/// is zero after the slot was cleared.
+static HANDLERS_RUNNING: AtomicUsize = AtomicUsize::new(0);
+/// Whether [`on_stop_signal`] is installed (set once; a failure can be retried).
+static HANDLER_INSTALLED: Mutex<bool> = Mutex::new(false);
+/// The registration made by the legacy [`install_stop_signals`].
+static LEGACY_REGISTRATION: Mutex<Option<StopSignals>> = Mutex::new(None);
+
+/// Makes SIGINT, SIGTERM and SIGHUP stop one VM while the guard lives.
+///
+/// Any number of VMs (up to [`MAX_SIGNAL_VMS`]) can be registered at once, sequentially or
+/// concurrently; a signal stops every VM registered at that moment. A signal that finds a
+/// registered VM it already stopped (that VM did not shut down in time), or finds no VM at
+/// all, restores the terminal and exits the process with `128 + signal`. The count is per
+/// registration: a VM registered after an earlier one was stopped and dropped its guard is
+/// stopped, not killed, by the next signal.
+#[must_use = "the VM is unregistered when the guard is dropped"]
+pub struct StopSignals {
+    slot: usize,
+}
+
+impl StopSignals {
+    /// Registers `control` (installing the process-wide handler the first time).
+    pub fn register(control: VmControl) -> io::Result<Self> {
+        install_signal_handler()?;
+        let addr = Box::into_raw(Box::new(control)).expose_provenance();
+        debug_assert_eq!(addr & SIGNALLED, 0);
+        for (slot, cell) in STOP_SLOTS.iter().enumerate() {
+            if cell
+                .compare_exchange(0, addr, Ordering::SeqCst, Ordering::SeqCst)
+                .is_ok()
+            {
+                return Ok(Self { slot });
+            }
+        }
+        // SAFETY: `addr` comes from Box::into_raw above and was never published.
+        drop(unsafe { Box::from_raw(std::ptr::with_exposed_provenance_mut::<VmControl>(addr)) });
+        Err(io::Error::other(format!(
+            "more than {MAX_SIGNAL_VMS} VMs registered for stop signals"
+        )))
+    }
+}
+
+impl Drop for StopSignals {
+    fn drop(&mut self) {
+        let value = STOP_SLOTS[self.slot].swap(0, Ordering::SeqCst);
+        // A handler that started before the swap may still use the box; one that starts
+        // after it sees the free slot.
+        while HANDLERS_RUNNING.load(Ordering::SeqCst) != 0 {
+            std::thread::yield_now();
+        }
+        let ptr = std::ptr::with_exposed_provenance_mut::<VmControl>(value & !SIGNALLED);
+        if !ptr.is_null() {
+            // SAFETY: the slot held the only copy of this Box::into_raw pointer; it is
+            // cleared now and no handler still reads it.
+            drop(unsafe { Box::from_raw(ptr) });
+        }
+    }
+}
+
+/// What a stop signal does once it has stopped the registered VMs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AfterSignal {
+    /// Every registered VM was asked to stop for the first time.
+    Wait,
+    /// No VM is registered, or one was already stopped by an earlier signal: exit now.
+    Exit,
+}
+
+/// Stops every registered VM and marks it signalled. Async-signal-safe: atomics only, plus
+/// [`VmControl::stop`] (an atomic store and a write(2) to an eventfd).
+fn stop_registered_vms() -> AfterSignal {
+    HANDLERS_RUNNING.fetch_add(1, Ordering::SeqCst);
+    let (mut registered, mut repeated) = (false, false);
+    for cell in &STOP_SLOTS {
+        let mark = |v: usize| (v != 0).then_some(v | SIGNALLED);
+        let Ok(value) = cell.fetch_update(Ordering::SeqCst, Ordering::SeqCst, mark) else {
+            continue;
+        };
+        registered = true;
+        repeated |= value & SIGNALLED != 0;
+        let vm = std::ptr::with_exposed_provenance::<VmControl>(value & !SIGNALLED);
+        // SAFETY: the slot was non-zero, so `vm` is a live Box<VmControl>: its guard frees
+        // it only after clearing the slot and seeing HANDLERS_RUNNING at zero.
+        unsafe { (*vm).stop() };
+    }
+    HANDLERS_RUNNING.fetch_sub(1, Ordering::SeqCst);
+    if registered && !repeated {
+        AfterSignal::Wait
+    } else {
+        AfterSignal::Exit
+    }
+}
+
+/// The handler for [`STOP_SIGNALS`]: see [`StopSignals`].
 extern "C" fn on_stop_signal(sig: libc::c_int) {
     // SAFETY: __errno_location returns this thread's errno slot; saving it keeps the
     // interrupted code's errno intact.
     let saved_errno = unsafe { *libc::__errno_location() };
-    if SIGNALS_SEEN.fetch_add(1, Ordering::SeqCst) > 0 {
+    if stop_registered_vms() == AfterSignal::Exit {
         restore_terminal();
         // SAFETY: _exit is async-signal-safe and does not return.
         unsafe { libc::_exit(128 + sig) };
-    }
-    // VmControl::stop is an atomic store plus a write(2) to an eventfd: both are
-    // async-signal-safe, and OnceLock::get is a plain atomic load.
-    if let Some(vm) = SIGNAL_STOP.get() {
-        vm.stop();
     }
     // SAFETY: as above.
     unsafe { *libc::__errno_location() = saved_errno };
 }
 
-/// Makes SIGINT, SIGTERM and SIGHUP stop the VM (see [`on_stop_signal`]). Only the first
-/// `stop` handle passed in a process is used.
-pub fn install_stop_signals(stop: VmControl) -> io::Result<()> {
-    if SIGNAL_STOP.set(stop).is_err() {
-        log::warn!("console: stop signals already installed; keeping the first VM handle");
+/// Installs [`on_stop_signal`] for [`STOP_SIGNALS`], once per process.
+fn install_signal_handler() -> io::Result<()> {
+    let mut installed = HANDLER_INSTALLED.lock().unwrap_or_else(|e| e.into_inner());
+    if *installed {
+        return Ok(());
     }
     // SAFETY: sigaction is plain data; all-zero is valid (empty mask, no flags).
     let mut action: libc::sigaction = unsafe { std::mem::zeroed() };
@@ -164,6 +261,19 @@ pub fn install_stop_signals(stop: VmControl) -> io::Result<()> {
             return Err(io::Error::last_os_error());
         }
     }
+    *installed = true;
+    Ok(())
+}
+
+/// Legacy form of [`StopSignals::register`]: registers `stop` until the next call in this
+/// process replaces it (the previous VM is unregistered then). Prefer holding a
+/// [`StopSignals`] guard for the VM's lifetime.
+pub fn install_stop_signals(stop: VmControl) -> io::Result<()> {
+    let mut legacy = LEGACY_REGISTRATION
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    legacy.take();
+    *legacy = Some(StopSignals::register(stop)?);
     Ok(())
 }
 
@@ -389,6 +499,7 @@ mod tests {
     use super::*;
     use crate::bus::BusDevice;
     use crate::devices::IrqLine;
+    use std::sync::atomic::AtomicU32;
     use EscapeAction::*;
 
     fn fwd(b: &[u8]) -> EscapeAction {
@@ -510,16 +621,86 @@ mod tests {
         assert!(done == (got == 200));
     }
 
+    /// Signal tests share the process-wide registry: run them one at a time.
+    static SIGNAL_TESTS: Mutex<()> = Mutex::new(());
+
+    fn signal_lock() -> std::sync::MutexGuard<'static, ()> {
+        SIGNAL_TESTS.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn raise(sig: libc::c_int) {
+        // SAFETY: raise runs the installed handler on this thread before returning.
+        assert_eq!(unsafe { libc::raise(sig) }, 0);
+    }
+
     #[test]
-    fn signal_stops_vm() {
+    fn signal_stops_every_registered_vm_then_rearms() {
+        let _serial = signal_lock();
+        let (a, b) = (VmControl::new().unwrap(), VmControl::new().unwrap());
+        let guard_a = StopSignals::register(a.clone()).unwrap();
+        let guard_b = StopSignals::register(b.clone()).unwrap();
+        raise(libc::SIGTERM);
+        assert!(a.is_stopping() && b.is_stopping());
+        drop((guard_a, guard_b));
+
+        // A VM registered afterwards is stopped, not killed, by its first signal.
+        let c = VmControl::new().unwrap();
+        let guard_c = StopSignals::register(c.clone()).unwrap();
+        raise(libc::SIGTERM);
+        assert!(c.is_stopping());
+        // A second signal while `c` is still registered would exit the process.
+        assert_eq!(stop_registered_vms(), AfterSignal::Exit);
+        drop(guard_c);
+        assert_eq!(stop_registered_vms(), AfterSignal::Exit, "no VM registered");
+
+        let d = VmControl::new().unwrap();
+        let _guard_d = StopSignals::register(d.clone()).unwrap();
+        assert_eq!(stop_registered_vms(), AfterSignal::Wait);
+        assert!(d.is_stopping());
+    }
+
+    #[test]
+    fn legacy_install_replaces_the_previous_vm() {
+        let _serial = signal_lock();
+        let (a, b) = (VmControl::new().unwrap(), VmControl::new().unwrap());
+        install_stop_signals(a.clone()).unwrap();
+        raise(libc::SIGHUP);
+        assert!(a.is_stopping());
+        install_stop_signals(b.clone()).unwrap();
+        raise(libc::SIGINT);
+        assert!(b.is_stopping());
+        LEGACY_REGISTRATION.lock().unwrap().take();
+    }
+
+    #[test]
+    fn registry_slots_are_reused() {
+        let _serial = signal_lock();
         let vm = VmControl::new().unwrap();
-        install_stop_signals(vm.clone()).unwrap();
-        // SAFETY: raise delivers SIGHUP to this thread; the handler was just installed.
-        unsafe { libc::raise(libc::SIGHUP) };
-        assert!(vm.is_stopping());
-        for sig in STOP_SIGNALS {
-            // SAFETY: restoring the default disposition.
-            unsafe { libc::signal(sig, libc::SIG_DFL) };
+        let mut guards: Vec<_> = (0..MAX_SIGNAL_VMS)
+            .map(|_| StopSignals::register(vm.clone()).unwrap())
+            .collect();
+        assert!(StopSignals::register(vm.clone()).is_err(), "registry full");
+        drop(guards.swap_remove(7));
+        guards.push(StopSignals::register(vm.clone()).unwrap());
+        drop(guards);
+        assert!(STOP_SLOTS.iter().all(|s| s.load(Ordering::SeqCst) == 0));
+    }
+
+    #[test]
+    fn unregistering_races_with_handlers() {
+        let _serial = signal_lock();
+        let done = Arc::new(AtomicBool::new(false));
+        let d = done.clone();
+        let signaller = std::thread::spawn(move || {
+            while !d.load(Ordering::SeqCst) {
+                stop_registered_vms();
+            }
+        });
+        for _ in 0..2000 {
+            let vm = VmControl::new().unwrap();
+            drop(StopSignals::register(vm).unwrap());
         }
+        done.store(true, Ordering::SeqCst);
+        signaller.join().unwrap();
     }
 }
