@@ -12,7 +12,7 @@
 
 use std::io::{self, Write};
 use std::os::fd::RawFd;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Once, OnceLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -37,38 +37,37 @@ C-a C-a  send C-a\r\n";
 
 /// The terminal settings from before raw mode; set once, read from any context.
 static SAVED_TERMIOS: OnceLock<libc::termios> = OnceLock::new();
-/// True while stdin is in raw mode and must be restored.
+/// True while the terminal is in raw mode and must be restored.
 static RAW_ACTIVE: AtomicBool = AtomicBool::new(false);
+/// How many live [`RawTerminal`]s use raw mode; the last one to drop restores it.
+static RAW_USERS: Mutex<usize> = Mutex::new(0);
+/// The console terminal: stdin (tests point it at a pseudo-terminal).
+static TERM_FD: AtomicI32 = AtomicI32::new(libc::STDIN_FILENO);
 
 /// Puts stdin in raw mode (like QEMU's `-serial stdio`: the guest sends `\r\n` itself) and
 /// restores it when dropped. Does nothing when stdin is not a terminal.
+///
+/// Guards nest: with several VMs on stdio in one process, the terminal stays raw until the
+/// last guard is dropped, then gets the settings from before the first one.
+#[must_use = "raw mode ends when the guard is dropped"]
 pub struct RawTerminal {
     active: bool,
 }
 
 impl RawTerminal {
-    /// Switches stdin to raw mode if it is a TTY.
+    /// Switches stdin to raw mode if it is a TTY (or keeps it raw for one more user).
     pub fn new() -> io::Result<Self> {
+        let fd = TERM_FD.load(Ordering::SeqCst);
         // SAFETY: isatty only inspects the descriptor.
-        if unsafe { libc::isatty(libc::STDIN_FILENO) } != 1 {
+        if unsafe { libc::isatty(fd) } != 1 {
             return Ok(Self { active: false });
         }
-        // SAFETY: termios is plain data; all-zero is a valid value to be overwritten.
-        let mut current: libc::termios = unsafe { std::mem::zeroed() };
-        // SAFETY: `current` is a valid, writable termios.
-        if unsafe { libc::tcgetattr(libc::STDIN_FILENO, &mut current) } != 0 {
-            return Err(io::Error::last_os_error());
+        let mut users = RAW_USERS.lock().unwrap_or_else(|e| e.into_inner());
+        // Also re-enters raw mode after an emergency restore_terminal().
+        if !RAW_ACTIVE.load(Ordering::SeqCst) {
+            enter_raw_mode(fd)?;
         }
-        // Keep the first saved state: it is the user's original terminal.
-        let mut raw = *SAVED_TERMIOS.get_or_init(|| current);
-        // SAFETY: `raw` is a valid termios; cfmakeraw only edits its flags.
-        unsafe { libc::cfmakeraw(&mut raw) };
-        RAW_ACTIVE.store(true, Ordering::SeqCst);
-        // SAFETY: `raw` is a valid termios read by the call.
-        if unsafe { libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, &raw) } != 0 {
-            RAW_ACTIVE.store(false, Ordering::SeqCst);
-            return Err(io::Error::last_os_error());
-        }
+        *users += 1;
         Ok(Self { active: true })
     }
 
@@ -80,10 +79,36 @@ impl RawTerminal {
 
 impl Drop for RawTerminal {
     fn drop(&mut self) {
-        if self.active {
+        if !self.active {
+            return;
+        }
+        let mut users = RAW_USERS.lock().unwrap_or_else(|e| e.into_inner());
+        *users = users.saturating_sub(1);
+        if *users == 0 {
             restore_terminal();
         }
     }
+}
+
+/// Saves `fd`'s settings (the first time only: they are the user's original terminal) and
+/// switches it to raw mode.
+fn enter_raw_mode(fd: RawFd) -> io::Result<()> {
+    // SAFETY: termios is plain data; all-zero is a valid value to be overwritten.
+    let mut current: libc::termios = unsafe { std::mem::zeroed() };
+    // SAFETY: `current` is a valid, writable termios.
+    if unsafe { libc::tcgetattr(fd, &mut current) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut raw = *SAVED_TERMIOS.get_or_init(|| current);
+    // SAFETY: `raw` is a valid termios; cfmakeraw only edits its flags.
+    unsafe { libc::cfmakeraw(&mut raw) };
+    RAW_ACTIVE.store(true, Ordering::SeqCst);
+    // SAFETY: `raw` is a valid termios read by the call.
+    if unsafe { libc::tcsetattr(fd, libc::TCSANOW, &raw) } != 0 {
+        RAW_ACTIVE.store(false, Ordering::SeqCst);
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// True while stdin is in raw mode (output lines then need `\r\n`).
@@ -91,9 +116,10 @@ pub fn raw_mode_active() -> bool {
     RAW_ACTIVE.load(Ordering::SeqCst)
 }
 
-/// Restores stdin's original settings if raw mode is on. Safe to call more than once, from a
-/// panic hook, a signal handler or right before `std::process::exit` (which skips `Drop`):
-/// it only does an atomic swap, a `OnceLock` read and `tcsetattr`.
+/// Restores stdin's original settings if raw mode is on, whatever [`RawTerminal`]s are
+/// alive. Safe to call more than once, from a panic hook, a signal handler or right before
+/// `std::process::exit` (which skips `Drop`): it only does atomics, a `OnceLock` read and
+/// `tcsetattr`.
 pub fn restore_terminal() {
     if !RAW_ACTIVE.swap(false, Ordering::SeqCst) {
         return;
@@ -101,7 +127,7 @@ pub fn restore_terminal() {
     if let Some(saved) = SAVED_TERMIOS.get() {
         // SAFETY: `saved` is a valid termios obtained from tcgetattr; tcsetattr is
         // async-signal-safe.
-        unsafe { libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, saved) };
+        unsafe { libc::tcsetattr(TERM_FD.load(Ordering::SeqCst), libc::TCSANOW, saved) };
     }
 }
 
@@ -702,5 +728,56 @@ mod tests {
         }
         done.store(true, Ordering::SeqCst);
         signaller.join().unwrap();
+    }
+
+    /// Opens a pseudo-terminal pair; returns (master, slave).
+    fn open_pty() -> (RawFd, RawFd) {
+        // SAFETY: plain libc calls on descriptors this test owns; `name` has room for the
+        // NUL-terminated slave path ptsname_r writes.
+        unsafe {
+            let master = libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY);
+            assert!(master >= 0);
+            assert_eq!(libc::grantpt(master), 0);
+            assert_eq!(libc::unlockpt(master), 0);
+            let mut name = [0 as libc::c_char; 128];
+            assert_eq!(libc::ptsname_r(master, name.as_mut_ptr(), name.len()), 0);
+            let slave = libc::open(name.as_ptr(), libc::O_RDWR | libc::O_NOCTTY);
+            assert!(slave >= 0);
+            (master, slave)
+        }
+    }
+
+    fn canonical(fd: RawFd) -> bool {
+        // SAFETY: termios is plain data, filled in by tcgetattr.
+        let mut t: libc::termios = unsafe { std::mem::zeroed() };
+        // SAFETY: `t` is a valid, writable termios.
+        assert_eq!(unsafe { libc::tcgetattr(fd, &mut t) }, 0);
+        t.c_lflag & libc::ICANON != 0
+    }
+
+    #[test]
+    fn raw_terminal_guards_nest() {
+        let (master, slave) = open_pty();
+        assert!(canonical(slave));
+        TERM_FD.store(slave, Ordering::SeqCst);
+        let first = RawTerminal::new().unwrap();
+        let second = RawTerminal::new().unwrap();
+        assert!(first.is_active() && second.is_active() && raw_mode_active());
+        assert!(!canonical(slave));
+        drop(first);
+        assert!(!canonical(slave), "still raw for the second VM");
+        drop(second);
+        assert!(canonical(slave) && !raw_mode_active());
+
+        // Raw again for a later VM; an emergency restore wins over live guards.
+        let third = RawTerminal::new().unwrap();
+        assert!(!canonical(slave));
+        restore_terminal();
+        assert!(canonical(slave));
+        drop(third);
+        assert!(canonical(slave));
+        TERM_FD.store(libc::STDIN_FILENO, Ordering::SeqCst);
+        close(slave);
+        close(master);
     }
 }
