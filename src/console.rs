@@ -1,13 +1,17 @@
 //! The host terminal side of the guest console: raw mode, stop signals, QEMU-style
 //! `C-a` escapes, and the thread that feeds stdin to the guest's UART.
 //!
-//! Typical use by the VMM:
+//! Everything here is per VM, so several VMs can run in one process, one after another or
+//! at the same time: each holds its own guards, and a stop signal stops every VM registered
+//! at that moment. Typical use by the VMM, for one VM:
 //! ```ignore
-//! console::install_panic_hook();
-//! console::install_stop_signals(vm.clone())?;
-//! let _raw = console::RawTerminal::new()?; // restored on drop
-//! console::spawn_stdin_reader(serial.clone(), vm.clone(), Box::new(print_stats))?;
-//! // ... run; before std::process::exit, call console::restore_terminal().
+//! console::install_panic_hook(); // one hook per process, whatever the number of calls
+//! let _signals = console::StopSignals::register(control.clone())?; // until dropped
+//! let _raw = stdio.then(console::RawTerminal::new).transpose()?; // nests, restores on drop
+//! let reader = console::spawn_stdin_reader(serial.clone(), control.clone(), on_stats)?;
+//! // ... run until `control` stops ...
+//! reader.join(); // (dropping it also ends and joins the thread)
+//! // Before std::process::exit (which skips Drop), call console::restore_terminal().
 //! ```
 
 use std::io::{self, Write};
@@ -17,7 +21,7 @@ use std::sync::{Arc, Mutex, Once, OnceLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::devices::serial::SerialDevice;
 use crate::devices::VmControl;
@@ -379,22 +383,122 @@ const STOP_POLL_INTERVAL_MS: libc::c_int = 200;
 /// Delay between attempts to push input into a full receive FIFO.
 const FIFO_RETRY_DELAY: Duration = Duration::from_millis(5);
 
+/// True while a [`StdinReader`] thread owns stdin.
+static STDIN_CLAIMED: AtomicBool = AtomicBool::new(false);
+
+/// Exclusive use of stdin by one VM's console; released when the reader thread ends.
+struct StdinClaim(());
+
+impl StdinClaim {
+    fn acquire() -> io::Result<Self> {
+        if STDIN_CLAIMED.swap(true, Ordering::SeqCst) {
+            return Err(io::Error::new(
+                io::ErrorKind::ResourceBusy,
+                "stdin is already the console of another VM in this process \
+                 (use --serial off or --serial file=PATH for the others)",
+            ));
+        }
+        Ok(Self(()))
+    }
+}
+
+impl Drop for StdinClaim {
+    fn drop(&mut self) {
+        STDIN_CLAIMED.store(false, Ordering::SeqCst);
+    }
+}
+
+/// When the reader thread must end: its VM is stopping, or its [`StdinReader`] asked.
+struct ReaderExit {
+    vm: VmControl,
+    quit: Arc<AtomicBool>,
+    /// Readable once `quit` is set (a dup of the [`StdinReader`]'s eventfd).
+    wake: EventFd,
+}
+
+impl ReaderExit {
+    fn now(&self) -> bool {
+        self.vm.is_stopping() || self.quit.load(Ordering::SeqCst)
+    }
+}
+
+/// The thread that forwards stdin to a VM's UART (see [`spawn_stdin_reader`]). Joining or
+/// dropping it ends the thread, whether or not the VM stopped, and waits for it.
+#[must_use = "dropping the reader ends its thread"]
+pub struct StdinReader {
+    thread: Option<JoinHandle<()>>,
+    quit: Arc<AtomicBool>,
+    wake: EventFd,
+}
+
+impl StdinReader {
+    /// Ends the reader thread (if the VM has not ended it already) and waits for it.
+    pub fn join(mut self) -> std::thread::Result<()> {
+        self.finish()
+    }
+
+    fn finish(&mut self) -> std::thread::Result<()> {
+        self.quit.store(true, Ordering::SeqCst);
+        // A failed write means the counter is saturated: the thread is woken anyway.
+        let _ = self.wake.write(1);
+        match self.thread.take() {
+            Some(t) => t.join(),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for StdinReader {
+    fn drop(&mut self) {
+        let _ = self.finish();
+    }
+}
+
 /// Starts the thread that forwards stdin to `serial`, handling `C-a` escapes.
 ///
 /// Forwarded bytes are pushed into the UART's receive FIFO; when it is full the thread
 /// waits for the guest to drain it (and stops reading stdin meanwhile). `C-a x` prints a
 /// message and stops the VM; `C-a s` calls `on_stats`; `C-a h` prints [`ESCAPE_HELP`].
 /// End of file on stdin (or a hangup) ends the thread without stopping the VM. The thread
-/// polls stdin together with the stop eventfd and also ends once the VM is stopping, so
-/// it can be joined.
+/// also ends once the VM is stopping or the returned [`StdinReader`] is joined or dropped.
+///
+/// Only one reader can own stdin at a time in a process: while one runs, this fails with
+/// [`io::ErrorKind::ResourceBusy`].
 pub fn spawn_stdin_reader(
     serial: Arc<Mutex<SerialDevice>>,
     stop: VmControl,
     on_stats: Box<dyn FnMut() + Send>,
-) -> io::Result<JoinHandle<()>> {
-    std::thread::Builder::new()
+) -> io::Result<StdinReader> {
+    let claim = StdinClaim::acquire()?;
+    spawn_reader(libc::STDIN_FILENO, serial, stop, on_stats, Some(claim))
+}
+
+/// [`spawn_stdin_reader`] on any descriptor; `claim` is released when the thread ends.
+fn spawn_reader(
+    fd: RawFd,
+    serial: Arc<Mutex<SerialDevice>>,
+    vm: VmControl,
+    on_stats: Box<dyn FnMut() + Send>,
+    claim: Option<StdinClaim>,
+) -> io::Result<StdinReader> {
+    let quit = Arc::new(AtomicBool::new(false));
+    let wake = EventFd::new(EFD_NONBLOCK)?;
+    let exit = ReaderExit {
+        vm,
+        quit: quit.clone(),
+        wake: wake.try_clone()?,
+    };
+    let thread = std::thread::Builder::new()
         .name("console-stdin".into())
-        .spawn(move || read_loop(libc::STDIN_FILENO, &serial, &stop, on_stats))
+        .spawn(move || {
+            let _claim = claim;
+            read_loop(fd, &serial, &exit, on_stats);
+        })?;
+    Ok(StdinReader {
+        thread: Some(thread),
+        quit,
+        wake,
+    })
 }
 
 /// Whether the reader should read, keep waiting, or end.
@@ -404,24 +508,23 @@ enum Wait {
     End,
 }
 
-/// Waits until `fd` is readable or the VM stops.
-fn wait_input(fd: RawFd, stop_event: &EventFd, stop: &VmControl) -> Wait {
+/// Waits until `fd` is readable or the reader must end.
+fn wait_input(fd: RawFd, exit: &ReaderExit) -> Wait {
     use std::os::fd::AsRawFd;
-    let mut fds = [
-        libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        },
-        libc::pollfd {
-            fd: stop_event.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        },
-    ];
-    // SAFETY: `fds` is a valid array of two pollfd structures for the whole call.
-    let ret = unsafe { libc::poll(fds.as_mut_ptr(), 2, STOP_POLL_INTERVAL_MS) };
-    if stop.is_stopping() {
+    let mut fds = [fd, exit.vm.event().as_raw_fd(), exit.wake.as_raw_fd()].map(|fd| libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    });
+    // SAFETY: `fds` is a valid array of pollfd structures for the whole call.
+    let ret = unsafe {
+        libc::poll(
+            fds.as_mut_ptr(),
+            fds.len() as libc::nfds_t,
+            STOP_POLL_INTERVAL_MS,
+        )
+    };
+    if exit.now() {
         return Wait::End;
     }
     if ret < 0 {
@@ -440,51 +543,59 @@ fn wait_input(fd: RawFd, stop_event: &EventFd, stop: &VmControl) -> Wait {
     }
 }
 
+/// Reads once from `fd` after poll said it is readable. `None` ends the reader (end of
+/// input or an error); `Some(0)` means try again.
+fn read_input(fd: RawFd, buf: &mut [u8]) -> Option<usize> {
+    // SAFETY: `buf` is valid for writes of `buf.len()` bytes.
+    let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+    match usize::try_from(n) {
+        Ok(0) => {
+            log::debug!("console: end of input, no longer reading stdin");
+            None
+        }
+        Ok(n) => Some(n.min(buf.len())),
+        Err(_) => {
+            let err = io::Error::last_os_error();
+            if matches!(
+                err.kind(),
+                io::ErrorKind::Interrupted | io::ErrorKind::WouldBlock
+            ) {
+                return Some(0);
+            }
+            log::warn!("console: reading stdin failed: {err}");
+            None
+        }
+    }
+}
+
 /// The reader thread's body; reads `fd` (stdin, or a pipe in tests).
 fn read_loop(
     fd: RawFd,
     serial: &Mutex<SerialDevice>,
-    stop: &VmControl,
+    exit: &ReaderExit,
     mut on_stats: Box<dyn FnMut() + Send>,
 ) {
     let mut parser = EscapeParser::new();
     let mut buf = [0u8; 256];
     loop {
-        match wait_input(fd, stop.event(), stop) {
+        match wait_input(fd, exit) {
             Wait::Readable => {}
             Wait::Again => continue,
             Wait::End => return,
         }
-        // SAFETY: `buf` is valid for writes of `buf.len()` bytes.
-        let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
-        let n = match usize::try_from(n) {
-            Ok(0) => {
-                log::debug!("console: end of input, no longer reading stdin");
-                return;
-            }
-            Ok(n) => n.min(buf.len()),
-            Err(_) => {
-                let err = io::Error::last_os_error();
-                if matches!(
-                    err.kind(),
-                    io::ErrorKind::Interrupted | io::ErrorKind::WouldBlock
-                ) {
-                    continue;
-                }
-                log::warn!("console: reading stdin failed: {err}");
-                return;
-            }
+        let Some(n) = read_input(fd, &mut buf) else {
+            return;
         };
         for action in parser.feed(&buf[..n]) {
             match action {
                 EscapeAction::Forward(bytes) => {
-                    if !push_input(serial, &bytes, stop) {
+                    if !push_input(serial, &bytes, exit) {
                         return;
                     }
                 }
                 EscapeAction::Quit => {
                     print_stderr("ferrovm: quit from console (C-a x)\r\n");
-                    stop.stop();
+                    exit.vm.stop();
                     return;
                 }
                 EscapeAction::Help => print_stderr(ESCAPE_HELP),
@@ -494,9 +605,9 @@ fn read_loop(
     }
 }
 
-/// Pushes `bytes` into the UART, waiting while its FIFO is full. Returns false if the VM
-/// stopped before everything was delivered.
-fn push_input(serial: &Mutex<SerialDevice>, mut bytes: &[u8], stop: &VmControl) -> bool {
+/// Pushes `bytes` into the UART, waiting while its FIFO is full. Returns false if the
+/// reader had to end before everything was delivered.
+fn push_input(serial: &Mutex<SerialDevice>, mut bytes: &[u8], exit: &ReaderExit) -> bool {
     loop {
         let taken = serial
             .lock()
@@ -506,7 +617,7 @@ fn push_input(serial: &Mutex<SerialDevice>, mut bytes: &[u8], stop: &VmControl) 
         if bytes.is_empty() {
             return true;
         }
-        if stop.is_stopping() {
+        if exit.now() {
             return false;
         }
         std::thread::sleep(FIFO_RETRY_DELAY);
@@ -602,7 +713,7 @@ mod tests {
         read_loop(
             rd,
             &serial,
-            &vm,
+            &exit_for(&vm),
             Box::new(move || {
                 s.fetch_add(1, Ordering::SeqCst);
             }),
@@ -621,7 +732,7 @@ mod tests {
         let vm = VmControl::new().unwrap();
         write_fd(wr, b"hello");
         close(wr);
-        read_loop(rd, &serial, &vm, Box::new(|| {}));
+        read_loop(rd, &serial, &exit_for(&vm), Box::new(|| {}));
         assert!(!vm.is_stopping());
         assert_eq!(received(&serial), b"hello");
         close(rd);
@@ -633,7 +744,7 @@ mod tests {
         let vm = VmControl::new().unwrap();
         let big = vec![b'y'; 200];
         let (s, v) = (serial.clone(), vm.clone());
-        let pusher = std::thread::spawn(move || push_input(&s, &big, &v));
+        let pusher = std::thread::spawn(move || push_input(&s, &big, &exit_for(&v)));
         // The guest drains the FIFO a few times, then the VM stops.
         let mut got = 0;
         for _ in 0..50 {
@@ -645,6 +756,69 @@ mod tests {
         let done = pusher.join().unwrap();
         got += received(&serial).len();
         assert!(done == (got == 200));
+    }
+
+    /// A [`ReaderExit`] for `vm` with no owner asking it to end.
+    fn exit_for(vm: &VmControl) -> ReaderExit {
+        ReaderExit {
+            vm: vm.clone(),
+            quit: Arc::default(),
+            wake: EventFd::new(EFD_NONBLOCK).unwrap(),
+        }
+    }
+
+    /// Joins `reader` and checks that it ended within a second.
+    fn join_soon(reader: StdinReader) {
+        let start = std::time::Instant::now();
+        reader.join().unwrap();
+        assert!(
+            start.elapsed() < Duration::from_secs(1),
+            "{:?}",
+            start.elapsed()
+        );
+    }
+
+    #[test]
+    fn reader_thread_ends_when_the_vm_stops() {
+        let (rd, wr) = pipe();
+        let vm = VmControl::new().unwrap();
+        let reader = spawn_reader(rd, serial(), vm.clone(), Box::new(|| {}), None).unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        vm.stop();
+        // The VM's stop ends the thread: join only waits for it.
+        let start = std::time::Instant::now();
+        while !reader.thread.as_ref().unwrap().is_finished() {
+            assert!(start.elapsed() < Duration::from_secs(1));
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        join_soon(reader);
+        close(rd);
+        close(wr);
+    }
+
+    #[test]
+    fn dropping_the_reader_ends_its_thread_without_stopping_the_vm() {
+        let (rd, wr) = pipe();
+        let vm = VmControl::new().unwrap();
+        // Idle on input, then stuck on a full FIFO nobody drains.
+        for input in [&b""[..], &[b'z'; 200][..]] {
+            write_fd(wr, input);
+            let reader = spawn_reader(rd, serial(), vm.clone(), Box::new(|| {}), None).unwrap();
+            std::thread::sleep(Duration::from_millis(20));
+            join_soon(reader);
+            assert!(!vm.is_stopping());
+        }
+        close(rd);
+        close(wr);
+    }
+
+    #[test]
+    fn stdin_has_one_reader_at_a_time() {
+        let claim = StdinClaim::acquire().unwrap();
+        let err = StdinClaim::acquire().err().unwrap();
+        assert_eq!(err.kind(), io::ErrorKind::ResourceBusy);
+        drop(claim);
+        drop(StdinClaim::acquire().unwrap());
     }
 
     /// Signal tests share the process-wide registry: run them one at a time.
