@@ -169,8 +169,6 @@ static STOP_SLOTS: [AtomicUsize; MAX_SIGNAL_VMS] = [const { AtomicUsize::new(0) 
 static HANDLERS_RUNNING: AtomicUsize = AtomicUsize::new(0);
 /// Whether [`on_stop_signal`] is installed (set once; a failure can be retried).
 static HANDLER_INSTALLED: Mutex<bool> = Mutex::new(false);
-/// The registration made by the legacy [`install_stop_signals`].
-static LEGACY_REGISTRATION: Mutex<Option<StopSignals>> = Mutex::new(None);
 
 /// Makes SIGINT, SIGTERM and SIGHUP stop one VM while the guard lives.
 ///
@@ -292,18 +290,6 @@ fn install_signal_handler() -> io::Result<()> {
         }
     }
     *installed = true;
-    Ok(())
-}
-
-/// Legacy form of [`StopSignals::register`]: registers `stop` until the next call in this
-/// process replaces it (the previous VM is unregistered then). Prefer holding a
-/// [`StopSignals`] guard for the VM's lifetime.
-pub fn install_stop_signals(stop: VmControl) -> io::Result<()> {
-    let mut legacy = LEGACY_REGISTRATION
-        .lock()
-        .unwrap_or_else(|e| e.into_inner());
-    legacy.take();
-    *legacy = Some(StopSignals::register(stop)?);
     Ok(())
 }
 
@@ -634,7 +620,7 @@ fn print_stderr(msg: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bus::BusDevice;
+    use crate::bus::BusDeviceMut;
     use crate::devices::IrqLine;
     use std::sync::atomic::AtomicU32;
     use EscapeAction::*;
@@ -857,19 +843,6 @@ mod tests {
         let _guard_d = StopSignals::register(d.clone()).unwrap();
         assert_eq!(stop_registered_vms(), AfterSignal::Wait);
         assert!(d.is_stopping());
-    }
-
-    #[test]
-    fn legacy_install_replaces_the_previous_vm() {
-        let _serial = signal_lock();
-        let (a, b) = (VmControl::new().unwrap(), VmControl::new().unwrap());
-        install_stop_signals(a.clone()).unwrap();
-        raise(libc::SIGHUP);
-        assert!(a.is_stopping());
-        install_stop_signals(b.clone()).unwrap();
-        raise(libc::SIGINT);
-        assert!(b.is_stopping());
-        LEGACY_REGISTRATION.lock().unwrap().take();
     }
 
     #[test]

@@ -266,14 +266,15 @@ pub fn run(cfg: VmConfig) -> Result<VmOutcome, VmmError> {
 
     // 7. The console and host signals, then start the vCPUs.
     console::install_panic_hook();
-    console::install_stop_signals(control.clone()).map_err(VmmError::Terminal)?;
+    // Guards, dropped in reverse order on every return: the stdin reader is joined first,
+    // then the terminal restored, then this VM leaves the stop-signal registry.
+    let _signals = console::StopSignals::register(control.clone()).map_err(VmmError::Terminal)?;
     let stdio = cfg.serial == SerialMode::Stdio;
-    let _raw = if stdio {
-        Some(console::RawTerminal::new().map_err(VmmError::Terminal)?)
-    } else {
-        None
-    };
-    let stdin_thread = if stdio {
+    let raw = stdio
+        .then(console::RawTerminal::new)
+        .transpose()
+        .map_err(VmmError::Terminal)?;
+    let stdin_reader = if stdio {
         Some(
             console::spawn_stdin_reader(serial.clone(), control.clone(), {
                 let stats = stats.clone();
@@ -323,10 +324,10 @@ pub fn run(cfg: VmConfig) -> Result<VmOutcome, VmmError> {
     control.stop();
     stop_vcpus(threads);
     report_exit_stats(&stats, &cfg.exit_stats);
-    if let Some(t) = stdin_thread {
-        let _ = t.join();
+    if let Some(r) = stdin_reader {
+        let _ = r.join();
     }
-    drop(_raw);
+    drop(raw);
     let stops = std::mem::take(&mut *stops.lock().unwrap_or_else(|e| e.into_inner()));
     Ok(outcome(
         control.request(),

@@ -389,7 +389,7 @@ mod tests {
     fn cf8_and_ecam_agree() {
         let (root, _) = root();
         let (mut a, mut d) = PciConfigIo::pair(root.clone());
-        let mut ecam = PciEcam::new(root.clone());
+        let ecam = PciEcam::new(root.clone());
         for dev in [0u32, 1, 2, 31] {
             for reg in (0..0x40u32).step_by(4) {
                 let via_io = cf8_read(&mut a, &mut d, 0x8000_0000 | dev << 11 | reg, 0, 4);
@@ -437,8 +437,8 @@ mod tests {
     #[test]
     fn bars_are_assigned_and_decoded() {
         let (root, dev) = root();
-        let mut win = PciMmioWindow::new(root.clone());
-        let mut ecam = PciEcam::new(root.clone());
+        let win = PciMmioWindow::new(root.clone());
+        let ecam = PciEcam::new(root.clone());
         let bar = dev.lock().unwrap().config().bar_addr(0).unwrap();
         assert_eq!(bar, 0xc000_0000);
         let mut b = [0u8; 4];
