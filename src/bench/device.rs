@@ -135,7 +135,8 @@ pub struct BenchDevice {
     mem: GuestMemoryMmap,
     irq: IrqLine,
     control: VmControl,
-    pinger_stop: Option<Arc<AtomicBool>>,
+    /// The running pinger thread (`bench-exits` hlt-irqfd) and its stop flag; joined on stop.
+    pinger: Option<(Arc<AtomicBool>, std::thread::JoinHandle<()>)>,
 }
 
 impl BenchDevice {
@@ -144,8 +145,9 @@ impl BenchDevice {
     }
 
     fn stop_pinger(&mut self) {
-        if let Some(s) = self.pinger_stop.take() {
-            s.store(true, Ordering::Relaxed);
+        if let Some((stop, thread)) = self.pinger.take() {
+            stop.store(true, Ordering::Relaxed);
+            let _ = thread.join();
         }
     }
 }
@@ -175,7 +177,7 @@ impl BusDeviceMut for BenchDevice {
             OFF_MARK => {
                 let mark = self.lock().mark(le32(data));
                 match mark {
-                    3 if self.pinger_stop.is_none() => {
+                    3 if self.pinger.is_none() => {
                         let stop = Arc::new(AtomicBool::new(false));
                         let irq = self.irq.clone();
                         let control = self.control.clone();
@@ -186,8 +188,8 @@ impl BusDeviceMut for BenchDevice {
                             }
                             let _ = irq.trigger();
                         };
-                        if spawn_pinger(self.mem.clone(), raise, stop.clone()).is_ok() {
-                            self.pinger_stop = Some(stop);
+                        if let Ok(t) = spawn_pinger(self.mem.clone(), raise, stop.clone()) {
+                            self.pinger = Some((stop, t));
                         }
                     }
                     4 => self.stop_pinger(),
@@ -233,7 +235,7 @@ pub fn attach(
         mem: mem.clone(),
         irq,
         control: control.clone(),
-        pinger_stop: None,
+        pinger: None,
     };
     pio.insert(
         u64::from(layout::BENCH_PORT),
