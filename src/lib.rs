@@ -18,6 +18,7 @@ pub mod exit_stats;
 pub mod firmware;
 pub mod kvm;
 pub mod ratelimit;
+pub mod resources;
 pub mod vmm;
 
 /// When the process started (set first thing in `main`); start-up timings are measured from here.
