@@ -18,7 +18,7 @@ use linux_loader::bootparam::{boot_e820_entry, boot_params};
 use linux_loader::loader::bzimage::BzImage;
 use linux_loader::loader::elf::{start_info, Elf};
 use linux_loader::loader::{KernelLoader, PvhBootCapability};
-use vm_memory::{Address, ByteValued, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Address, ByteValued, Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::layout;
 
@@ -60,6 +60,23 @@ pub enum BootError {
         expected: u64,
         actual: u64,
     },
+    #[error(
+        "bzImage {path} is too short for its setup header ({len} bytes, {BZ_HEADER_END} needed)"
+    )]
+    BzImageHeaderTruncated { path: PathBuf, len: usize },
+    #[error("bzImage {path}: setup_sects {setup_sects} puts the payload at {offset:#x}, past the end of the file ({file_len} bytes)")]
+    SetupBeyondFile {
+        path: PathBuf,
+        setup_sects: u8,
+        offset: u64,
+        file_len: u64,
+    },
+    #[error("bzImage {path}: init_size {init_size:#x} at load address {load:#x} overflows")]
+    InitSizeOverflow {
+        path: PathBuf,
+        init_size: u64,
+        load: u64,
+    },
     #[error("bzImage {0} does not support the 64-bit boot protocol (boot protocol 2.12+ with XLF_KERNEL_64 needed)")]
     Not64Bit(PathBuf),
     #[error("cannot load kernel {0}")]
@@ -76,6 +93,8 @@ pub enum BootError {
     },
     #[error("kernel command line is too long ({len} bytes, the kernel accepts {max})")]
     CmdlineTooLong { len: usize, max: usize },
+    #[error("initramfs at {addr:#x}+{size:#x} does not fit the zero page's 32-bit ramdisk_image/ramdisk_size fields")]
+    RamdiskAbove4G { addr: u64, size: u64 },
     #[error("kernel command line contains a NUL byte")]
     CmdlineNul,
     #[error(transparent)]
@@ -128,44 +147,8 @@ pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, B
     let mut f = File::open(path).map_err(|e| BootError::OpenKernel(path.into(), e))?;
     let himem = Some(GuestAddress(layout::HIMEM_START));
     match format {
-        KernelFormat::BzImage => {
-            check_bzimage(&mut f, path)?;
-            let r = BzImage::load(mem, Some(GuestAddress(layout::HIMEM_START)), &mut f, himem)
-                .map_err(|e| map_load_error(path, mem, e))?;
-            Ok(LoadedKernel {
-                format,
-                entry: EntryMode::Linux64 {
-                    entry: r.kernel_load.raw_value() + 0x200,
-                },
-                kernel_end: r.kernel_end,
-                setup_header: r.setup_header,
-            })
-        }
-        KernelFormat::Multiboot => {
-            let size = f
-                .metadata()
-                .map_err(|e| BootError::ReadKernel(path.into(), e))?
-                .len();
-            let mem_size: u64 = mem.iter().map(vm_memory::GuestMemoryRegion::len).sum();
-            if size > mem_size {
-                return Err(BootError::KernelTooBig {
-                    path: path.into(),
-                    mem_size,
-                });
-            }
-            let file = std::fs::read(path).map_err(|e| BootError::ReadKernel(path.into(), e))?;
-            let header = super::multiboot::find_header(&file)
-                .ok_or_else(|| BootError::UnknownFormat(path.into()))?;
-            let loaded = super::multiboot::load(mem, path, &file, &header)?;
-            Ok(LoadedKernel {
-                format,
-                entry: EntryMode::Multiboot {
-                    entry: loaded.entry,
-                },
-                kernel_end: loaded.end,
-                setup_header: None,
-            })
-        }
+        KernelFormat::BzImage => load_bzimage(mem, path, &mut f),
+        KernelFormat::Multiboot => load_multiboot(mem, path, f),
         KernelFormat::Elf => {
             let r =
                 Elf::load(mem, None, &mut f, himem).map_err(|e| map_load_error(path, mem, e))?;
@@ -187,6 +170,61 @@ pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, B
     }
 }
 
+/// Loads a bzImage's protected-mode payload at 1 MiB. The kernel decompresses itself in place
+/// and needs `init_size` bytes from its load address, so that is where the kernel ends.
+fn load_bzimage(
+    mem: &GuestMemoryMmap,
+    path: &Path,
+    f: &mut File,
+) -> Result<LoadedKernel, BootError> {
+    let init_size = check_bzimage(f, path)?;
+    let himem = Some(GuestAddress(layout::HIMEM_START));
+    let r = BzImage::load(mem, himem, f, himem).map_err(|e| map_load_error(path, mem, e))?;
+    let load = r.kernel_load.raw_value();
+    let init_end = load
+        .checked_add(init_size)
+        .ok_or_else(|| BootError::InitSizeOverflow {
+            path: path.into(),
+            init_size,
+            load,
+        })?;
+    Ok(LoadedKernel {
+        format: KernelFormat::BzImage,
+        entry: EntryMode::Linux64 {
+            // `load` is HIMEM_START (asked for above), far from overflowing.
+            entry: load + 0x200,
+        },
+        kernel_end: r.kernel_end.max(init_end),
+        setup_header: r.setup_header,
+    })
+}
+
+/// Reads a multiboot kernel (at most as much as fits in low RAM) and loads it.
+fn load_multiboot(mem: &GuestMemoryMmap, path: &Path, f: File) -> Result<LoadedKernel, BootError> {
+    let limit = low_ram_end(mem);
+    let mut file = Vec::new();
+    f.take(limit.saturating_add(1))
+        .read_to_end(&mut file)
+        .map_err(|e| BootError::ReadKernel(path.into(), e))?;
+    if file.len() as u64 > limit {
+        return Err(BootError::KernelTooBig {
+            path: path.into(),
+            mem_size: limit,
+        });
+    }
+    let header = super::multiboot::find_header(&file)
+        .ok_or_else(|| BootError::UnknownFormat(path.into()))?;
+    let loaded = super::multiboot::load(mem, path, &file, &header)?;
+    Ok(LoadedKernel {
+        format: KernelFormat::Multiboot,
+        entry: EntryMode::Multiboot {
+            entry: loaded.entry,
+        },
+        kernel_end: loaded.end,
+        setup_header: None,
+    })
+}
+
 fn map_load_error(path: &Path, mem: &GuestMemoryMmap, e: linux_loader::loader::Error) -> BootError {
     use linux_loader::loader::Error as L;
     let too_big = matches!(
@@ -204,28 +242,45 @@ fn map_load_error(path: &Path, mem: &GuestMemoryMmap, e: linux_loader::loader::E
     BootError::Load(path.into(), e)
 }
 
+/// End of the setup header fields ferrovm reads (`init_size` at 0x260, boot protocol 2.10+).
+pub const BZ_HEADER_END: usize = 0x264;
+
 /// Rejects bzImages that are truncated or cannot be entered in 64-bit mode, before loading.
-fn check_bzimage(f: &mut File, path: &Path) -> Result<(), BootError> {
-    let rd = |f: &mut File, off: u64, buf: &mut [u8]| -> Result<(), BootError> {
-        f.seek(SeekFrom::Start(off))
-            .and_then(|_| f.read_exact(buf))
-            .map_err(|e| BootError::ReadKernel(path.into(), e))
+/// Returns the header's `init_size`.
+fn check_bzimage(f: &mut File, path: &Path) -> Result<u64, BootError> {
+    let read_err = |e| BootError::ReadKernel(path.into(), e);
+    let mut head = [0u8; BZ_HEADER_END];
+    f.seek(SeekFrom::Start(0)).map_err(read_err)?;
+    let n = read_up_to(f, &mut head).map_err(read_err)?;
+    if n < BZ_HEADER_END {
+        return Err(BootError::BzImageHeaderTruncated {
+            path: path.into(),
+            len: n,
+        });
+    }
+    // Fixed offsets inside the fixed-size buffer: no index depends on the file.
+    let u16_at = |o: usize| u16::from_le_bytes([head[o], head[o + 1]]);
+    let u32_at = |o: usize| u32::from_le_bytes([head[o], head[o + 1], head[o + 2], head[o + 3]]);
+    let setup_sects = head[0x1f1];
+    let sects = if setup_sects == 0 {
+        4
+    } else {
+        u64::from(setup_sects)
     };
-    let mut b1 = [0u8; 1];
-    let mut b2 = [0u8; 2];
-    let mut b4 = [0u8; 4];
-    rd(f, 0x1f1, &mut b1)?;
-    let setup_sects = if b1[0] == 0 { 4 } else { b1[0] as u64 };
-    rd(f, 0x1f4, &mut b4)?;
-    let syssize = u32::from_le_bytes(b4) as u64 * 16;
-    rd(f, 0x206, &mut b2)?;
-    let version = u16::from_le_bytes(b2);
-    rd(f, 0x236, &mut b2)?;
-    let xloadflags = u16::from_le_bytes(b2);
-    let file_len = f
-        .seek(SeekFrom::End(0))
-        .map_err(|e| BootError::ReadKernel(path.into(), e))?;
-    let payload = file_len.saturating_sub((setup_sects + 1) * 512);
+    // Both fit easily in u64: (255 + 1) * 512 and u32::MAX * 16.
+    let offset = (sects + 1) * 512;
+    let syssize = u64::from(u32_at(0x1f4)) * 16;
+    let version = u16_at(0x206);
+    let xloadflags = u16_at(0x236);
+    let file_len = f.seek(SeekFrom::End(0)).map_err(read_err)?;
+    let payload = file_len
+        .checked_sub(offset)
+        .ok_or_else(|| BootError::SetupBeyondFile {
+            path: path.into(),
+            setup_sects,
+            offset,
+            file_len,
+        })?;
     if payload < syssize {
         return Err(BootError::TruncatedBzImage {
             path: path.into(),
@@ -236,33 +291,54 @@ fn check_bzimage(f: &mut File, path: &Path) -> Result<(), BootError> {
     if version < 0x020c || xloadflags & 1 == 0 {
         return Err(BootError::Not64Bit(path.into()));
     }
-    Ok(())
+    Ok(u64::from(u32_at(0x260)))
 }
 
 /// Loads the initramfs as high as possible below `limit` (and below the MMIO hole), page
-/// aligned, above the kernel. Returns (address, size).
+/// aligned, above the kernel and 1 MiB. Returns (address, size). A regular file is read
+/// straight into guest memory once its size is known to fit; anything else (a pipe) is read
+/// only up to the room there is.
 pub fn load_initramfs(
     mem: &GuestMemoryMmap,
     path: &Path,
     kernel_end: u64,
     limit: u64,
 ) -> Result<(u64, u64), BootError> {
-    let data = std::fs::read(path).map_err(|e| BootError::ReadInitramfs(path.into(), e))?;
-    let size = data.len() as u64;
+    let read_err = |e| BootError::ReadInitramfs(path.into(), e);
+    let mut f = File::open(path).map_err(read_err)?;
+    let meta = f.metadata().map_err(read_err)?;
     let top = limit.min(low_ram_end(mem));
-    let addr = top.checked_sub(size).map(|a| a & !0xfff);
-    let addr = match addr {
-        Some(a) if a >= kernel_end => a,
-        _ => {
-            return Err(BootError::InitramfsTooBig {
-                path: path.into(),
-                size,
-                limit: top,
-            })
-        }
+    let floor = kernel_end.max(layout::HIMEM_START);
+    let too_big = |size| BootError::InitramfsTooBig {
+        path: path.into(),
+        size,
+        limit: top,
     };
-    mem.write_slice(&data, GuestAddress(addr))
-        .map_err(|e| BootError::WriteGuest("initramfs", e))?;
+    let piped = if meta.is_file() {
+        None
+    } else {
+        let mut data = Vec::new();
+        let room = top.saturating_sub(floor);
+        (&mut f)
+            .take(room.saturating_add(1))
+            .read_to_end(&mut data)
+            .map_err(read_err)?;
+        Some(data)
+    };
+    let size = piped.as_ref().map_or(meta.len(), |d| d.len() as u64);
+    let addr = top
+        .checked_sub(size)
+        .map(|a| a & !0xfff)
+        .filter(|&a| a >= floor)
+        .ok_or_else(|| too_big(size))?;
+    match piped {
+        Some(data) => mem.write_slice(&data, GuestAddress(addr)),
+        None => {
+            let len = usize::try_from(size).map_err(|_| too_big(size))?;
+            mem.read_exact_volatile_from(GuestAddress(addr), &mut f, len)
+        }
+    }
+    .map_err(|e| BootError::ReadInitramfs(path.into(), std::io::Error::other(e)))?;
     Ok((addr, size))
 }
 
@@ -303,12 +379,14 @@ pub fn e820_map(mem_size: u64) -> Vec<(u64, u64, u32)> {
     map
 }
 
-/// Writes the command line (NUL-terminated) at `layout::CMDLINE_START`.
+/// Writes the command line (NUL-terminated) at `layout::CMDLINE_START`; `max` (the kernel's
+/// limit, NUL included) is capped at `layout::CMDLINE_MAX_SIZE`.
 pub fn write_cmdline(mem: &GuestMemoryMmap, cmdline: &str, max: usize) -> Result<(), BootError> {
     if cmdline.as_bytes().contains(&0) {
         return Err(BootError::CmdlineNul);
     }
-    if cmdline.len() + 1 > max {
+    let max = max.min(layout::CMDLINE_MAX_SIZE);
+    if cmdline.len().checked_add(1).is_none_or(|n| n > max) {
         return Err(BootError::CmdlineTooLong {
             len: cmdline.len(),
             max: max.saturating_sub(1),
@@ -341,11 +419,17 @@ pub fn write_zero_page(mem: &GuestMemoryMmap, info: &BootInfo) -> Result<(), Boo
     params.hdr.loadflags |= 0x01 | 0x80; // LOADED_HIGH, CAN_USE_HEAP
     params.hdr.heap_end_ptr = 0xfe00;
     params.hdr.cmd_line_ptr = layout::CMDLINE_START as u32;
-    params.hdr.cmdline_size = info.cmdline_len as u32;
+    params.hdr.cmdline_size =
+        u32::try_from(info.cmdline_len).map_err(|_| BootError::CmdlineTooLong {
+            len: info.cmdline_len,
+            max: u32::MAX as usize,
+        })?;
     params.hdr.kernel_alignment = params.hdr.kernel_alignment.max(0x20_0000);
     if let Some((addr, size)) = info.initramfs {
-        params.hdr.ramdisk_image = addr as u32;
-        params.hdr.ramdisk_size = size as u32;
+        let fields = u32::try_from(addr).and_then(|a| Ok((a, u32::try_from(size)?)));
+        let (image, len) = fields.map_err(|_| BootError::RamdiskAbove4G { addr, size })?;
+        params.hdr.ramdisk_image = image;
+        params.hdr.ramdisk_size = len;
     }
     params.acpi_rsdp_addr = info.rsdp;
     let map = e820_map(info.mem_size);
