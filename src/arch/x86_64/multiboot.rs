@@ -479,4 +479,225 @@ mod tests {
         h.bss_end_addr = 0;
         assert!(load(&mem, p, &f, &h).is_err());
     }
+
+    fn mem16() -> GuestMemoryMmap {
+        GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap()
+    }
+
+    fn put(f: &mut [u8], off: usize, v: u64, n: usize) {
+        f[off..off + n].copy_from_slice(&v.to_le_bytes()[..n]);
+    }
+
+    /// An ELF file of class `class64` with one PT_LOAD header (offset, paddr, filesz, memsz)
+    /// and 16 bytes of payload after the headers.
+    fn elf(class64: bool, seg: [u64; 4]) -> Vec<u8> {
+        let c = if class64 { &ELF64 } else { &ELF32 };
+        let ehsize = if class64 { 64 } else { 52 };
+        let mut f = vec![0u8; ehsize + c.phdr_size as usize + 16];
+        f[..4].copy_from_slice(b"\x7fELF");
+        f[4] = if class64 { 2 } else { 1 };
+        f[5] = 1;
+        put(&mut f, c.ehdr[0] as usize, 0x10_0000, c.word);
+        put(&mut f, c.ehdr[1] as usize, ehsize as u64, c.word);
+        put(&mut f, c.ehdr[2] as usize, c.phdr_size, 2);
+        put(&mut f, c.ehdr[3] as usize, 1, 2);
+        put(&mut f, ehsize, 1, 4); // PT_LOAD
+        for (i, v) in seg.into_iter().enumerate() {
+            put(&mut f, ehsize + c.phdr[i] as usize, v, c.word);
+        }
+        f
+    }
+
+    fn load_elf_file(f: &[u8]) -> Result<Loaded, BootError> {
+        load_elf(&mem16(), "k", f)
+    }
+
+    #[test]
+    fn elf_segments_load() {
+        for class64 in [false, true] {
+            let off = if class64 { 64 + 56 } else { 52 + 32 };
+            let l = load_elf_file(&elf(class64, [off, 0x10_0000, 16, 0x100])).unwrap();
+            assert_eq!((l.entry, l.end), (0x10_0000, 0x10_0100));
+        }
+    }
+
+    #[test]
+    fn elf_offset_plus_filesz_overflow_is_an_error() {
+        let f = elf(true, [u64::MAX - 1, 0x10_0000, 16, 16]);
+        let e = load_elf_file(&f).err().unwrap().to_string();
+        assert!(e.contains("p_offset") && e.contains("k"), "{e}");
+    }
+
+    #[test]
+    fn elf32_segment_past_the_file_is_an_error() {
+        let f = elf(false, [0xffff_ffff, 0x10_0000, 0xffff_ffff, 0xffff_ffff]);
+        assert!(matches!(
+            load_elf_file(&f),
+            Err(BootError::Multiboot(MultibootError::ElfSegmentOutsideFile(
+                ..
+            )))
+        ));
+    }
+
+    #[test]
+    fn elf_huge_filesz_is_refused_without_allocating() {
+        let f = elf(true, [64 + 56, 0x10_0000, 1 << 40, 1 << 40]);
+        assert!(matches!(
+            load_elf_file(&f),
+            Err(BootError::Multiboot(MultibootError::ElfSegmentOutsideFile(
+                ..
+            )))
+        ));
+    }
+
+    #[test]
+    fn elf_paddr_plus_memsz_overflow_is_an_error() {
+        let f = elf(true, [64 + 56, u64::MAX - 4, 16, 16]);
+        assert!(matches!(
+            load_elf_file(&f),
+            Err(BootError::Multiboot(MultibootError::ElfPaddrOverflow(..)))
+        ));
+    }
+
+    #[test]
+    fn elf_filesz_above_memsz_is_an_error() {
+        let f = elf(true, [64 + 56, 0x10_0000, 16, 8]);
+        assert!(matches!(
+            load_elf_file(&f),
+            Err(BootError::Multiboot(MultibootError::ElfFileszAboveMemsz(
+                ..
+            )))
+        ));
+    }
+
+    #[test]
+    fn elf_phoff_overflow_is_an_error() {
+        let mut f = elf(true, [64 + 56, 0x10_0000, 16, 16]);
+        put(&mut f, 0x20, u64::MAX - 8, 8); // e_phoff: phoff + i * phentsize would wrap
+        assert!(matches!(
+            load_elf_file(&f),
+            Err(BootError::Multiboot(MultibootError::ElfPhdrTable(..)))
+        ));
+    }
+
+    #[test]
+    fn elf_phdr_table_past_the_file_is_an_error() {
+        let mut f = elf(false, [52 + 32, 0x10_0000, 16, 16]);
+        put(&mut f, 0x2c, 0xffff, 2); // e_phnum
+        put(&mut f, 0x2a, 0xffff, 2); // e_phentsize
+        assert!(matches!(
+            load_elf_file(&f),
+            Err(BootError::Multiboot(MultibootError::ElfPhdrTable(..)))
+        ));
+    }
+
+    #[test]
+    fn elf_short_phentsize_is_an_error() {
+        let mut f = elf(true, [64 + 56, 0x10_0000, 16, 16]);
+        put(&mut f, 0x36, 8, 2); // e_phentsize smaller than a program header
+        assert!(matches!(
+            load_elf_file(&f),
+            Err(BootError::Multiboot(MultibootError::ElfPhentsize(..)))
+        ));
+    }
+
+    #[test]
+    fn elf64_entry_above_4g_is_an_error() {
+        let mut f = elf(true, [64 + 56, 0x10_0000, 16, 16]);
+        put(&mut f, 0x18, 1 << 32, 8);
+        assert!(matches!(
+            load_elf_file(&f),
+            Err(BootError::Multiboot(MultibootError::ElfEntry(..)))
+        ));
+    }
+
+    #[test]
+    fn segment_length_overflow_is_an_error() {
+        assert!(matches!(
+            write_segment(&mem16(), "k", 0x10_0000, &[1], u64::MAX),
+            Err(BootError::Multiboot(MultibootError::Segment(..)))
+        ));
+    }
+
+    fn kludge_file() -> (Vec<u8>, Header) {
+        let mut f = header(FLAG_AOUT_KLUDGE);
+        f.resize(64, 0);
+        let mut h = find_header(&f).unwrap();
+        h.header_addr = 0x10_0008;
+        h.load_addr = 0x10_0000;
+        (f, h)
+    }
+
+    #[test]
+    fn kludge_loads_and_zeroes_bss() {
+        let (f, mut h) = kludge_file();
+        h.bss_end_addr = 0x10_1000;
+        h.entry_addr = 0x10_0020;
+        let l = load(&mem16(), Path::new("k"), &f, &h).unwrap();
+        assert_eq!((l.entry, l.end), (0x10_0020, 0x10_1000));
+    }
+
+    #[test]
+    fn truncated_kludge_header_is_an_error() {
+        let (f, h) = kludge_file();
+        assert!(matches!(
+            load(&mem16(), Path::new("k"), &f[..30], &h),
+            Err(BootError::Multiboot(MultibootError::KludgeTruncated(..)))
+        ));
+    }
+
+    #[test]
+    fn kludge_load_end_overflowing_the_file_is_an_error() {
+        let (f, mut h) = kludge_file();
+        h.load_addr = 0;
+        h.header_addr = 8;
+        h.load_end_addr = u32::MAX; // start + len would pass the end of the file
+        assert!(matches!(
+            load(&mem16(), Path::new("k"), &f, &h),
+            Err(BootError::Multiboot(MultibootError::LoadEndPastFile(..)))
+        ));
+    }
+
+    #[test]
+    fn kludge_load_end_below_load_addr_is_an_error() {
+        let (f, mut h) = kludge_file();
+        h.load_end_addr = 0xf_0000;
+        assert!(matches!(
+            load(&mem16(), Path::new("k"), &f, &h),
+            Err(BootError::Multiboot(MultibootError::LoadEndBelowLoadAddr(
+                ..
+            )))
+        ));
+    }
+
+    #[test]
+    fn kludge_bss_end_below_load_end_is_an_error() {
+        let (f, mut h) = kludge_file();
+        h.bss_end_addr = 0x10_0010; // the image runs to 0x10_0040
+        assert!(matches!(
+            load(&mem16(), Path::new("k"), &f, &h),
+            Err(BootError::Multiboot(MultibootError::BssEndBelowLoadEnd(..)))
+        ));
+    }
+
+    #[test]
+    fn module_above_4g_is_an_error() {
+        let mem = mem16();
+        assert!(matches!(
+            write_info(&mem, 16 << 20, &[(0xffff_f000, 0x2000)]),
+            Err(BootError::Multiboot(MultibootError::ModuleAbove4G(..)))
+        ));
+        assert!(matches!(
+            write_info(&mem, 16 << 20, &[(u64::MAX, 2)]),
+            Err(BootError::Multiboot(MultibootError::ModuleAbove4G(..)))
+        ));
+        assert!(matches!(
+            write_info(&mem, 16 << 20, &vec![(0x20_0000, 16); 1000]),
+            Err(BootError::Multiboot(MultibootError::TooManyModules(1000)))
+        ));
+        assert_eq!(
+            write_info(&mem, 16 << 20, &[(0x20_0000, 16)]).unwrap(),
+            layout::PVH_INFO_START
+        );
+    }
 }
