@@ -570,4 +570,238 @@ mod tests {
         ));
         std::fs::remove_dir_all(&dir).unwrap();
     }
+
+    fn mem16() -> GuestMemoryMmap {
+        GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap()
+    }
+
+    /// A scratch directory for one test, removed when dropped.
+    struct TempDir(PathBuf);
+    impl TempDir {
+        fn new(name: &str) -> Self {
+            let d = std::env::temp_dir().join(format!("ferrovm-{}-{name}", std::process::id()));
+            std::fs::create_dir_all(&d).unwrap();
+            TempDir(d)
+        }
+        fn file(&self, name: &str, data: &[u8]) -> PathBuf {
+            let p = self.0.join(name);
+            std::fs::write(&p, data).unwrap();
+            p
+        }
+    }
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn put(f: &mut [u8], off: usize, v: u64, n: usize) {
+        f[off..off + n].copy_from_slice(&v.to_le_bytes()[..n]);
+    }
+
+    /// A 64-bit-capable bzImage: one setup sector after the boot sector, then `payload` bytes.
+    fn bzimage(syssize: u32, init_size: u32, payload: usize) -> Vec<u8> {
+        let mut f = vec![0u8; 1024 + payload];
+        f[0x1f1] = 1; // setup_sects
+        put(&mut f, 0x1f4, syssize.into(), 4);
+        f[0x202..0x206].copy_from_slice(b"HdrS");
+        put(&mut f, 0x206, 0x020f, 2); // version
+        f[0x211] = 1; // loadflags: LOADED_HIGH
+        put(&mut f, 0x214, layout::HIMEM_START, 4); // code32_start
+        put(&mut f, 0x236, 1, 2); // xloadflags: XLF_KERNEL_64
+        put(&mut f, 0x260, init_size.into(), 4);
+        f
+    }
+
+    #[test]
+    fn bzimage_kernel_end_covers_init_size() {
+        let d = TempDir::new("bz-ok");
+        let k = load_kernel(&mem16(), &d.file("bz", &bzimage(1, 0x40_0000, 16))).unwrap();
+        assert_eq!(k.kernel_end, layout::HIMEM_START + 0x40_0000);
+        assert_eq!(
+            k.entry,
+            EntryMode::Linux64 {
+                entry: layout::HIMEM_START + 0x200
+            }
+        );
+    }
+
+    #[test]
+    fn bzimage_cut_off_in_its_header_is_an_error() {
+        let d = TempDir::new("bz-short");
+        let p = d.file("bz", &bzimage(0, 0, 0)[..0x210]);
+        assert!(matches!(
+            load_kernel(&mem16(), &p),
+            Err(BootError::BzImageHeaderTruncated { len: 0x210, .. })
+        ));
+    }
+
+    #[test]
+    fn bzimage_setup_sects_past_the_file_is_an_error() {
+        let d = TempDir::new("bz-sects");
+        let mut f = bzimage(0, 0, 0);
+        f[0x1f1] = 0xff;
+        assert!(matches!(
+            load_kernel(&mem16(), &d.file("bz", &f)),
+            Err(BootError::SetupBeyondFile {
+                setup_sects: 0xff,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn bzimage_huge_syssize_is_an_error() {
+        let d = TempDir::new("bz-syssize");
+        let p = d.file("bz", &bzimage(u32::MAX, 0, 16));
+        assert!(matches!(
+            load_kernel(&mem16(), &p),
+            Err(BootError::TruncatedBzImage {
+                expected: 0xf_ffff_fff0,
+                actual: 16,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn bzimage_huge_init_size_leaves_no_room_for_the_initramfs() {
+        let d = TempDir::new("bz-init-size");
+        let mem = mem16();
+        let k = load_kernel(&mem, &d.file("bz", &bzimage(1, u32::MAX, 16))).unwrap();
+        assert_eq!(k.kernel_end, layout::HIMEM_START + u64::from(u32::MAX));
+        let initrd = d.file("initrd", &[1; 64]);
+        assert!(matches!(
+            load_initramfs(&mem, &initrd, k.kernel_end, u64::MAX),
+            Err(BootError::InitramfsTooBig { .. })
+        ));
+    }
+
+    #[test]
+    fn initramfs_goes_to_the_top_page_aligned() {
+        let d = TempDir::new("initrd-ok");
+        let mem = mem16();
+        let p = d.file("initrd", &[7; 0x1800]);
+        let (addr, size) = load_initramfs(&mem, &p, 0x20_0000, u64::MAX).unwrap();
+        assert_eq!((addr, size), ((16 << 20) - 0x2000, 0x1800));
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(addr + 0x17ff)).unwrap(), 7);
+    }
+
+    #[test]
+    fn initramfs_larger_than_ram_is_refused_before_reading() {
+        let d = TempDir::new("initrd-huge");
+        let p = d.0.join("initrd");
+        // Sparse: 1 TiB that was never written. Reading it into a Vec would exhaust the host.
+        File::create(&p).unwrap().set_len(1 << 40).unwrap();
+        assert!(matches!(
+            load_initramfs(&mem16(), &p, 0, u64::MAX),
+            Err(BootError::InitramfsTooBig { size, .. }) if size == 1 << 40
+        ));
+    }
+
+    #[test]
+    fn endless_initramfs_stream_is_read_only_up_to_the_room() {
+        // Not a regular file, so its size is unknown: the read must stop past the free RAM.
+        assert!(matches!(
+            load_initramfs(&mem16(), Path::new("/dev/zero"), 0, u64::MAX),
+            Err(BootError::InitramfsTooBig { size, .. }) if size == (15 << 20) + 1
+        ));
+    }
+
+    #[test]
+    fn initramfs_below_1mib_is_refused() {
+        let d = TempDir::new("initrd-low");
+        let p = d.file("initrd", &[1; 16]);
+        // A header's initrd_addr_max of 0x7ffff would put it over the EBDA and ACPI tables.
+        assert!(matches!(
+            load_initramfs(&mem16(), &p, 0, 0x8_0000),
+            Err(BootError::InitramfsTooBig { .. })
+        ));
+    }
+
+    #[test]
+    fn cmdline_limit_is_capped() {
+        let mem = mem16();
+        write_cmdline(&mem, "console=ttyS0", usize::MAX).unwrap();
+        let long = "x".repeat(layout::CMDLINE_MAX_SIZE);
+        assert!(matches!(
+            write_cmdline(&mem, &long, usize::MAX),
+            Err(BootError::CmdlineTooLong { .. })
+        ));
+    }
+
+    #[test]
+    fn ramdisk_above_4g_is_an_error() {
+        let kernel = LoadedKernel {
+            format: KernelFormat::BzImage,
+            entry: EntryMode::Linux64 { entry: 0 },
+            kernel_end: 0,
+            setup_header: None,
+        };
+        let mut info = BootInfo {
+            kernel: &kernel,
+            cmdline_len: 0,
+            initramfs: Some((1 << 32, 16)),
+            rsdp: 0,
+            mem_size: 16 << 20,
+        };
+        let mem = mem16();
+        assert!(matches!(
+            write_zero_page(&mem, &info),
+            Err(BootError::RamdiskAbove4G { .. })
+        ));
+        info.initramfs = Some((0x20_0000, 1 << 32));
+        assert!(matches!(
+            write_zero_page(&mem, &info),
+            Err(BootError::RamdiskAbove4G { .. })
+        ));
+        info.initramfs = Some((0x20_0000, 16));
+        write_zero_page(&mem, &info).unwrap();
+    }
+
+    /// An ELF64 with one program header (type, offset, paddr, filesz, memsz) and, at 120, a
+    /// note header (namesz, descsz, type) followed by 16 bytes.
+    fn elf64(ph: [u64; 5], note: [u32; 3]) -> Vec<u8> {
+        let mut f = vec![0u8; 120 + 12 + 16];
+        f[..7].copy_from_slice(b"\x7fELF\x02\x01\x01");
+        put(&mut f, 0x18, layout::HIMEM_START, 8); // e_entry
+        put(&mut f, 0x20, 64, 8); // e_phoff
+        put(&mut f, 0x36, 56, 2); // e_phentsize
+        put(&mut f, 0x38, 1, 2); // e_phnum
+        put(&mut f, 64, ph[0], 4);
+        for (off, v) in [(8, ph[1]), (24, ph[2]), (32, ph[3]), (40, ph[4])] {
+            put(&mut f, 64 + off, v, 8);
+        }
+        for (i, v) in note.into_iter().enumerate() {
+            put(&mut f, 120 + 4 * i, v.into(), 4);
+        }
+        f
+    }
+
+    #[test]
+    fn elf_hostile_program_headers_are_errors() {
+        let d = TempDir::new("elf-hostile");
+        let mem = mem16();
+        let cases = [
+            ("note-namesz", elf64([4, 120, 0, 28, 28], [u32::MAX, 0, 18])),
+            ("note-descsz", elf64([4, 120, 0, 28, 28], [4, u32::MAX, 1])),
+            ("note-offset", elf64([4, u64::MAX - 4, 0, 28, 28], [0; 3])),
+            (
+                "load-offset",
+                elf64([1, u64::MAX - 4, 1 << 20, 16, 16], [0; 3]),
+            ),
+            ("load-paddr", elf64([1, 120, u64::MAX - 4, 16, 16], [0; 3])),
+            (
+                "load-filesz",
+                elf64([1, 120, 1 << 20, 1 << 40, 1 << 40], [0; 3]),
+            ),
+        ];
+        for (name, f) in cases {
+            let r = load_kernel(&mem, &d.file(name, &f));
+            assert!(r.is_err(), "{name}: loaded");
+        }
+        let ok = elf64([1, 120, 1 << 20, 16, 32], [0; 3]);
+        let k = load_kernel(&mem, &d.file("ok", &ok)).unwrap();
+        assert_eq!(k.kernel_end, (1 << 20) + 32);
+    }
 }
