@@ -614,6 +614,16 @@ mod tests {
     }
 
     #[test]
+    fn every_firmware_program_still_loads() {
+        let d = TempDir::new("firmware");
+        let mem = mem16();
+        for (name, elf) in crate::firmware::ALL {
+            let k = load_kernel(&mem, &d.file(name, elf));
+            assert!(k.is_ok(), "{name}: {}", k.err().unwrap());
+        }
+    }
+
+    #[test]
     fn bzimage_kernel_end_covers_init_size() {
         let d = TempDir::new("bz-ok");
         let k = load_kernel(&mem16(), &d.file("bz", &bzimage(1, 0x40_0000, 16))).unwrap();
