@@ -18,7 +18,7 @@ use linux_loader::bootparam::{boot_e820_entry, boot_params};
 use linux_loader::loader::bzimage::BzImage;
 use linux_loader::loader::elf::{start_info, Elf};
 use linux_loader::loader::{KernelLoader, PvhBootCapability};
-use vm_memory::{Address, ByteValued, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Address, ByteValued, Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::layout;
 
@@ -60,6 +60,23 @@ pub enum BootError {
         expected: u64,
         actual: u64,
     },
+    #[error(
+        "bzImage {path} is too short for its setup header ({len} bytes, {BZ_HEADER_END} needed)"
+    )]
+    BzImageHeaderTruncated { path: PathBuf, len: usize },
+    #[error("bzImage {path}: setup_sects {setup_sects} puts the payload at {offset:#x}, past the end of the file ({file_len} bytes)")]
+    SetupBeyondFile {
+        path: PathBuf,
+        setup_sects: u8,
+        offset: u64,
+        file_len: u64,
+    },
+    #[error("bzImage {path}: init_size {init_size:#x} at load address {load:#x} overflows")]
+    InitSizeOverflow {
+        path: PathBuf,
+        init_size: u64,
+        load: u64,
+    },
     #[error("bzImage {0} does not support the 64-bit boot protocol (boot protocol 2.12+ with XLF_KERNEL_64 needed)")]
     Not64Bit(PathBuf),
     #[error("cannot load kernel {0}")]
@@ -76,6 +93,8 @@ pub enum BootError {
     },
     #[error("kernel command line is too long ({len} bytes, the kernel accepts {max})")]
     CmdlineTooLong { len: usize, max: usize },
+    #[error("initramfs at {addr:#x}+{size:#x} does not fit the zero page's 32-bit ramdisk_image/ramdisk_size fields")]
+    RamdiskAbove4G { addr: u64, size: u64 },
     #[error("kernel command line contains a NUL byte")]
     CmdlineNul,
     #[error(transparent)]
@@ -128,44 +147,8 @@ pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, B
     let mut f = File::open(path).map_err(|e| BootError::OpenKernel(path.into(), e))?;
     let himem = Some(GuestAddress(layout::HIMEM_START));
     match format {
-        KernelFormat::BzImage => {
-            check_bzimage(&mut f, path)?;
-            let r = BzImage::load(mem, Some(GuestAddress(layout::HIMEM_START)), &mut f, himem)
-                .map_err(|e| map_load_error(path, mem, e))?;
-            Ok(LoadedKernel {
-                format,
-                entry: EntryMode::Linux64 {
-                    entry: r.kernel_load.raw_value() + 0x200,
-                },
-                kernel_end: r.kernel_end,
-                setup_header: r.setup_header,
-            })
-        }
-        KernelFormat::Multiboot => {
-            let size = f
-                .metadata()
-                .map_err(|e| BootError::ReadKernel(path.into(), e))?
-                .len();
-            let mem_size: u64 = mem.iter().map(vm_memory::GuestMemoryRegion::len).sum();
-            if size > mem_size {
-                return Err(BootError::KernelTooBig {
-                    path: path.into(),
-                    mem_size,
-                });
-            }
-            let file = std::fs::read(path).map_err(|e| BootError::ReadKernel(path.into(), e))?;
-            let header = super::multiboot::find_header(&file)
-                .ok_or_else(|| BootError::UnknownFormat(path.into()))?;
-            let loaded = super::multiboot::load(mem, path, &file, &header)?;
-            Ok(LoadedKernel {
-                format,
-                entry: EntryMode::Multiboot {
-                    entry: loaded.entry,
-                },
-                kernel_end: loaded.end,
-                setup_header: None,
-            })
-        }
+        KernelFormat::BzImage => load_bzimage(mem, path, &mut f),
+        KernelFormat::Multiboot => load_multiboot(mem, path, f),
         KernelFormat::Elf => {
             let r =
                 Elf::load(mem, None, &mut f, himem).map_err(|e| map_load_error(path, mem, e))?;
@@ -187,6 +170,61 @@ pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, B
     }
 }
 
+/// Loads a bzImage's protected-mode payload at 1 MiB. The kernel decompresses itself in place
+/// and needs `init_size` bytes from its load address, so that is where the kernel ends.
+fn load_bzimage(
+    mem: &GuestMemoryMmap,
+    path: &Path,
+    f: &mut File,
+) -> Result<LoadedKernel, BootError> {
+    let init_size = check_bzimage(f, path)?;
+    let himem = Some(GuestAddress(layout::HIMEM_START));
+    let r = BzImage::load(mem, himem, f, himem).map_err(|e| map_load_error(path, mem, e))?;
+    let load = r.kernel_load.raw_value();
+    let init_end = load
+        .checked_add(init_size)
+        .ok_or_else(|| BootError::InitSizeOverflow {
+            path: path.into(),
+            init_size,
+            load,
+        })?;
+    Ok(LoadedKernel {
+        format: KernelFormat::BzImage,
+        entry: EntryMode::Linux64 {
+            // `load` is HIMEM_START (asked for above), far from overflowing.
+            entry: load + 0x200,
+        },
+        kernel_end: r.kernel_end.max(init_end),
+        setup_header: r.setup_header,
+    })
+}
+
+/// Reads a multiboot kernel (at most as much as fits in low RAM) and loads it.
+fn load_multiboot(mem: &GuestMemoryMmap, path: &Path, f: File) -> Result<LoadedKernel, BootError> {
+    let limit = low_ram_end(mem);
+    let mut file = Vec::new();
+    f.take(limit.saturating_add(1))
+        .read_to_end(&mut file)
+        .map_err(|e| BootError::ReadKernel(path.into(), e))?;
+    if file.len() as u64 > limit {
+        return Err(BootError::KernelTooBig {
+            path: path.into(),
+            mem_size: limit,
+        });
+    }
+    let header = super::multiboot::find_header(&file)
+        .ok_or_else(|| BootError::UnknownFormat(path.into()))?;
+    let loaded = super::multiboot::load(mem, path, &file, &header)?;
+    Ok(LoadedKernel {
+        format: KernelFormat::Multiboot,
+        entry: EntryMode::Multiboot {
+            entry: loaded.entry,
+        },
+        kernel_end: loaded.end,
+        setup_header: None,
+    })
+}
+
 fn map_load_error(path: &Path, mem: &GuestMemoryMmap, e: linux_loader::loader::Error) -> BootError {
     use linux_loader::loader::Error as L;
     let too_big = matches!(
@@ -204,28 +242,45 @@ fn map_load_error(path: &Path, mem: &GuestMemoryMmap, e: linux_loader::loader::E
     BootError::Load(path.into(), e)
 }
 
+/// End of the setup header fields ferrovm reads (`init_size` at 0x260, boot protocol 2.10+).
+pub const BZ_HEADER_END: usize = 0x264;
+
 /// Rejects bzImages that are truncated or cannot be entered in 64-bit mode, before loading.
-fn check_bzimage(f: &mut File, path: &Path) -> Result<(), BootError> {
-    let rd = |f: &mut File, off: u64, buf: &mut [u8]| -> Result<(), BootError> {
-        f.seek(SeekFrom::Start(off))
-            .and_then(|_| f.read_exact(buf))
-            .map_err(|e| BootError::ReadKernel(path.into(), e))
+/// Returns the header's `init_size`.
+fn check_bzimage(f: &mut File, path: &Path) -> Result<u64, BootError> {
+    let read_err = |e| BootError::ReadKernel(path.into(), e);
+    let mut head = [0u8; BZ_HEADER_END];
+    f.seek(SeekFrom::Start(0)).map_err(read_err)?;
+    let n = read_up_to(f, &mut head).map_err(read_err)?;
+    if n < BZ_HEADER_END {
+        return Err(BootError::BzImageHeaderTruncated {
+            path: path.into(),
+            len: n,
+        });
+    }
+    // Fixed offsets inside the fixed-size buffer: no index depends on the file.
+    let u16_at = |o: usize| u16::from_le_bytes([head[o], head[o + 1]]);
+    let u32_at = |o: usize| u32::from_le_bytes([head[o], head[o + 1], head[o + 2], head[o + 3]]);
+    let setup_sects = head[0x1f1];
+    let sects = if setup_sects == 0 {
+        4
+    } else {
+        u64::from(setup_sects)
     };
-    let mut b1 = [0u8; 1];
-    let mut b2 = [0u8; 2];
-    let mut b4 = [0u8; 4];
-    rd(f, 0x1f1, &mut b1)?;
-    let setup_sects = if b1[0] == 0 { 4 } else { b1[0] as u64 };
-    rd(f, 0x1f4, &mut b4)?;
-    let syssize = u32::from_le_bytes(b4) as u64 * 16;
-    rd(f, 0x206, &mut b2)?;
-    let version = u16::from_le_bytes(b2);
-    rd(f, 0x236, &mut b2)?;
-    let xloadflags = u16::from_le_bytes(b2);
-    let file_len = f
-        .seek(SeekFrom::End(0))
-        .map_err(|e| BootError::ReadKernel(path.into(), e))?;
-    let payload = file_len.saturating_sub((setup_sects + 1) * 512);
+    // Both fit easily in u64: (255 + 1) * 512 and u32::MAX * 16.
+    let offset = (sects + 1) * 512;
+    let syssize = u64::from(u32_at(0x1f4)) * 16;
+    let version = u16_at(0x206);
+    let xloadflags = u16_at(0x236);
+    let file_len = f.seek(SeekFrom::End(0)).map_err(read_err)?;
+    let payload = file_len
+        .checked_sub(offset)
+        .ok_or_else(|| BootError::SetupBeyondFile {
+            path: path.into(),
+            setup_sects,
+            offset,
+            file_len,
+        })?;
     if payload < syssize {
         return Err(BootError::TruncatedBzImage {
             path: path.into(),
@@ -236,33 +291,54 @@ fn check_bzimage(f: &mut File, path: &Path) -> Result<(), BootError> {
     if version < 0x020c || xloadflags & 1 == 0 {
         return Err(BootError::Not64Bit(path.into()));
     }
-    Ok(())
+    Ok(u64::from(u32_at(0x260)))
 }
 
 /// Loads the initramfs as high as possible below `limit` (and below the MMIO hole), page
-/// aligned, above the kernel. Returns (address, size).
+/// aligned, above the kernel and 1 MiB. Returns (address, size). A regular file is read
+/// straight into guest memory once its size is known to fit; anything else (a pipe) is read
+/// only up to the room there is.
 pub fn load_initramfs(
     mem: &GuestMemoryMmap,
     path: &Path,
     kernel_end: u64,
     limit: u64,
 ) -> Result<(u64, u64), BootError> {
-    let data = std::fs::read(path).map_err(|e| BootError::ReadInitramfs(path.into(), e))?;
-    let size = data.len() as u64;
+    let read_err = |e| BootError::ReadInitramfs(path.into(), e);
+    let mut f = File::open(path).map_err(read_err)?;
+    let meta = f.metadata().map_err(read_err)?;
     let top = limit.min(low_ram_end(mem));
-    let addr = top.checked_sub(size).map(|a| a & !0xfff);
-    let addr = match addr {
-        Some(a) if a >= kernel_end => a,
-        _ => {
-            return Err(BootError::InitramfsTooBig {
-                path: path.into(),
-                size,
-                limit: top,
-            })
-        }
+    let floor = kernel_end.max(layout::HIMEM_START);
+    let too_big = |size| BootError::InitramfsTooBig {
+        path: path.into(),
+        size,
+        limit: top,
     };
-    mem.write_slice(&data, GuestAddress(addr))
-        .map_err(|e| BootError::WriteGuest("initramfs", e))?;
+    let piped = if meta.is_file() {
+        None
+    } else {
+        let mut data = Vec::new();
+        let room = top.saturating_sub(floor);
+        (&mut f)
+            .take(room.saturating_add(1))
+            .read_to_end(&mut data)
+            .map_err(read_err)?;
+        Some(data)
+    };
+    let size = piped.as_ref().map_or(meta.len(), |d| d.len() as u64);
+    let addr = top
+        .checked_sub(size)
+        .map(|a| a & !0xfff)
+        .filter(|&a| a >= floor)
+        .ok_or_else(|| too_big(size))?;
+    match piped {
+        Some(data) => mem.write_slice(&data, GuestAddress(addr)),
+        None => {
+            let len = usize::try_from(size).map_err(|_| too_big(size))?;
+            mem.read_exact_volatile_from(GuestAddress(addr), &mut f, len)
+        }
+    }
+    .map_err(|e| BootError::ReadInitramfs(path.into(), std::io::Error::other(e)))?;
     Ok((addr, size))
 }
 
@@ -303,12 +379,14 @@ pub fn e820_map(mem_size: u64) -> Vec<(u64, u64, u32)> {
     map
 }
 
-/// Writes the command line (NUL-terminated) at `layout::CMDLINE_START`.
+/// Writes the command line (NUL-terminated) at `layout::CMDLINE_START`; `max` (the kernel's
+/// limit, NUL included) is capped at `layout::CMDLINE_MAX_SIZE`.
 pub fn write_cmdline(mem: &GuestMemoryMmap, cmdline: &str, max: usize) -> Result<(), BootError> {
     if cmdline.as_bytes().contains(&0) {
         return Err(BootError::CmdlineNul);
     }
-    if cmdline.len() + 1 > max {
+    let max = max.min(layout::CMDLINE_MAX_SIZE);
+    if cmdline.len().checked_add(1).is_none_or(|n| n > max) {
         return Err(BootError::CmdlineTooLong {
             len: cmdline.len(),
             max: max.saturating_sub(1),
@@ -341,11 +419,17 @@ pub fn write_zero_page(mem: &GuestMemoryMmap, info: &BootInfo) -> Result<(), Boo
     params.hdr.loadflags |= 0x01 | 0x80; // LOADED_HIGH, CAN_USE_HEAP
     params.hdr.heap_end_ptr = 0xfe00;
     params.hdr.cmd_line_ptr = layout::CMDLINE_START as u32;
-    params.hdr.cmdline_size = info.cmdline_len as u32;
+    params.hdr.cmdline_size =
+        u32::try_from(info.cmdline_len).map_err(|_| BootError::CmdlineTooLong {
+            len: info.cmdline_len,
+            max: u32::MAX as usize,
+        })?;
     params.hdr.kernel_alignment = params.hdr.kernel_alignment.max(0x20_0000);
     if let Some((addr, size)) = info.initramfs {
-        params.hdr.ramdisk_image = addr as u32;
-        params.hdr.ramdisk_size = size as u32;
+        let fields = u32::try_from(addr).and_then(|a| Ok((a, u32::try_from(size)?)));
+        let (image, len) = fields.map_err(|_| BootError::RamdiskAbove4G { addr, size })?;
+        params.hdr.ramdisk_image = image;
+        params.hdr.ramdisk_size = len;
     }
     params.acpi_rsdp_addr = info.rsdp;
     let map = e820_map(info.mem_size);
@@ -485,5 +569,249 @@ mod tests {
             Err(BootError::OpenKernel(..))
         ));
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    fn mem16() -> GuestMemoryMmap {
+        GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap()
+    }
+
+    /// A scratch directory for one test, removed when dropped.
+    struct TempDir(PathBuf);
+    impl TempDir {
+        fn new(name: &str) -> Self {
+            let d = std::env::temp_dir().join(format!("ferrovm-{}-{name}", std::process::id()));
+            std::fs::create_dir_all(&d).unwrap();
+            TempDir(d)
+        }
+        fn file(&self, name: &str, data: &[u8]) -> PathBuf {
+            let p = self.0.join(name);
+            std::fs::write(&p, data).unwrap();
+            p
+        }
+    }
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn put(f: &mut [u8], off: usize, v: u64, n: usize) {
+        f[off..off + n].copy_from_slice(&v.to_le_bytes()[..n]);
+    }
+
+    /// A 64-bit-capable bzImage: one setup sector after the boot sector, then `payload` bytes.
+    fn bzimage(syssize: u32, init_size: u32, payload: usize) -> Vec<u8> {
+        let mut f = vec![0u8; 1024 + payload];
+        f[0x1f1] = 1; // setup_sects
+        put(&mut f, 0x1f4, syssize.into(), 4);
+        f[0x202..0x206].copy_from_slice(b"HdrS");
+        put(&mut f, 0x206, 0x020f, 2); // version
+        f[0x211] = 1; // loadflags: LOADED_HIGH
+        put(&mut f, 0x214, layout::HIMEM_START, 4); // code32_start
+        put(&mut f, 0x236, 1, 2); // xloadflags: XLF_KERNEL_64
+        put(&mut f, 0x260, init_size.into(), 4);
+        f
+    }
+
+    #[test]
+    fn every_firmware_program_still_loads() {
+        let d = TempDir::new("firmware");
+        let mem = mem16();
+        for (name, elf) in crate::firmware::ALL {
+            let k = load_kernel(&mem, &d.file(name, elf));
+            assert!(k.is_ok(), "{name}: {}", k.err().unwrap());
+        }
+    }
+
+    #[test]
+    fn bzimage_kernel_end_covers_init_size() {
+        let d = TempDir::new("bz-ok");
+        let k = load_kernel(&mem16(), &d.file("bz", &bzimage(1, 0x40_0000, 16))).unwrap();
+        assert_eq!(k.kernel_end, layout::HIMEM_START + 0x40_0000);
+        assert_eq!(
+            k.entry,
+            EntryMode::Linux64 {
+                entry: layout::HIMEM_START + 0x200
+            }
+        );
+    }
+
+    #[test]
+    fn bzimage_cut_off_in_its_header_is_an_error() {
+        let d = TempDir::new("bz-short");
+        let p = d.file("bz", &bzimage(0, 0, 0)[..0x210]);
+        assert!(matches!(
+            load_kernel(&mem16(), &p),
+            Err(BootError::BzImageHeaderTruncated { len: 0x210, .. })
+        ));
+    }
+
+    #[test]
+    fn bzimage_setup_sects_past_the_file_is_an_error() {
+        let d = TempDir::new("bz-sects");
+        let mut f = bzimage(0, 0, 0);
+        f[0x1f1] = 0xff;
+        assert!(matches!(
+            load_kernel(&mem16(), &d.file("bz", &f)),
+            Err(BootError::SetupBeyondFile {
+                setup_sects: 0xff,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn bzimage_huge_syssize_is_an_error() {
+        let d = TempDir::new("bz-syssize");
+        let p = d.file("bz", &bzimage(u32::MAX, 0, 16));
+        assert!(matches!(
+            load_kernel(&mem16(), &p),
+            Err(BootError::TruncatedBzImage {
+                expected: 0xf_ffff_fff0,
+                actual: 16,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn bzimage_huge_init_size_leaves_no_room_for_the_initramfs() {
+        let d = TempDir::new("bz-init-size");
+        let mem = mem16();
+        let k = load_kernel(&mem, &d.file("bz", &bzimage(1, u32::MAX, 16))).unwrap();
+        assert_eq!(k.kernel_end, layout::HIMEM_START + u64::from(u32::MAX));
+        let initrd = d.file("initrd", &[1; 64]);
+        assert!(matches!(
+            load_initramfs(&mem, &initrd, k.kernel_end, u64::MAX),
+            Err(BootError::InitramfsTooBig { .. })
+        ));
+    }
+
+    #[test]
+    fn initramfs_goes_to_the_top_page_aligned() {
+        let d = TempDir::new("initrd-ok");
+        let mem = mem16();
+        let p = d.file("initrd", &[7; 0x1800]);
+        let (addr, size) = load_initramfs(&mem, &p, 0x20_0000, u64::MAX).unwrap();
+        assert_eq!((addr, size), ((16 << 20) - 0x2000, 0x1800));
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(addr + 0x17ff)).unwrap(), 7);
+    }
+
+    #[test]
+    fn initramfs_larger_than_ram_is_refused_before_reading() {
+        let d = TempDir::new("initrd-huge");
+        let p = d.0.join("initrd");
+        // Sparse: 1 TiB that was never written. Reading it into a Vec would exhaust the host.
+        File::create(&p).unwrap().set_len(1 << 40).unwrap();
+        assert!(matches!(
+            load_initramfs(&mem16(), &p, 0, u64::MAX),
+            Err(BootError::InitramfsTooBig { size, .. }) if size == 1 << 40
+        ));
+    }
+
+    #[test]
+    fn endless_initramfs_stream_is_read_only_up_to_the_room() {
+        // Not a regular file, so its size is unknown: the read must stop past the free RAM.
+        assert!(matches!(
+            load_initramfs(&mem16(), Path::new("/dev/zero"), 0, u64::MAX),
+            Err(BootError::InitramfsTooBig { size, .. }) if size == (15 << 20) + 1
+        ));
+    }
+
+    #[test]
+    fn initramfs_below_1mib_is_refused() {
+        let d = TempDir::new("initrd-low");
+        let p = d.file("initrd", &[1; 16]);
+        // A header's initrd_addr_max of 0x7ffff would put it over the EBDA and ACPI tables.
+        assert!(matches!(
+            load_initramfs(&mem16(), &p, 0, 0x8_0000),
+            Err(BootError::InitramfsTooBig { .. })
+        ));
+    }
+
+    #[test]
+    fn cmdline_limit_is_capped() {
+        let mem = mem16();
+        write_cmdline(&mem, "console=ttyS0", usize::MAX).unwrap();
+        let long = "x".repeat(layout::CMDLINE_MAX_SIZE);
+        assert!(matches!(
+            write_cmdline(&mem, &long, usize::MAX),
+            Err(BootError::CmdlineTooLong { .. })
+        ));
+    }
+
+    #[test]
+    fn ramdisk_above_4g_is_an_error() {
+        let kernel = LoadedKernel {
+            format: KernelFormat::BzImage,
+            entry: EntryMode::Linux64 { entry: 0 },
+            kernel_end: 0,
+            setup_header: None,
+        };
+        let mut info = BootInfo {
+            kernel: &kernel,
+            cmdline_len: 0,
+            initramfs: Some((1 << 32, 16)),
+            rsdp: 0,
+            mem_size: 16 << 20,
+        };
+        let mem = mem16();
+        assert!(matches!(
+            write_zero_page(&mem, &info),
+            Err(BootError::RamdiskAbove4G { .. })
+        ));
+        info.initramfs = Some((0x20_0000, 1 << 32));
+        assert!(matches!(
+            write_zero_page(&mem, &info),
+            Err(BootError::RamdiskAbove4G { .. })
+        ));
+        info.initramfs = Some((0x20_0000, 16));
+        write_zero_page(&mem, &info).unwrap();
+    }
+
+    /// An ELF64 with one program header (type, offset, paddr, filesz, memsz) and, at 120, a
+    /// note header (namesz, descsz, type) followed by 16 bytes.
+    fn elf64(ph: [u64; 5], note: [u32; 3]) -> Vec<u8> {
+        let mut f = vec![0u8; 120 + 12 + 16];
+        f[..7].copy_from_slice(b"\x7fELF\x02\x01\x01");
+        put(&mut f, 0x18, layout::HIMEM_START, 8); // e_entry
+        put(&mut f, 0x20, 64, 8); // e_phoff
+        put(&mut f, 0x36, 56, 2); // e_phentsize
+        put(&mut f, 0x38, 1, 2); // e_phnum
+        put(&mut f, 64, ph[0], 4);
+        for (off, v) in [(8, ph[1]), (24, ph[2]), (32, ph[3]), (40, ph[4])] {
+            put(&mut f, 64 + off, v, 8);
+        }
+        for (i, v) in note.into_iter().enumerate() {
+            put(&mut f, 120 + 4 * i, v.into(), 4);
+        }
+        f
+    }
+
+    #[test]
+    fn elf_hostile_program_headers_are_errors() {
+        let d = TempDir::new("elf-hostile");
+        let mem = mem16();
+        let cases = [
+            ("note-namesz", elf64([4, 120, 0, 28, 28], [u32::MAX, 0, 18])),
+            ("note-descsz", elf64([4, 120, 0, 28, 28], [4, u32::MAX, 1])),
+            ("note-offset", elf64([4, u64::MAX - 4, 0, 28, 28], [0; 3])),
+            (
+                "load-offset",
+                elf64([1, u64::MAX - 4, 1 << 20, 16, 16], [0; 3]),
+            ),
+            ("load-paddr", elf64([1, 120, u64::MAX - 4, 16, 16], [0; 3])),
+            (
+                "load-filesz",
+                elf64([1, 120, 1 << 20, 1 << 40, 1 << 40], [0; 3]),
+            ),
+        ];
+        for (name, f) in cases {
+            let r = load_kernel(&mem, &d.file(name, &f));
+            assert!(r.is_err(), "{name}: loaded");
+        }
+        let ok = elf64([1, 120, 1 << 20, 16, 32], [0; 3]);
+        let k = load_kernel(&mem, &d.file("ok", &ok)).unwrap();
+        assert_eq!(k.kernel_end, (1 << 20) + 32);
     }
 }
