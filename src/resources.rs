@@ -202,3 +202,45 @@ mod tests {
         assert_eq!(e.to_string(), "MMIO range 0x3fc+0x1 for z overlaps ram");
     }
 }
+
+/// The two buses and the claim map, filled together: a device is put on a bus only after its
+/// range was claimed, so a clash fails here with both owners named.
+#[derive(Default)]
+pub struct Buses {
+    pub pio: crate::bus::Bus,
+    pub mmio: crate::bus::Bus,
+    pub claims: Resources,
+}
+
+/// Why a device could not be placed.
+#[derive(Debug, thiserror::Error)]
+pub enum PlaceError {
+    #[error(transparent)]
+    Claim(#[from] ResourceError),
+    #[error(transparent)]
+    Bus(#[from] crate::bus::BusError),
+}
+
+impl Buses {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Claims `[base, base + len)` in `space` and puts `device` there on that space's bus.
+    pub fn add(
+        &mut self,
+        space: Space,
+        base: u64,
+        len: u64,
+        name: &'static str,
+        device: crate::bus::SharedDevice,
+    ) -> Result<(), PlaceError> {
+        self.claims.claim(space, base, len, name)?;
+        let bus = match space {
+            Space::Pio => &mut self.pio,
+            Space::Mmio => &mut self.mmio,
+        };
+        bus.insert(base, len, name, device)?;
+        Ok(())
+    }
+}

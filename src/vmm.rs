@@ -15,7 +15,7 @@ use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 use crate::acpi::{self, AcpiConfig, PciAcpi};
 use crate::arch::x86_64::boot::{self, BootInfo, EntryMode};
 use crate::arch::x86_64::{layout, multiboot, regs};
-use crate::bus::{Bus, BusDeviceMut};
+use crate::bus::{BusDeviceMut, SharedDevice};
 use crate::config::{SerialMode, VmConfig};
 use crate::console;
 use crate::devices::pci::{IntxLine, PciConfigIo, PciEcam, PciError, PciMmioWindow, PciRoot};
@@ -25,6 +25,7 @@ use crate::devices::{self, IrqLine, StopRequest, VmControl};
 use crate::exit_stats::{self, ExitStats, StatsOutput};
 use crate::kvm::vcpu::{Vcpu, VcpuStop};
 use crate::kvm::vm::Vm;
+use crate::resources::{Buses, PlaceError, Resources, Sharing, Space};
 
 /// How the VM ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -58,8 +59,8 @@ pub enum VmmError {
     BootTables(#[source] vm_memory::GuestMemoryError),
     #[error("cannot write the ACPI tables")]
     Acpi(#[from] acpi::AcpiError),
-    #[error("cannot place a device on the bus")]
-    Bus(#[from] crate::bus::BusError),
+    #[error("cannot place a device")]
+    Place(#[from] PlaceError),
     #[error("cannot build the PCI bus")]
     Pci(#[from] PciError),
     #[error("cannot set up a virtio-pci device")]
@@ -99,6 +100,7 @@ pub fn run(cfg: VmConfig) -> Result<VmOutcome, VmmError> {
     let panic_seen = Arc::new(AtomicBool::new(false));
     let serial_irq = IrqLine::new().map_err(VmmError::EventFd)?;
     vm.register_irqfd(serial_irq.eventfd(), layout::COM1_IRQ)?;
+    // (COM1's line is claimed with the other fixed platform lines in `claim_platform`.)
     let serial_out = serial_output(&cfg.serial, panic_seen.clone())?;
     let serial = Arc::new(Mutex::new(devices::serial::SerialDevice::new(
         serial_irq, serial_out,
@@ -108,74 +110,82 @@ pub fn run(cfg: VmConfig) -> Result<VmOutcome, VmmError> {
         [(_, low)] => (*low, 0),
         _ => (0, 0),
     };
-    let mut pio = Bus::new();
-    pio.insert(layout::COM1_PORT as u64, 8, "com1", serial.clone())?;
-    pio.insert(
-        layout::I8042_PORT as u64,
-        5,
-        "i8042",
-        shared(devices::i8042::I8042::new(control.clone())),
-    )?;
-    pio.insert(
-        layout::CMOS_PORT as u64,
-        2,
-        "cmos",
-        shared(devices::cmos::Cmos::new(below_4g, above_4g)),
-    )?;
-    pio.insert(
-        layout::ACPI_PM1A_EVT_PORT as u64,
-        devices::acpi_pm::ACPI_PM_LEN,
-        "acpi-pm",
-        shared(devices::acpi_pm::AcpiPm::new(control.clone())),
-    )?;
-    pio.insert(
-        0xcf9,
-        1,
-        "reset",
-        shared(devices::acpi_pm::ResetPort::new(control.clone())),
-    )?;
-    pio.insert(
-        layout::DEBUG_EXIT_PORT as u64,
-        devices::debug_exit::DEBUG_EXIT_LEN,
-        "debug-exit",
-        shared(devices::debug_exit::DebugExit::new(control.clone())),
-    )?;
-    pio.insert(0x80, 1, "post", shared(PostPort))?;
-    pio.insert(
-        devices::fw_cfg::FW_CFG_PORT as u64,
-        devices::fw_cfg::FW_CFG_LEN,
-        "fw_cfg",
-        shared(devices::fw_cfg::FwCfg::new(cfg.mem_size, cfg.cpus.into())),
-    )?;
-    let mut mmio = Bus::new();
+    // Every device asks the resource map for its lines and ranges (resources.rs).
+    let mut buses = Buses::new();
+    claim_platform(&mut buses.claims, below_4g, above_4g)?;
+    let pio_devices: [(u16, u64, &'static str, SharedDevice); 8] = [
+        (layout::COM1_PORT, 8, "com1", serial.clone()),
+        (
+            layout::I8042_PORT,
+            5,
+            "i8042",
+            shared(devices::i8042::I8042::new(control.clone())),
+        ),
+        (
+            layout::CMOS_PORT,
+            2,
+            "cmos",
+            shared(devices::cmos::Cmos::new(below_4g, above_4g)),
+        ),
+        (
+            layout::ACPI_PM1A_EVT_PORT,
+            devices::acpi_pm::ACPI_PM_LEN,
+            "acpi-pm",
+            shared(devices::acpi_pm::AcpiPm::new(control.clone())),
+        ),
+        (
+            0xcf9,
+            1,
+            "reset",
+            shared(devices::acpi_pm::ResetPort::new(control.clone())),
+        ),
+        (
+            layout::DEBUG_EXIT_PORT,
+            devices::debug_exit::DEBUG_EXIT_LEN,
+            "debug-exit",
+            shared(devices::debug_exit::DebugExit::new(control.clone())),
+        ),
+        (0x80, 1, "post", shared(PostPort)),
+        (
+            devices::fw_cfg::FW_CFG_PORT,
+            devices::fw_cfg::FW_CFG_LEN,
+            "fw_cfg",
+            shared(devices::fw_cfg::FwCfg::new(cfg.mem_size, cfg.cpus.into())),
+        ),
+    ];
+    for (port, len, name, dev) in pio_devices {
+        buses.add(Space::Pio, u64::from(port), len, name, dev)?;
+    }
     // The bench device only where asked for: it lets the guest start host threads.
     let _bench_fds = match (&cfg.bench, cfg.bench_device) {
         (Some(log), _) => Some(log.clone()),
         (None, true) => Some(Arc::default()),
         (None, false) => None,
     }
-    .map(|log| crate::bench::device::attach(&vm, &mem, &mut pio, &mut mmio, &control, log))
+    .map(|log| crate::bench::device::attach(&vm, &mem, &mut buses, &control, log))
     .transpose()?;
 
     // 3b. PCI bus 0: the host bridge, then virtio devices behind the virtio-pci transport.
     let mut pci = PciRoot::new(layout::PCI_MMIO32_START, layout::PCI_MMIO32_SIZE);
     for disk in &cfg.disks {
         let block = devices::virtio::block::Block::new(disk)?;
-        add_virtio_pci(&mut pci, &vm, &mem, Box::new(block))?;
+        add_virtio_pci(&mut pci, &mut buses.claims, &vm, &mem, Box::new(block))?;
     }
     for nic in &cfg.nets {
         let net = devices::virtio::net::Net::new(nic)?;
-        add_virtio_pci(&mut pci, &vm, &mem, Box::new(net))?;
+        add_virtio_pci(&mut pci, &mut buses.claims, &vm, &mem, Box::new(net))?;
     }
     if cfg.rng {
         add_virtio_pci(
             &mut pci,
+            &mut buses.claims,
             &vm,
             &mem,
             Box::new(devices::virtio::rng::Rng::new()),
         )?;
     }
-    let pci_acpi = install_pci(pci, &mut pio, &mut mmio)?;
+    let pci_acpi = install_pci(pci, &mut buses)?;
+    let Buses { pio, mmio, .. } = buses;
     let pio = Arc::new(pio);
     let mmio = Arc::new(mmio);
 
@@ -374,13 +384,18 @@ fn outcome(request: Option<StopRequest>, stops: &[(u8, VcpuStop)], panicked: boo
 /// Returns the slot.
 pub fn add_virtio_pci(
     pci: &mut PciRoot,
+    claims: &mut Resources,
     vm: &Vm,
     mem: &GuestMemoryMmap,
     device: Box<dyn VirtioDevice>,
 ) -> Result<u8, VmmError> {
     let slot = pci.free_slot()?;
+    let gsi = layout::pci_intx_gsi(slot, 0);
+    claims
+        .claim_gsi(gsi, &format!("PCI 00:{slot:02x}.0 INTA"), Sharing::PciIntx)
+        .map_err(PlaceError::from)?;
     let intx = IntxLine::new().map_err(VmmError::EventFd)?;
-    vm.register_irqfd_with_resample(&intx.irqfd, &intx.resample, layout::pci_intx_gsi(slot, 0))?;
+    vm.register_irqfd_with_resample(&intx.irqfd, &intx.resample, gsi)?;
     let irqs = vm.interrupts();
     let dev = VirtioPciDevice::new(device, mem.clone(), irqs.clone(), irqs, intx)?;
     pci.insert(slot, Arc::new(VirtioPci::new(dev)))?;
@@ -389,20 +404,28 @@ pub fn add_virtio_pci(
 }
 
 /// Puts bus 0 on the buses: CONFIG_ADDRESS/CONFIG_DATA ports, ECAM and the BAR window.
-fn install_pci(pci: PciRoot, pio: &mut Bus, mmio: &mut Bus) -> Result<PciAcpi, VmmError> {
+fn install_pci(pci: PciRoot, buses: &mut Buses) -> Result<PciAcpi, VmmError> {
     let (mmio_start, mmio_size) = pci.mmio_window();
     let root = Arc::new(pci);
     let (address, data) = PciConfigIo::pair(root.clone());
     // 0xcf9 is the reset register: CONFIG_ADDRESS is a one-port range taking dword accesses.
-    pio.insert(0xcf8, 1, "pci-config-address", Arc::new(address))?;
-    pio.insert(0xcfc, 4, "pci-config-data", Arc::new(data))?;
-    mmio.insert(
+    buses.add(
+        Space::Pio,
+        0xcf8,
+        1,
+        "pci-config-address",
+        Arc::new(address),
+    )?;
+    buses.add(Space::Pio, 0xcfc, 4, "pci-config-data", Arc::new(data))?;
+    buses.add(
+        Space::Mmio,
         layout::PCI_ECAM_START,
         layout::PCI_ECAM_SIZE,
         "pci-ecam",
         Arc::new(PciEcam::new(root.clone())),
     )?;
-    mmio.insert(
+    buses.add(
+        Space::Mmio,
         mmio_start,
         mmio_size,
         "pci-mmio",
@@ -413,6 +436,31 @@ fn install_pci(pci: PciRoot, pio: &mut Bus, mmio: &mut Bus) -> Result<PciAcpi, V
         mmio_start,
         mmio_size,
     })
+}
+
+/// Claims what the platform itself uses: guest RAM, the interrupt controllers' MMIO pages and
+/// the fixed ISA interrupt lines.
+fn claim_platform(claims: &mut Resources, below_4g: u64, above_4g: u64) -> Result<(), PlaceError> {
+    claims.claim(Space::Mmio, 0, below_4g, "guest RAM")?;
+    if above_4g > 0 {
+        claims.claim(
+            Space::Mmio,
+            layout::HIGH_RAM_START,
+            above_4g,
+            "guest RAM above 4 GiB",
+        )?;
+    }
+    claims.claim(Space::Mmio, layout::IOAPIC_START, 0x1000, "IOAPIC")?;
+    claims.claim(Space::Mmio, layout::APIC_START, 0x1000, "local APIC")?;
+    for (gsi, owner) in [
+        (0, "PIT"),
+        (2, "PIT (IOAPIC override)"),
+        (layout::COM1_IRQ, "com1"),
+        (layout::ACPI_SCI_IRQ, "ACPI SCI"),
+    ] {
+        claims.claim_gsi(gsi, owner, Sharing::Exclusive)?;
+    }
+    Ok(())
 }
 
 /// A register-file device behind its own lock, as the bus holds it.

@@ -19,9 +19,10 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::arch::x86_64::layout;
-use crate::bus::{Bus, BusDeviceMut};
+use crate::bus::BusDeviceMut;
 use crate::devices::{IrqLine, VmControl};
 use crate::kvm::vm::Vm;
+use crate::resources::Buses;
 
 pub const OFF_DATA: u64 = 0x0;
 pub const OFF_PARAM: u64 = 0x4;
@@ -221,13 +222,17 @@ pub struct BenchFds {
 pub fn attach(
     vm: &Vm,
     mem: &GuestMemoryMmap,
-    pio: &mut Bus,
-    mmio: &mut Bus,
+    buses: &mut Buses,
     control: &VmControl,
     log: Arc<Mutex<BenchLog>>,
 ) -> Result<BenchFds, crate::vmm::VmmError> {
+    use crate::resources::{PlaceError, Sharing, Space};
     use crate::vmm::VmmError;
     use kvm_ioctls::IoEventAddress;
+    buses
+        .claims
+        .claim_gsi(layout::BENCH_GSI, "bench", Sharing::Exclusive)
+        .map_err(PlaceError::from)?;
     let irq = IrqLine::new().map_err(VmmError::EventFd)?;
     vm.register_irqfd(irq.eventfd(), layout::BENCH_GSI)?;
     let dev = BenchDevice {
@@ -237,21 +242,36 @@ pub fn attach(
         control: control.clone(),
         pinger: None,
     };
-    pio.insert(
+    buses.add(
+        Space::Pio,
         u64::from(layout::BENCH_PORT),
         layout::BENCH_PORT_LEN,
         "bench",
         Arc::new(Mutex::new(dev)),
     )?;
-    mmio.insert(
+    buses.add(
+        Space::Mmio,
         layout::BENCH_MMIO_START,
         layout::BENCH_MMIO_LEN,
         "bench",
         Arc::new(Mutex::new(BenchMmio)),
     )?;
+    let port = u64::from(layout::BENCH_IOEVENTFD_PORT);
+    let claims = &mut buses.claims;
+    claims
+        .claim(Space::Pio, port, 4, "bench ioeventfd")
+        .and_then(|()| {
+            claims.claim(
+                Space::Mmio,
+                layout::BENCH_IOEVENTFD_MMIO,
+                8,
+                "bench ioeventfd",
+            )
+        })
+        .map_err(PlaceError::from)?;
     let mut fds = Vec::new();
     for addr in [
-        IoEventAddress::Pio(u64::from(layout::BENCH_IOEVENTFD_PORT)),
+        IoEventAddress::Pio(port),
         IoEventAddress::Mmio(layout::BENCH_IOEVENTFD_MMIO),
     ] {
         let fd = EventFd::new(EFD_NONBLOCK).map_err(VmmError::EventFd)?;
