@@ -98,7 +98,7 @@ impl SerialDevice {
             Err(SerialError::FullFifo) => 0,
             // The bytes are queued; only the interrupt was lost.
             Err(e) => {
-                log::warn!("serial: failed to raise RX interrupt: {e}");
+                SERIAL_LOG.warn(|| format!("serial: failed to raise RX interrupt: {e}"));
                 room
             }
         }
@@ -109,6 +109,9 @@ impl SerialDevice {
         self.uart.fifo_capacity()
     }
 }
+
+/// Failures the guest can repeat at will (interrupt delivery), rate-limited.
+static SERIAL_LOG: crate::ratelimit::RateLimit = crate::ratelimit::RateLimit::new(5);
 
 impl BusDeviceMut for SerialDevice {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
@@ -126,7 +129,7 @@ impl BusDeviceMut for SerialDevice {
             return;
         }
         if let Err(e) = self.uart.write(off, value) {
-            log::warn!("serial: register write failed: {e}");
+            SERIAL_LOG.warn(|| format!("serial: register write failed: {e}"));
         }
     }
 }

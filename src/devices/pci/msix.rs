@@ -31,6 +31,9 @@ struct Route {
 }
 
 /// The MSI-X state of one function.
+/// Route failures are guest-triggered (one per table write): rate-limited for all devices.
+static ROUTE_LOG: crate::ratelimit::RateLimit = crate::ratelimit::RateLimit::new(5);
+
 pub struct Msix {
     /// Raw table bytes, `ENTRY_SIZE` per vector.
     table: Vec<u8>,
@@ -157,7 +160,9 @@ impl Msix {
         let gsi = self.vectors[v].gsi;
         match self.router.update(gsi, r.addr, r.data, r.masked) {
             Ok(()) => self.routed[v] = Some(r),
-            Err(e) => log::warn!("MSI-X: cannot route GSI {gsi}: {e}"),
+            Err(e) => {
+                ROUTE_LOG.warn(|| format!("MSI-X: cannot route GSI {gsi} (vector {v}): {e}"));
+            }
         }
     }
 

@@ -935,10 +935,14 @@ impl VirtioDevice for Net {
         let acked = acked_features & self.avail_features;
         let offloads = Self::tun_offloads(acked);
         if let Err(e) = backend.set_offload(offloads) {
-            log::warn!(
-                "virtio-net {}: TUNSETOFFLOAD {offloads:#x} failed: {e}",
-                self.name
-            );
+            // Once per activation, which the guest can repeat at will.
+            static OFFLOAD_LOG: RateLimit = RateLimit::new(3);
+            OFFLOAD_LOG.warn(|| {
+                format!(
+                    "virtio-net {}: TUNSETOFFLOAD {offloads:#x} failed: {e}",
+                    self.name
+                )
+            });
         }
         let mut qs = queues.into_iter().map(|(_, q)| q);
         let (Some(a), Some(b)) = (qs.next(), qs.next()) else {
