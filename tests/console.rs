@@ -1,10 +1,14 @@
 //! Fast tier: the console on a real terminal (a pseudo-terminal), with a firmware guest.
 //! Raw mode while the guest runs, `C-a h` and `C-a x`, SIGTERM, and the terminal restored after.
 
+mod support;
+
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+
+use support::KillOnDrop;
 
 const FERROVM: &str = env!("CARGO_BIN_EXE_ferrovm");
 
@@ -52,19 +56,20 @@ fn same_termios(a: &libc::termios, b: &libc::termios) -> bool {
         && a.c_cc == b.c_cc
 }
 
-fn spawn_on(pty: &Pty, dir: &std::path::Path) -> Child {
+fn spawn_on(pty: &Pty, dir: &std::path::Path) -> KillOnDrop {
     let fw = dir.join("cmdline.elf");
     std::fs::write(&fw, ferrovm::firmware::get("cmdline").unwrap()).unwrap();
     let io = |_| Stdio::from(pty.slave.try_clone().unwrap());
-    Command::new(FERROVM)
-        .args(["run", "--kernel"])
-        .arg(&fw)
-        .args(["--cmdline", "halt"])
-        .stdin(io(0))
-        .stdout(io(1))
-        .stderr(io(2))
-        .spawn()
-        .unwrap()
+    KillOnDrop::spawn(
+        Command::new(FERROVM)
+            .args(["run", "--kernel"])
+            .arg(&fw)
+            .args(["--cmdline", "halt"])
+            .stdin(io(0))
+            .stdout(io(1))
+            .stderr(io(2)),
+    )
+    .unwrap()
 }
 
 /// Reads from the master until `needle` shows up (or panics after 20 s).
@@ -91,17 +96,11 @@ fn read_until(master: &mut std::fs::File, seen: &mut String, needle: &str) {
     }
 }
 
-fn wait(child: &mut Child) -> i32 {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            return st.code().unwrap_or(-1);
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("ferrovm did not exit");
-        }
-        std::thread::sleep(Duration::from_millis(20));
+/// The child's exit status; panics (and the guard kills the child) if it runs on for 20 s.
+fn wait(child: &mut KillOnDrop) -> i32 {
+    match child.wait_timeout(Duration::from_secs(20)).unwrap() {
+        Some(st) => st.code().unwrap_or(-1),
+        None => panic!("ferrovm did not exit"),
     }
 }
 
@@ -150,8 +149,7 @@ fn sigterm_stops_cleanly_and_restores_terminal() {
     let mut child = spawn_on(&pty, &dir);
     let mut seen = String::new();
     read_until(&mut pty.master, &mut seen, "cmdline: halt");
-    // SAFETY: sending a signal to our own child process.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    child.signal(libc::SIGTERM);
     assert_eq!(wait(&mut child), 0);
     read_until(&mut pty.master, &mut seen, "stopped");
     assert!(

@@ -12,6 +12,9 @@ const PRELUDE: &str = r#"set -e
 # iproute2's ip by path: busybox sh runs its own (smaller) ip applet for a bare "ip".
 IP=/usr/sbin/ip
 [ -x $IP ] || IP=/sbin/ip
+[ -x $IP ] || skip_case "iproute2's ip not found"
+[ "$(id -u)" = 0 ] || skip_case "network namespaces and TAPs need root"
+[ -c /dev/net/tun ] || skip_case "no /dev/net/tun"
 NS=ferrovm-net-$$
 $IP netns add $NS
 trap '$IP netns del $NS 2>/dev/null || true' EXIT
@@ -159,18 +162,33 @@ finish_guest
             "net_bad_mac_is_a_clear_error",
             r#"
 set +e
-"$FERROVM" run --kernel "$IMAGES/bzImage" --net tap=tap0,mac=01:00:5e:00:00:01 </dev/null
+"$FERROVM" run --kernel "$IMAGES/bzImage" --net tap=tap0,mac=01:00:5e:00:00:01 </dev/null 2>mcast.err
 echo "MCAST_STATUS=$?"
-"$FERROVM" run --kernel "$IMAGES/bzImage" --net tap=tap0,mac=zz:00 </dev/null
+sed 's/^/MCAST_ERR: /' mcast.err
+"$FERROVM" run --kernel "$IMAGES/bzImage" --net tap=tap0,mac=zz:00 </dev/null 2>badmac.err
 echo "BADMAC_STATUS=$?"
+sed 's/^/BADMAC_ERR: /' badmac.err
 "#,
         )
         .check(|o| {
             // (A missing TAP as root is created on demand; the no-permission errors are unit
             // tests with CAP_NET_ADMIN dropped, in src/devices/virtio/tap.rs.)
-            for k in ["MCAST_STATUS", "BADMAC_STATUS"] {
+            for (k, err, words) in [
+                ("MCAST_STATUS", "MCAST_ERR:", ["\"01:00:5e:00:00:01\"", "multicast"]),
+                ("BADMAC_STATUS", "BADMAC_ERR:", ["\"zz:00\"", "invalid MAC address"]),
+            ] {
                 if value(o, k)? != 1 {
                     return Err(format!("{k} is not 1"));
+                }
+                // One line that names the bad value and says what is wrong with it.
+                let lines: Vec<&str> = o
+                    .output
+                    .lines()
+                    .filter_map(|l| l.trim().strip_prefix(err))
+                    .collect();
+                match lines[..] {
+                    [line] if words.iter().all(|w| line.contains(w)) => {}
+                    _ => return Err(format!("{err} expected one line with {words:?}: {lines:?}")),
                 }
             }
             Ok(())

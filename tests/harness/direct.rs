@@ -1,5 +1,6 @@
 //! Direct mode: each case script runs on the host under `sh`, in its own process group.
 
+use super::support::KillOnDrop;
 use super::{Case, CaseOutput, Config, Mode, Outcome, Reporter};
 use std::io::Read;
 use std::os::unix::process::CommandExt;
@@ -70,8 +71,8 @@ fn run_case(
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .process_group(0);
-    let mut child = cmd.spawn().map_err(|e| format!("spawn sh: {e}"))?;
-    let pid = child.id();
+    // Dropping the guard kills the case's whole process group (its ferrovm too).
+    let mut child = KillOnDrop::group_leader(cmd.spawn().map_err(|e| format!("spawn sh: {e}"))?);
     let mut reader = child.stdout.take().unwrap();
 
     let (tx, rx) = mpsc::channel();
@@ -91,21 +92,15 @@ fn run_case(
         }
         if Instant::now() >= deadline {
             timed_out = true;
-            kill_group(pid, "TERM");
-            for _ in 0..40 {
-                if matches!(child.try_wait(), Ok(Some(_))) {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            kill_group(pid, "KILL");
-            let _ = child.wait();
+            child.signal(libc::SIGTERM);
+            let _ = child.wait_timeout(Duration::from_secs(2));
+            child.kill();
             break None;
         }
         std::thread::sleep(Duration::from_millis(20));
     };
     // Leftover background processes of the case keep the pipe open: kill them.
-    kill_group(pid, "KILL");
+    child.signal(libc::SIGKILL);
     let output = rx
         .recv_timeout(Duration::from_secs(10))
         .unwrap_or_else(|_| b"(output pipe still open; output lost)".to_vec());
@@ -122,11 +117,4 @@ fn run_case(
         output,
         mode: Mode::Direct,
     })
-}
-
-fn kill_group(pid: u32, sig: &str) {
-    let _ = Command::new("kill")
-        .args([format!("-{sig}"), "--".into(), format!("-{pid}")])
-        .stderr(Stdio::null())
-        .status();
 }

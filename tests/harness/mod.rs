@@ -17,7 +17,13 @@
 //! - `$FERROVM_L1_DISKS`: (nested only) block devices of the extra virtio disks, in order
 //!
 //! Shell functions from tests/l1/helpers.sh are predefined (`mkinitrd_with_test SCRIPT
-//! OUT [FILE...]`, `kvm_debugfs`).
+//! OUT [FILE...]`, `kvm_debugfs`, `wait_for_line`, `skip_case REASON`).
+//!
+//! A case that cannot run is skipped, never passed: either the host lacks a file it
+//! `requires` (then it does not start), or its script calls `skip_case REASON` (prints
+//! `SKIPPED: REASON`, exits with `SKIP_STATUS`). The harness prints one line
+//! `SKIPPED: nested::<name>: <reason>` per skipped case (scripts/test counts these) and ends
+//! with `nested: N passed, M failed, K skipped`.
 //!
 //! Environment knobs: FERROVM_TEST_MODE=nested|direct, FERROVM_TEST_VERBOSE=1,
 //! FERROVM_IMAGES=<dir> (default guest-images/out/default), FERROVM_BIN=<path>,
@@ -31,6 +37,8 @@
 mod cpio;
 mod direct;
 mod nested;
+#[path = "../support/mod.rs"]
+mod support;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -58,8 +66,9 @@ impl fmt::Display for Mode {
 pub struct CaseOutput {
     /// Exit status of the script; `None` if the harness killed it on timeout.
     pub status: Option<i32>,
-    /// stdout and stderr of the script, interleaved (in nested mode: the L1 console
-    /// lines between the case's begin and end markers, so kernel messages can appear).
+    /// stdout and stderr of the script, interleaved (in nested mode: the lines the case
+    /// printed, with L1's own console lines between the case's begin and end markers, so
+    /// L1 kernel messages can appear).
     pub output: String,
     pub mode: Mode,
 }
@@ -79,7 +88,13 @@ pub struct Case {
     pub expect_timeout: bool,
     /// Called when the status is as expected (exited, or timed out if `expect_timeout`).
     pub check: Check,
+    /// (host path, hint): the case is skipped, not run, when one of these does not exist.
+    pub requires: Vec<(PathBuf, String)>,
 }
+
+/// Exit status of a case script that cannot run (`skip_case` in tests/l1/helpers.sh); its
+/// output must hold a `SKIPPED: <reason>` line.
+pub const SKIP_STATUS: i32 = 77;
 
 impl Case {
     /// A case with a 120 s timeout whose check is "exit status 0".
@@ -91,6 +106,7 @@ impl Case {
             files: Vec::new(),
             expect_timeout: false,
             check: Box::new(expect_success),
+            requires: Vec::new(),
         }
     }
     pub fn timeout(mut self, t: Duration) -> Case {
@@ -108,6 +124,18 @@ impl Case {
     pub fn check(mut self, f: impl Fn(&CaseOutput) -> Result<(), String> + 'static) -> Case {
         self.check = Box::new(f);
         self
+    }
+    /// Skip the case (reporting `hint`, e.g. how to make the file) unless `host_path` exists.
+    pub fn requires(mut self, host_path: impl Into<PathBuf>, hint: &str) -> Case {
+        self.requires.push((host_path.into(), hint.to_string()));
+        self
+    }
+    /// Why the case cannot run on this host, if it cannot.
+    fn missing_requirement(&self) -> Option<String> {
+        self.requires
+            .iter()
+            .find(|(p, _)| !p.exists())
+            .map(|(p, hint)| format!("{} not found ({hint})", p.display()))
     }
 }
 
@@ -341,9 +369,22 @@ pub fn run_with(cases: Vec<Case>, cfg: Config) -> ExitCode {
         }
         return ExitCode::SUCCESS;
     }
+    let mut reporter = Reporter {
+        cfg: &cfg,
+        passed: 0,
+        failed: 0,
+        skipped: 0,
+        log_dir: None,
+    };
+    let (cases, unrunnable): (Vec<Case>, Vec<Case>) = cases
+        .into_iter()
+        .partition(|c| c.missing_requirement().is_none());
+    for c in &unrunnable {
+        reporter.skip(c, &c.missing_requirement().unwrap_or_default());
+    }
     if cases.is_empty() {
         println!("running 0 tests");
-        println!("nested: 0 passed, 0 failed");
+        println!("nested: 0 passed, 0 failed, {} skipped", reporter.skipped);
         return ExitCode::SUCCESS;
     }
     if let Err(e) = preflight(&cfg, &cases) {
@@ -351,12 +392,6 @@ pub fn run_with(cases: Vec<Case>, cfg: Config) -> ExitCode {
     }
     println!("running {} tests (mode: {})", cases.len(), cfg.mode);
     let t0 = Instant::now();
-    let mut reporter = Reporter {
-        cfg: &cfg,
-        passed: 0,
-        failed: 0,
-        log_dir: None,
-    };
     let log_dir = match cfg.mode {
         Mode::Nested => nested::run(&cfg, &cases, &mut reporter),
         Mode::Direct => direct::run(&cfg, &cases, &mut reporter),
@@ -365,7 +400,7 @@ pub fn run_with(cases: Vec<Case>, cfg: Config) -> ExitCode {
         Ok(d) => d,
         Err(e) => return fatal(&e),
     };
-    let (passed, failed) = (reporter.passed, reporter.failed);
+    let (passed, failed, skipped) = (reporter.passed, reporter.failed, reporter.skipped);
     if let Some(dir) = log_dir {
         if failed > 0 || cfg.keep_logs {
             println!("logs: {}", dir.display());
@@ -374,7 +409,7 @@ pub fn run_with(cases: Vec<Case>, cfg: Config) -> ExitCode {
         }
     }
     println!("finished in {:.1}s", t0.elapsed().as_secs_f64());
-    println!("nested: {passed} passed, {failed} failed");
+    println!("nested: {passed} passed, {failed} failed, {skipped} skipped");
     if failed > 0 {
         ExitCode::FAILURE
     } else {
@@ -462,16 +497,45 @@ pub(crate) struct Reporter<'a> {
     cfg: &'a Config,
     pub passed: usize,
     pub failed: usize,
+    pub skipped: usize,
     pub log_dir: Option<PathBuf>,
 }
 
+/// The reason on a case's `SKIPPED: <reason>` line.
+fn skip_reason(output: &str) -> Option<&str> {
+    output
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("SKIPPED:"))
+        .map(str::trim)
+        .filter(|r| !r.is_empty())
+}
+
 impl Reporter<'_> {
+    /// Counts a case that could not run and prints its `SKIPPED:` line.
+    pub fn skip(&mut self, case: &Case, reason: &str) {
+        self.skipped += 1;
+        println!(
+            "SKIPPED: nested::{}: {reason} ({})",
+            case.name, self.cfg.mode
+        );
+    }
+
     pub fn report(&mut self, case: &Case, outcome: Outcome) {
         let mode = self.cfg.mode;
         let secs = outcome.elapsed.as_secs_f64();
+        if let Ok(out) = &outcome.result {
+            if out.status == Some(SKIP_STATUS) && !case.expect_timeout {
+                if let Some(reason) = skip_reason(&out.output) {
+                    return self.skip(case, reason);
+                }
+            }
+        }
         let verdict = match &outcome.result {
             Err(e) => Err(e.clone()),
             Ok(out) => match (out.status, case.expect_timeout) {
+                (Some(SKIP_STATUS), false) => Err(format!(
+                    "exit status {SKIP_STATUS} (skipped) without a \"SKIPPED: <reason>\" line"
+                )),
                 (None, false) => Err(format!("timed out after {}s", case.timeout.as_secs())),
                 (Some(s), true) => {
                     Err(format!("expected a timeout, but it exited with status {s}"))

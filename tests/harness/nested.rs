@@ -2,12 +2,13 @@
 //! case scripts inside L1 (see tests/l1/init) and parse the markers on its serial console.
 
 use super::cpio::CpioWriter;
+use super::support::{self, KillOnDrop};
 use super::{Case, CaseOutput, Config, Mode, Outcome, Reporter};
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::fs::OpenOptions;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -19,6 +20,9 @@ const CASE_GRACE: Duration = Duration::from_secs(60);
 /// Max time between the end of one case and the begin marker of the next.
 const BETWEEN_CASES: Duration = Duration::from_secs(60);
 const TAIL_LINES: usize = 30;
+/// L1's init prefixes every line a case prints with this (tests/l1/init); any other line on
+/// L1's console is L1's own: its kernel's messages and init's markers.
+const CASE_LINE: &str = "@@C ";
 
 pub(crate) fn new_log_dir(cfg: &Config) -> Result<PathBuf, String> {
     let secs = SystemTime::now()
@@ -133,10 +137,7 @@ fn resolve_modules(
 
 /// Shared libraries of a dynamic executable, as (path used by the loader, file).
 fn shared_libs(bin: &Path) -> Result<Vec<String>, String> {
-    let out = Command::new("ldd")
-        .arg(bin)
-        .output()
-        .map_err(|e| format!("ldd: {e}"))?;
+    let out = support::output(Command::new("ldd").arg(bin)).map_err(|e| format!("ldd: {e}"))?;
     let text = String::from_utf8_lossy(&out.stdout);
     if !out.status.success()
         || text.contains("not a dynamic executable")
@@ -282,8 +283,9 @@ enum Event {
     Eof,
 }
 
+/// The running L1 (qemu is killed when this is dropped).
 struct L1 {
-    child: Child,
+    child: KillOnDrop,
     rx: mpsc::Receiver<Event>,
 }
 
@@ -336,12 +338,12 @@ fn spawn_l1(
     let stderr_log = open_log("qemu-stderr.log")?;
     let _ = writeln!(console, "=== boot {boot_no}: {cmd:?}");
     let _ = writeln!(open_log("qemu-cmdline.txt")?, "{cmd:?}");
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(stderr_log)
-        .spawn()
-        .map_err(|e| format!("cannot start {}: {e}", cfg.qemu))?;
+    let mut child = KillOnDrop::spawn(
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(stderr_log),
+    )
+    .map_err(|e| format!("cannot start {}: {e}", cfg.qemu))?;
     let stdout = child.stdout.take().unwrap();
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
@@ -371,8 +373,7 @@ fn spawn_l1(
 
 impl L1 {
     fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.child.kill();
     }
     /// Waits for qemu to exit by itself, killing it after `grace`.
     fn finish(&mut self, grace: Duration) -> String {
@@ -484,12 +485,17 @@ fn run_boots(
                 tail.pop_front();
             }
             tail.push_back(line.clone());
-            if line.contains("Kernel panic") && panic_line.is_none() {
+            // A panic printed by a case (a guest's console, shown by the case's ferrovm) is
+            // that case's business; only an unprefixed one is L1's.
+            let case_line = line.strip_prefix(CASE_LINE);
+            if case_line.is_none() && line.contains("Kernel panic") && panic_line.is_none() {
                 panic_line = Some(line.clone());
             }
+            let line = case_line.unwrap_or(&line);
+            // A marker can follow a case's last line when that line has no newline.
             let (text, marker) = match line.find("@@FERROVM-") {
                 Some(p) => (&line[..p], Some(&line[p + "@@FERROVM-".len()..])),
-                None => (line.as_str(), None),
+                None => (line, None),
             };
             if let Phase::InCase { output, .. } = &mut phase {
                 if marker.is_none() || !text.is_empty() {

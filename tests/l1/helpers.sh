@@ -41,3 +41,11 @@ wait_for_line() {
 		fi
 	done
 }
+
+# skip_case REASON...
+#   Ends a case that cannot run here (a missing tool or device): prints "SKIPPED: REASON" and
+#   exits with status 77, which the harness reports as skipped (never as passed).
+skip_case() {
+	echo "SKIPPED: $*"
+	exit 77
+}
