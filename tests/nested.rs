@@ -253,7 +253,7 @@ pid=$!
 # KVM's userspace MMIO exit counter (debugfs, summed over live VMs) at a guest marker.
 mmio_at() {{
     n=0
-    while ! grep -q "^$1" out.txt && [ $n -lt 1200 ]; do sleep 0.1; n=$((n + 1)); done
+    while ! grep -q "^$1" out.txt && kill -0 $pid 2>/dev/null && [ $n -lt 1200 ]; do sleep 0.1; n=$((n + 1)); done
     cat /sys/kernel/debug/kvm/mmio_exits 2>/dev/null || echo -1
 }}
 m0=$(mmio_at RNG-START)
@@ -426,9 +426,24 @@ tail -c +$((base + 1)) initrd.img | "$BUSYBOX" cpio -t
     ];
     cases.extend(linux_boot_cases());
     let mut cfg = Config::from_env();
-    cases.extend(pci_cases(&cfg.images));
-    cases.extend(cases::blk::cases());
-    cases.extend(cases::net::cases());
+    // FERROVM_TEST_REPEAT=N runs the PCI, disk and network cases N times in the one L1 boot
+    // (names suffixed .r2, .r3, ...): the soak loop for races, e.g. with the other core loaded.
+    let repeat = std::env::var("FERROVM_TEST_REPEAT")
+        .ok()
+        .and_then(|v| v.parse::<u32>().ok())
+        .unwrap_or(1)
+        .max(1);
+    for round in 1..=repeat {
+        let mut device_cases = pci_cases(&cfg.images);
+        device_cases.extend(cases::blk::cases());
+        device_cases.extend(cases::net::cases());
+        if round > 1 {
+            for c in &mut device_cases {
+                c.name = format!("{}.r{round}", c.name);
+            }
+        }
+        cases.extend(device_cases);
+    }
     cfg.l1_extra.extend(extra_l1_files());
     // Disk cases copy the root image and check it with e2fsprogs; network cases make a
     // namespace with a TAP (iproute2, the tun module).
