@@ -380,6 +380,10 @@ fn event_loop(setup: &Setup, handler: &mut dyn VirtioHandler) -> io::Result<()> 
             }
             if let Err(e) = result {
                 fail(setup, &log, e);
+                // A readable backend nobody serves would wake the loop forever.
+                for id in 0..ctx.backend_fds.len() {
+                    let _ = ctx.watch_backend(id, false);
+                }
             }
             // Queues a handler left work on are served again after a look at the other events.
             for (want, r) in want_queue.iter_mut().zip(rerun.iter_mut()) {
