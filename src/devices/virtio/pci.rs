@@ -652,7 +652,9 @@ impl VirtioPciDevice {
 
 /// A [`VirtioPciDevice`] as bus 0 holds it: its own lock, and a driver reset that stops the
 /// device worker *outside* that lock, so a vCPU reading this device's registers meanwhile
-/// (or the worker raising an interrupt) is never stuck behind a slow disk.
+/// (or the worker raising an interrupt) is never stuck behind a slow disk. (A reset written
+/// through the VIRTIO_PCI_CAP_PCI_CFG window, which only firmware uses, still joins under the
+/// lock: it arrives as a configuration write.)
 pub struct VirtioPci {
     state: Mutex<VirtioPciDevice>,
 }
