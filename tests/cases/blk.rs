@@ -347,14 +347,7 @@ fn check_reset_failed_disk(o: &CaseOutput) -> Result<(), String> {
             .ok_or_else(|| format!("no {key}= line"))?;
         u8::from_str_radix(v.trim(), 16).map_err(|e| format!("{key}: {e}"))
     };
-    let md5 = |tag: &str| -> Result<String, String> {
-        o.output
-            .lines()
-            .find(|l| l.trim_end().ends_with(tag))
-            .and_then(|l| l.split_whitespace().next())
-            .map(str::to_string)
-            .ok_or_else(|| format!("no {tag} line"))
-    };
+    let md5 = |tag: &str| super::tagged_md5(o, tag);
     let mut errors: Vec<String> = Vec::new();
     let mut fail = |r: Result<(), String>| {
         if let Err(e) = r {

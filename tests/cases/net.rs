@@ -107,14 +107,7 @@ finish_guest
         )
         .check(|o| {
             status0(o)?;
-            let md5 = |tag: &str| -> Result<String, String> {
-                o.output
-                    .lines()
-                    .find(|l| l.trim_end().ends_with(tag))
-                    .and_then(|l| l.split_whitespace().next())
-                    .map(str::to_string)
-                    .ok_or_else(|| format!("no {tag} line"))
-            };
+            let md5 = |tag: &str| super::tagged_md5(o, tag);
             if md5("HOST_H2G_MD5")? != md5("GUEST_H2G_MD5")? {
                 return Err("host->guest transfer corrupted".into());
             }

@@ -155,17 +155,17 @@ pub struct Worker {
 
 impl Worker {
     /// Starts thread `name` serving `handler` on `kicks` (one per queue slot). On failure the
-    /// handler is handed back with the error.
+    /// handler is handed back with the error (always, in fact: a failed spawn never runs it).
     pub fn start(
         name: &str,
         handler: Box<dyn VirtioHandler>,
         kicks: Vec<EventFd>,
         interrupt: Arc<dyn VirtioInterrupt>,
         needs_reset: Arc<AtomicBool>,
-    ) -> Result<Worker, (io::Error, Box<dyn VirtioHandler>)> {
+    ) -> Result<Worker, (io::Error, Option<Box<dyn VirtioHandler>>)> {
         let control = match EventFd::new(EFD_NONBLOCK) {
             Ok(c) => c,
-            Err(e) => return Err((e, handler)),
+            Err(e) => return Err((e, Some(handler))),
         };
         let shared = Arc::new(Shared {
             command: Mutex::new(Command::Run),
@@ -196,10 +196,7 @@ impl Worker {
                 thread: Some(thread),
                 name: name.to_string(),
             }),
-            Err(e) => match lock(&slot).take() {
-                Some(h) => Err((e, h)),
-                None => Err((e, lost_handler())),
-            },
+            Err(e) => Err((e, lock(&slot).take())),
         }
     }
 
@@ -255,18 +252,6 @@ impl Drop for Worker {
     fn drop(&mut self) {
         drop(self.join());
     }
-}
-
-/// Stands in for a handler a thread that failed to spawn took anyway (cannot happen: the
-/// closure of a failed spawn never runs).
-fn lost_handler() -> Box<dyn VirtioHandler> {
-    struct Gone;
-    impl VirtioHandler for Gone {
-        fn queue_event(&mut self, _: usize, _: &mut WorkerCtx) -> Result<(), DeviceError> {
-            Err(DeviceError::new("the device handler was lost"))
-        }
-    }
-    Box::new(Gone)
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -527,7 +512,9 @@ impl<D: VirtioDevice + ?Sized> Runner<D> {
                 Ok(())
             }
             Err((e, handler)) => {
-                self.device.deactivate(handler);
+                if let Some(h) = handler {
+                    self.device.deactivate(h);
+                }
                 self.failed(ActivateError::Worker(e))
             }
         }
