@@ -55,12 +55,24 @@ fn scratch() -> PathBuf {
     d
 }
 
-fn assert_nothing_left(before: &[String], what: &str) {
+/// Threads of this process that were not there `before` (or are there twice now).
+fn extra_threads(before: &[String]) -> Vec<String> {
     let now = threads();
-    let extra: Vec<_> = now
-        .iter()
+    now.iter()
         .filter(|t| !before.contains(t) || now.iter().filter(|u| u == t).count() > 1)
-        .collect();
+        .cloned()
+        .collect()
+}
+
+fn assert_nothing_left(before: &[String], what: &str) {
+    // A joined thread's kernel task can outlive pthread_join by a moment (the kernel wakes
+    // the joiner before the task is gone from /proc): give exiting threads a bounded grace.
+    let t0 = std::time::Instant::now();
+    let mut extra = extra_threads(before);
+    while !extra.is_empty() && t0.elapsed() < std::time::Duration::from_secs(2) {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+        extra = extra_threads(before);
+    }
     assert!(extra.is_empty(), "{what}: threads left behind: {extra:?}");
     assert_eq!(kvm_vm_fds(), 0, "{what}: a KVM VM descriptor is still open");
 }
