@@ -25,6 +25,13 @@ fn main() {
         let name = src.file_stem().unwrap().to_string_lossy().to_string();
         let obj = out.join(format!("{name}.o"));
         let elf = out.join(format!("{name}.elf"));
+        // NAME.ld links NAME.S where it must sit elsewhere than link.ld's 1 MiB.
+        let own = dir.join(format!("{name}.ld"));
+        let script = if own.exists() {
+            own
+        } else {
+            dir.join("link.ld")
+        };
         // gcc runs the C preprocessor on .S (for #define), then GNU as.
         run(
             Command::new("cc")
@@ -45,7 +52,7 @@ fn main() {
                     "--build-id=none",
                     "-T",
                 ])
-                .arg(dir.join("link.ld"))
+                .arg(&script)
                 .arg("-o")
                 .arg(&elf)
                 .arg(&obj),

@@ -44,6 +44,8 @@ pub const RESET_VALUE: u8 = 0x06;
 const PM1_EVT_LEN: u8 = 4;
 /// Length of the PM1a control block.
 const PM1_CNT_LEN: u8 = 2;
+/// Length of the PM timer block.
+const PM_TMR_LEN: u8 = 4;
 
 /// Size of an ACPI 2.0+ RSDP.
 const RSDP_LEN: usize = 36;
@@ -349,9 +351,9 @@ fn build_fadt(dsdt_addr: u64, facs_addr: u64) -> Vec<u8> {
     f.pm1a_cnt_blk = u32::from(layout::ACPI_PM1A_CNT_PORT).into();
     f.pm1_evt_len = PM1_EVT_LEN;
     f.pm1_cnt_len = PM1_CNT_LEN;
-    // No PM timer: PM_TMR_BLK/LEN = 0 (optional since ACPI 5.0A, no flag needed) and no GPEs.
-    f.pm_tmr_blk = 0.into();
-    f.pm_tmr_len = 0;
+    // The 24-bit PM timer (TMR_VAL_EXT clear); no GPEs.
+    f.pm_tmr_blk = u32::from(layout::ACPI_PM_TMR_PORT).into();
+    f.pm_tmr_len = PM_TMR_LEN;
     // C2/C3 latencies above 100/1000 us mean "not supported".
     f.p_lvl2_lat = 0x0fff.into();
     f.p_lvl3_lat = 0x0fff.into();
@@ -368,6 +370,7 @@ fn build_fadt(dsdt_addr: u64, facs_addr: u64) -> Vec<u8> {
         PM1_CNT_LEN,
         AccessSize::Undefined,
     );
+    f.x_pm_tmr_blk = io_gas(layout::ACPI_PM_TMR_PORT, PM_TMR_LEN, AccessSize::Undefined);
 
     let mut bytes = Vec::with_capacity(FADT_LEN);
     f.finalize().to_aml_bytes(&mut bytes);
@@ -514,8 +517,11 @@ fn i8042_aml(_cfg: &AcpiConfig, out: &mut Vec<u8>) {
 /// Motherboard resources: ports claimed by the platform so the OS does not hand them out, and
 /// the ECAM range (Linux uses MCFG's ECAM only when it is reserved here or in the e820 map).
 fn motherboard_aml(cfg: &AcpiConfig, out: &mut Vec<u8>) {
-    // PM1a event (0x600..0x604) and control (0x604..0x606) blocks, padded to 8.
-    let pm = io_fixed(layout::ACPI_PM1A_EVT_PORT, 8);
+    // PM1a event (0x600..0x604) and control (0x604..0x606) blocks and the PM timer (0x608).
+    let pm = io_fixed(
+        layout::ACPI_PM1A_EVT_PORT,
+        crate::devices::acpi_pm::ACPI_PM_LEN as u8,
+    );
     let reset = io_fixed(RESET_PORT, 1);
     let debug_exit = io_fixed(layout::DEBUG_EXIT_PORT, 1);
     let ecam = cfg
@@ -692,14 +698,15 @@ mod tests {
             assert_eq!(u32_at(f, 48), 0, "SMI_CMD");
             assert_eq!(u32_at(f, 56), 0x600, "PM1a_EVT_BLK");
             assert_eq!(u32_at(f, 64), 0x604, "PM1a_CNT_BLK");
-            assert_eq!(u32_at(f, 76), 0, "PM_TMR_BLK");
+            assert_eq!(u32_at(f, 76), 0x608, "PM_TMR_BLK");
             assert_eq!(
                 (f[88], f[89], f[91]),
-                (4, 2, 0),
+                (4, 2, 4),
                 "PM1 evt/cnt, PM_TMR lengths"
             );
             assert_eq!(u16_at(f, 109), 0b111, "IAPC_BOOT_ARCH");
             let flags = u32_at(f, 112);
+            // TMR_VAL_EXT (bit 8) clear: a 24-bit PM timer.
             assert_eq!(flags, 1 | 1 << 2 | 1 << 4 | 1 << 5 | 1 << 10, "flags");
             assert_eq!(&f[116..120], &[1, 8, 0, 1], "RESET_REG GAS");
             assert_eq!(u64_at(f, 120), 0xcf9);
@@ -707,6 +714,9 @@ mod tests {
             assert_eq!(&f[148..152], &[1, 32, 0, 0], "X_PM1a_EVT_BLK GAS");
             assert_eq!(u64_at(f, 152), 0x600);
             assert_eq!(&f[172..176], &[1, 16, 0, 0], "X_PM1a_CNT_BLK GAS");
+            // X_PM_TMR_BLK at 208: 32-bit System I/O at 0x608.
+            assert_eq!(&f[208..212], &[1, 32, 0, 0], "X_PM_TMR_BLK GAS");
+            assert_eq!(u64_at(f, 212), 0x608);
             assert_eq!(u64_at(f, 176), 0x604);
 
             // MADT.

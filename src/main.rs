@@ -58,8 +58,10 @@ struct RunArgs {
     /// Initramfs (cpio, optionally compressed).
     #[arg(long, value_name = "PATH")]
     initramfs: Option<PathBuf>,
-    /// Kernel command line.
-    #[arg(long, value_name = "STR", default_value = config::DEFAULT_CMDLINE)]
+    /// Kernel command line (it may start with `-`). A multiboot kernel gets the kernel's path,
+    /// a space and this, as QEMU and GRUB give it.
+    #[arg(long, value_name = "STR", default_value = config::DEFAULT_CMDLINE,
+          allow_hyphen_values = true)]
     cmdline: String,
     /// Number of vCPUs.
     #[arg(long, value_name = "N", default_value_t = 1)]

@@ -191,15 +191,18 @@ pub fn run(cfg: VmConfig) -> Result<VmOutcome, VmmError> {
 
     // 4. The kernel, its initramfs and command line.
     let kernel = boot::load_kernel(&mem, &cfg.kernel)?;
-    let max_cmdline = match kernel.setup_header {
-        Some(h) if h.version >= 0x0206 && h.cmdline_size > 0 => h.cmdline_size as usize + 1,
-        _ => 2048,
+    let (cmdline, max_cmdline) = match (kernel.entry, kernel.setup_header) {
+        // As QEMU and GRUB do: the kernel's path first, so the guest's argv[0] is its name.
+        (EntryMode::Multiboot { .. }, _) => (
+            format!("{} {}", cfg.kernel.display(), cfg.cmdline),
+            layout::CMDLINE_MAX_SIZE,
+        ),
+        (_, Some(h)) if h.version >= 0x0206 && h.cmdline_size > 0 => {
+            (cfg.cmdline.clone(), h.cmdline_size as usize + 1)
+        }
+        _ => (cfg.cmdline.clone(), 2048),
     };
-    boot::write_cmdline(
-        &mem,
-        &cfg.cmdline,
-        max_cmdline.min(layout::CMDLINE_MAX_SIZE),
-    )?;
+    boot::write_cmdline(&mem, &cmdline, max_cmdline.min(layout::CMDLINE_MAX_SIZE))?;
     let initrd_limit = match kernel.setup_header {
         Some(h) if h.initrd_addr_max != 0 => h.initrd_addr_max as u64 + 1,
         _ => layout::MMIO_HOLE_START,
@@ -224,7 +227,7 @@ pub fn run(cfg: VmConfig) -> Result<VmOutcome, VmmError> {
     )?;
     let info = BootInfo {
         kernel: &kernel,
-        cmdline_len: cfg.cmdline.len(),
+        cmdline_len: cmdline.len(),
         initramfs,
         rsdp: rsdp.0,
         mem_size: cfg.mem_size,
@@ -233,11 +236,23 @@ pub fn run(cfg: VmConfig) -> Result<VmOutcome, VmmError> {
         EntryMode::Linux64 { .. } => boot::write_zero_page(&mem, &info)?,
         EntryMode::Pvh { .. } => boot::write_pvh_info(&mem, &info)?,
         EntryMode::Multiboot { .. } => {
-            let modules: Vec<(u64, u64)> = info.initramfs.into_iter().collect();
-            multiboot::write_info(&mem, cfg.mem_size, &modules)?;
+            // The initramfs is the one module; its string is its path, as QEMU gives it.
+            let name = cfg.initramfs.as_ref().map(|p| p.display().to_string());
+            let modules: Vec<(u64, u64, &str)> = info
+                .initramfs
+                .zip(name.as_deref())
+                .map(|((start, size), name)| (start, size, name))
+                .into_iter()
+                .collect();
+            multiboot::write_info(&mem, cfg.mem_size, cmdline.len(), &modules)?;
         }
     }
-    regs::write_boot_tables(&mem).map_err(VmmError::BootTables)?;
+    match kernel.entry {
+        // A multiboot kernel may own the page-table pages (layout::MULTIBOOT_RESERVED).
+        EntryMode::Multiboot { .. } => regs::write_gdt(&mem),
+        _ => regs::write_boot_tables(&mem),
+    }
+    .map_err(VmmError::BootTables)?;
 
     // 6. vCPUs: CPUID, MSRs, FPU, LAPIC for all; entry registers for the boot processor.
     let supported = vm.supported_cpuid()?;

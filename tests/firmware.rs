@@ -289,21 +289,41 @@ fn usage_errors_exit_2() {
 }
 
 /// A multiboot v1 kernel (as QEMU's hypervisor test kernels are) reads fw_cfg and chooses
-/// ferrovm's exit status through isa-debug-exit: (code << 1) | 1.
+/// ferrovm's exit status through isa-debug-exit: (code << 1) | 1. Its command line is the
+/// kernel's path, a space and `--cmdline` (which may start with a dash), as QEMU gives it.
 #[test]
 fn multiboot_kernel_with_fw_cfg_and_debug_exit() {
-    for (code, cpus) in [(5, "2"), (3, "1")] {
-        let cmdline = format!("exit={code} from-test");
-        let o = run_fw(
-            "multiboot",
-            &["--cmdline", &cmdline, "--cpus", cpus, "--memory", "64M"],
-        );
+    let dir = scratch("multiboot");
+    let fw = firmware(&dir, "multiboot");
+    let path = fw.to_str().unwrap();
+    for (code, cpus, args) in [(5, "2", "exit=5 from-test"), (3, "1", "-dash exit=3")] {
+        let o = ferrovm(&[
+            "run",
+            "--kernel",
+            path,
+            "--cmdline",
+            args,
+            "--cpus",
+            cpus,
+            "--memory",
+            "64M",
+        ]);
         assert_eq!(o.status.code(), Some((code << 1) | 1), "{}", stderr(&o));
         assert_eq!(
             stdout(&o),
-            format!("multiboot: ok cpus={cpus} mem_upper_mib=0063 cmdline={cmdline}\n")
+            format!("multiboot: ok cpus={cpus} mem_upper_mib=0063 cmdline={path} {args}\n")
         );
     }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A multiboot ELF loaded below 1 MiB, over the pages where a 64-bit entry's page tables go
+/// (kvm-unit-tests' realmode.flat sits at 0x8000): it finds its data and bss intact.
+#[test]
+fn multiboot_kernel_below_1mib_loads_intact() {
+    let o = run_fw("multiboot_low", &["--memory", "32M"]);
+    assert_eq!(o.status.code(), Some(0x21 << 1 | 1), "{}", stderr(&o));
+    assert_eq!(stdout(&o), "multiboot_low: ok\n");
 }
 
 #[test]

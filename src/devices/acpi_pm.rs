@@ -1,16 +1,30 @@
 //! ACPI fixed-hardware power management registers and the 0xCF9 reset port.
 //!
-//! [`AcpiPm`] covers PM1a_EVT_BLK (PM1_STS at +0, PM1_EN at +2) and PM1a_CNT_BLK (PM1_CNT at
-//! +4): insert it at port 0x600 with length [`ACPI_PM_LEN`]. The machine has no SMI_CMD
-//! port, so it is always in ACPI mode and SCI_EN always reads 1. The only sleep state is S5.
+//! [`AcpiPm`] covers PM1a_EVT_BLK (PM1_STS at +0, PM1_EN at +2), PM1a_CNT_BLK (PM1_CNT at
+//! +4) and PM_TMR_BLK (+8), the layout of the PIIX4 PM function QEMU's PC has: insert it at
+//! port 0x600 with length [`ACPI_PM_LEN`]. The machine has no SMI_CMD port, so it is always
+//! in ACPI mode and SCI_EN always reads 1. The only sleep state is S5.
+//!
+//! The PM timer is a 24-bit counter at 3.579545 MHz (the FADT leaves TMR_VAL_EXT clear),
+//! computed from the host's monotonic clock when read. TMR_STS (PM1_STS bit 0) is set once
+//! the counter's top bit has changed since the guest last cleared it; the timer raises no
+//! SCI (Linux and the firmwares poll it).
 
 use crate::bus::BusDeviceMut;
 use crate::devices::{StopRequest, VmControl};
 
 /// The SLP_TYP value of \_S5 in the DSDT.
 pub const S5_SLEEP_TYPE: u8 = 5;
-/// Bytes covered by [`AcpiPm`]: PM1_STS, PM1_EN, PM1_CNT and 2 reserved bytes.
-pub const ACPI_PM_LEN: u64 = 8;
+/// Bytes covered by [`AcpiPm`]: PM1_STS, PM1_EN, PM1_CNT, 2 reserved bytes and PM_TMR.
+pub const ACPI_PM_LEN: u64 = 12;
+/// Offset of PM_TMR in [`AcpiPm`] (port 0x608 at the usual base).
+pub const PM_TMR_OFFSET: u64 = 8;
+/// The PM timer's rate (Hz).
+pub const PM_TIMER_HZ: u64 = 3_579_545;
+/// TMR_VAL is 24 bits wide.
+const PM_TIMER_MASK: u32 = 0x00ff_ffff;
+/// PM1_STS bit 0.
+const TMR_STS: u16 = 1 << 0;
 /// The value the FADT reset register writes to [`ResetPort`].
 pub const RESET_VALUE: u8 = 0x06;
 
@@ -24,13 +38,18 @@ const SLP_EN: u16 = 1 << 13;
 const PM1_STS: usize = 0;
 const PM1_EN: usize = 2;
 const PM1_CNT: usize = 4;
+const PM_TMR: usize = PM_TMR_OFFSET as usize;
 
-/// PM1a event and control registers.
+/// PM1a event and control registers and the PM timer.
 pub struct AcpiPm {
     vm: VmControl,
     sts: u16,
     en: u16,
     cnt: u16,
+    /// Time zero of the PM timer.
+    epoch: std::time::Instant,
+    /// The timer's top bit when the guest last cleared TMR_STS.
+    tmr_msb_at_clear: u32,
 }
 
 impl AcpiPm {
@@ -41,13 +60,29 @@ impl AcpiPm {
             sts: 0,
             en: 0,
             cnt: SCI_EN,
+            epoch: std::time::Instant::now(),
+            tmr_msb_at_clear: 0,
         }
     }
 
-    /// The 8 register bytes as the guest sees them.
+    /// TMR_VAL now: elapsed ticks of the 3.579545 MHz clock, modulo 2^24.
+    fn timer(&self) -> u32 {
+        let ns = self.epoch.elapsed().as_nanos();
+        let ticks = ns * u128::from(PM_TIMER_HZ) / 1_000_000_000;
+        (ticks as u32) & PM_TIMER_MASK // the low 24 bits are all that is kept
+    }
+
+    /// The register bytes as the guest sees them.
     fn bytes(&self) -> [u8; ACPI_PM_LEN as usize] {
         let mut b = [0u8; ACPI_PM_LEN as usize];
-        b[PM1_STS..PM1_STS + 2].copy_from_slice(&self.sts.to_le_bytes());
+        let timer = self.timer();
+        let sts = if timer >> 23 != self.tmr_msb_at_clear {
+            self.sts | TMR_STS
+        } else {
+            self.sts
+        };
+        b[PM1_STS..PM1_STS + 2].copy_from_slice(&sts.to_le_bytes());
+        b[PM_TMR..PM_TMR + 4].copy_from_slice(&timer.to_le_bytes());
         b[PM1_EN..PM1_EN + 2].copy_from_slice(&self.en.to_le_bytes());
         b[PM1_CNT..PM1_CNT + 2].copy_from_slice(&(self.cnt | SCI_EN).to_le_bytes());
         b
@@ -93,8 +128,11 @@ impl BusDeviceMut for AcpiPm {
             value[reg] |= u16::from(b) << shift;
             mask[reg] |= 0xff << shift;
         }
-        // PM1_STS is write-1-to-clear.
+        // PM1_STS is write-1-to-clear. PM_TMR is read-only.
         self.sts &= !(value[0] & mask[0]);
+        if value[0] & mask[0] & TMR_STS != 0 {
+            self.tmr_msb_at_clear = self.timer() >> 23;
+        }
         self.en = (self.en & !mask[1]) | (value[1] & mask[1]);
         if mask[2] != 0 {
             self.write_cnt(value[2], mask[2]);
@@ -162,7 +200,8 @@ mod tests {
         pm.write(0, &[0x01, 0x80, 0, 0]);
         assert_eq!(read(&mut pm, 0, 2), [0x00, 0x01]);
         assert_eq!(read(&mut pm, 2, 2), [0, 0]);
-        assert_eq!(read(&mut pm, 6, 4), [0, 0, 0xff, 0xff]);
+        assert_eq!(read(&mut pm, 6, 2), [0, 0]);
+        assert_eq!(read(&mut pm, 12, 2), [0xff, 0xff]);
         assert_eq!(read(&mut pm, 100, 1), [0xff]);
         pm.write(7, &[0xff; 4]);
         pm.write(u64::MAX, &[0xff; 2]);
@@ -193,6 +232,32 @@ mod tests {
             &u32::from(SLP_EN | 5 << SLP_TYP_SHIFT | SCI_EN).to_le_bytes(),
         );
         assert_eq!(vm.request(), Some(StopRequest::PowerOff));
+    }
+
+    #[test]
+    fn pm_timer_counts_at_3_58_mhz_in_24_bits() {
+        let vm = VmControl::new().unwrap();
+        let mut pm = AcpiPm::new(vm);
+        let tmr = |pm: &mut AcpiPm| u32::from_le_bytes(read(pm, 8, 4).try_into().unwrap());
+        let t0 = tmr(&mut pm);
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let t1 = tmr(&mut pm);
+        // At least 20 ms of ticks (71591); the upper bound only guards against a wrong unit.
+        let d = t1.wrapping_sub(t0) & PM_TIMER_MASK;
+        assert!((71_591..3_579_545).contains(&d), "{t0} -> {t1}");
+        assert_eq!(t1 & !PM_TIMER_MASK, 0);
+        pm.write(8, &[0xff; 4]);
+        assert!(
+            tmr(&mut pm).wrapping_sub(t1) & PM_TIMER_MASK < 3_579_545,
+            "read-only"
+        );
+        // TMR_STS: set once bit 23 changed since it was cleared (move the epoch back 2.4 s).
+        pm.write(0, &[TMR_STS as u8, 0]);
+        assert_eq!(read(&mut pm, 0, 1)[0] & 1, 0);
+        pm.epoch -= std::time::Duration::from_millis(2400);
+        assert_eq!(read(&mut pm, 0, 1)[0] & 1, 1);
+        pm.write(0, &[TMR_STS as u8, 0]);
+        assert_eq!(read(&mut pm, 0, 1)[0] & 1, 0);
     }
 
     #[test]

@@ -42,6 +42,19 @@ pub const EBDA_START: u64 = 0x9fc00;
 pub const ACPI_START: u64 = 0xe0000;
 /// Size of the ACPI area.
 pub const ACPI_SIZE: u64 = 0x20000;
+/// What ferrovm itself writes below 1 MiB when it boots a multiboot kernel: (start, end,
+/// what). A multiboot segment may go anywhere else in RAM (kvm-unit-tests' realmode.flat
+/// loads at 0x8000); the page tables at 0x9000 are written for 64-bit entry only.
+pub const MULTIBOOT_RESERVED: &[(u64, u64, &str)] = &[
+    (BOOT_GDT_START, BOOT_IDT_START + 8, "the boot GDT and IDT"),
+    (PVH_INFO_START, ZERO_PAGE_START, "the multiboot information"),
+    (
+        CMDLINE_START,
+        CMDLINE_START + CMDLINE_MAX_SIZE as u64,
+        "the command line",
+    ),
+    (ACPI_START, ACPI_START + ACPI_SIZE, "the ACPI tables"),
+];
 /// Where kernels are loaded.
 pub const HIMEM_START: u64 = 0x10_0000;
 /// Initial stack pointer for the 64-bit boot protocol (below the zero page).
@@ -84,9 +97,10 @@ pub const COM1_PORT: u16 = 0x3f8;
 pub const COM1_IRQ: u32 = 4;
 pub const I8042_PORT: u16 = 0x60;
 pub const CMOS_PORT: u16 = 0x70;
-/// ACPI PM1a event and control blocks and the PM timer-less sleep registers (FADT points here).
+/// ACPI PM1a event and control blocks and the PM timer (the FADT points here).
 pub const ACPI_PM1A_EVT_PORT: u16 = 0x600;
 pub const ACPI_PM1A_CNT_PORT: u16 = 0x604;
+pub const ACPI_PM_TMR_PORT: u16 = 0x608;
 /// ACPI SCI interrupt.
 pub const ACPI_SCI_IRQ: u32 = 9;
 /// isa-debug-exit (QEMU-compatible): writing V ends ferrovm with status `(V << 1) | 1`.

@@ -127,10 +127,14 @@ pub enum MultibootError {
         "multiboot kernel {0}: ELF program header {1}: p_paddr {2:#x} + p_memsz {3:#x} overflows"
     )]
     ElfPaddrOverflow(String, u64, u64, u64),
-    #[error("multiboot kernel {0}: segment at {1:#x}+{2:#x} is outside guest RAM or below 1 MiB")]
+    #[error("multiboot kernel {0}: segment at {1:#x}+{2:#x} is outside guest RAM")]
     Segment(String, u64, u64),
+    #[error("multiboot kernel {0}: segment at {1:#x}+{2:#x} overlaps {3} ({4:#x}-{5:#x}), which ferrovm places there")]
+    SegmentOverlap(String, u64, u64, &'static str, u64, u64),
     #[error("multiboot module at {0:#x}+{1:#x} ends above 4 GiB (the info structure holds 32-bit addresses)")]
     ModuleAbove4G(u64, u64),
+    #[error("the strings of {0} multiboot modules do not fit after the command line (or one holds a NUL)")]
+    ModuleStrings(usize),
     #[error("{0} multiboot modules do not fit in the multiboot information area")]
     TooManyModules(usize),
 }
@@ -214,7 +218,8 @@ fn load_kludge(
     })
 }
 
-/// Writes `data` at `addr` followed by `zero_len` zero bytes, all of it in RAM above 1 MiB.
+/// Writes `data` at `addr` followed by `zero_len` zero bytes, all of it in RAM below the MMIO
+/// hole and clear of what ferrovm writes there itself ([`layout::MULTIBOOT_RESERVED`]).
 fn write_segment(
     mem: &GuestMemoryMmap,
     name: &str,
@@ -231,8 +236,15 @@ fn write_segment(
             MultibootError::Segment(name.into(), addr, data_len.saturating_add(zero_len)).into(),
         );
     };
-    if addr < layout::HIMEM_START || end > ram_end {
+    if end > ram_end {
         return Err(MultibootError::Segment(name.into(), addr, total).into());
+    }
+    if let Some(&(start, stop, what)) = layout::MULTIBOOT_RESERVED
+        .iter()
+        .find(|&&(start, stop, _)| addr < stop && start < end)
+    {
+        let e = MultibootError::SegmentOverlap(name.into(), addr, total, what, start, stop - 1);
+        return Err(e.into());
     }
     mem.write_slice(data, GuestAddress(addr))
         .map_err(|e| BootError::WriteGuest("multiboot segment", e))?;
@@ -365,10 +377,13 @@ fn load_segment(
 /// Writes the multiboot information structure at `layout::PVH_INFO_START` (the PVH area is
 /// free for multiboot guests): memory sizes, command line, modules, memory map, loader name.
 /// Returns its address (for EBX).
+/// Each module is (start, size, string); the strings go into the command-line area after the
+/// command line (`cmdline_len` bytes and its NUL).
 pub fn write_info(
     mem: &GuestMemoryMmap,
     mem_size: u64,
-    modules: &[(u64, u64)],
+    cmdline_len: usize,
+    modules: &[(u64, u64, &str)],
 ) -> Result<u64, BootError> {
     let base = layout::PVH_INFO_START;
     let w32 = |addr: u64, v: u32| {
@@ -392,7 +407,16 @@ pub fn write_info(
         .ok_or(MultibootError::TooManyModules(modules.len()))?;
     mem.write_slice(b"ferrovm\0", GuestAddress(name_addr))
         .map_err(|e| BootError::WriteGuest("multiboot info", e))?;
-    for (i, &(start, size)) in modules.iter().enumerate() {
+    let strings_end = layout::CMDLINE_START + layout::CMDLINE_MAX_SIZE as u64;
+    let mut string_at = layout::CMDLINE_START + cmdline_len as u64 + 1;
+    for (i, &(start, size, string)) in modules.iter().enumerate() {
+        let string_len = string.len() as u64 + 1;
+        if string.contains('\0') || string_at + string_len > strings_end {
+            return Err(MultibootError::ModuleStrings(modules.len()).into());
+        }
+        mem.write_slice(string.as_bytes(), GuestAddress(string_at))
+            .and_then(|_| mem.write_obj(0u8, GuestAddress(string_at + string_len - 1)))
+            .map_err(|e| BootError::WriteGuest("multiboot module string", e))?;
         let too_high = || MultibootError::ModuleAbove4G(start, size);
         let end = start.checked_add(size).ok_or_else(too_high)?;
         let start32 = u32::try_from(start).map_err(|_| too_high())?;
@@ -400,8 +424,9 @@ pub fn write_info(
         let m = mods_addr + 16 * i as u64;
         w32(m, start32)?;
         w32(m + 4, end32)?;
-        w32(m + 8, layout::CMDLINE_START as u32)?; // module string: reuse the command line
+        w32(m + 8, string_at as u32)?; // below CMDLINE_START + CMDLINE_MAX_SIZE
         w32(m + 12, 0)?;
+        string_at += string_len;
     }
     for (i, &(addr, size, kind)) in map.iter().enumerate() {
         let e = mmap_addr + 24 * i as u64;
@@ -474,10 +499,34 @@ mod tests {
         h.load_end_addr = 0;
         h.bss_end_addr = 0xffff_f000; // bss beyond RAM
         assert!(load(&mem, p, &f, &h).is_err());
-        h.load_addr = 0x0ff000 - 8; // below 1 MiB
+        h.load_addr = 0x0ff000 - 8; // on the ACPI tables
         h.header_addr = 0x0ff000;
         h.bss_end_addr = 0;
-        assert!(load(&mem, p, &f, &h).is_err());
+        let e = load(&mem, p, &f, &h).err().unwrap().to_string();
+        assert!(
+            e.contains("overlaps the ACPI tables (0xe0000-0xfffff)"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn segments_below_1mib_load_unless_they_overlap_ferrovms_own() {
+        let mem = mem16();
+        // realmode.flat's segments: 0x8000+0x286c and 0xb000+0x2a30.
+        write_segment(&mem, "k", 0x8000, &[0xaa; 0x286c], 0).unwrap();
+        write_segment(&mem, "k", 0xb000, &[0xbb; 16], 0x2a20).unwrap();
+        write_segment(&mem, "k", 0, &[1; 0x500], 0).unwrap();
+        for (addr, len, what) in [
+            (0x4f8, 16, "GDT"),
+            (0x6fff, 1, "multiboot information"),
+            (0x1_0000, 0x1_0001, "command line"),
+            (0xf_fff0, 0x20, "ACPI"),
+        ] {
+            let e = write_segment(&mem, "k", addr, &vec![0; len], 0).unwrap_err();
+            assert!(e.to_string().contains(what), "{addr:#x}: {e}");
+        }
+        // Zeroed bss counts too.
+        assert!(write_segment(&mem, "k", 0x7000, &[], 0x19001).is_err());
     }
 
     fn mem16() -> GuestMemoryMmap {
@@ -684,20 +733,32 @@ mod tests {
     fn module_above_4g_is_an_error() {
         let mem = mem16();
         assert!(matches!(
-            write_info(&mem, 16 << 20, &[(0xffff_f000, 0x2000)]),
+            write_info(&mem, 16 << 20, 0, &[(0xffff_f000, 0x2000, "m")]),
             Err(BootError::Multiboot(MultibootError::ModuleAbove4G(..)))
         ));
         assert!(matches!(
-            write_info(&mem, 16 << 20, &[(u64::MAX, 2)]),
+            write_info(&mem, 16 << 20, 0, &[(u64::MAX, 2, "m")]),
             Err(BootError::Multiboot(MultibootError::ModuleAbove4G(..)))
         ));
         assert!(matches!(
-            write_info(&mem, 16 << 20, &vec![(0x20_0000, 16); 1000]),
+            write_info(&mem, 16 << 20, 0, &vec![(0x20_0000, 16, "m"); 1000]),
             Err(BootError::Multiboot(MultibootError::TooManyModules(1000)))
         ));
+        let long = "m".repeat(layout::CMDLINE_MAX_SIZE);
+        assert!(matches!(
+            write_info(&mem, 16 << 20, 10, &[(0x20_0000, 16, long.as_str())]),
+            Err(BootError::Multiboot(MultibootError::ModuleStrings(1)))
+        ));
         assert_eq!(
-            write_info(&mem, 16 << 20, &[(0x20_0000, 16)]).unwrap(),
+            write_info(&mem, 16 << 20, 10, &[(0x20_0000, 16, "initrd.img")]).unwrap(),
             layout::PVH_INFO_START
         );
+        let at: u32 = mem
+            .read_obj(GuestAddress(layout::PVH_INFO_START + 0x90 + 8))
+            .unwrap();
+        assert_eq!(u64::from(at), layout::CMDLINE_START + 11);
+        let mut name = [0u8; 11];
+        mem.read_slice(&mut name, GuestAddress(at.into())).unwrap();
+        assert_eq!(&name, b"initrd.img\0");
     }
 }

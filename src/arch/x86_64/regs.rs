@@ -58,10 +58,20 @@ pub fn segment_from_gdt(entry: u64, index: usize) -> kvm_segment {
 
 /// Writes the GDT, an empty IDT and identity page tables for 0..4 GiB (2 MiB pages).
 pub fn write_boot_tables(mem: &GuestMemoryMmap) -> Result<(), vm_memory::GuestMemoryError> {
+    write_gdt(mem)?;
+    write_page_tables(mem)
+}
+
+/// Writes the GDT and an empty IDT: all a 32-bit entry (PVH, multiboot) needs.
+pub fn write_gdt(mem: &GuestMemoryMmap) -> Result<(), vm_memory::GuestMemoryError> {
     for (i, e) in GDT.iter().enumerate() {
         mem.write_obj(*e, GuestAddress(layout::BOOT_GDT_START + i as u64 * 8))?;
     }
-    mem.write_obj(0u64, GuestAddress(layout::BOOT_IDT_START))?;
+    mem.write_obj(0u64, GuestAddress(layout::BOOT_IDT_START))
+}
+
+/// Writes identity page tables for 0..4 GiB (2 MiB pages) at `layout::PML4_START`.
+fn write_page_tables(mem: &GuestMemoryMmap) -> Result<(), vm_memory::GuestMemoryError> {
     // PML4[0] -> PDPT; PDPT[0..4] -> four page directories of 512 x 2 MiB pages.
     mem.write_obj(layout::PDPTE_START | 0x03, GuestAddress(layout::PML4_START))?;
     for d in 0..4u64 {

@@ -220,13 +220,15 @@ impl PciConfigIo {
         )
     }
 
-    /// (bus, dev, func, reg) of the current address plus `offset`, if enabled.
+    /// (bus, dev, func, reg) of the current address plus `offset`, if enabled. As on QEMU's
+    /// PC, CONFIG_ADDRESS bits 1:0 are kept and ORed into the register (kvm-unit-tests reads
+    /// the device ID with CF8 = ...|2 and a word read at 0xCFC); Linux leaves them 0.
     fn target(&self, offset: u64, len: usize) -> Option<(u8, u8, u8, u16)> {
         let a = self.address.load(Ordering::SeqCst);
-        if a & 0x8000_0000 == 0 || offset + len as u64 > 4 {
+        let reg = (a & 0xff) as u16 | offset as u16;
+        if a & 0x8000_0000 == 0 || offset > 3 || u64::from(reg & 3) + len as u64 > 4 {
             return None;
         }
-        let reg = (a & 0xfc) as u16 + offset as u16;
         Some((
             (a >> 16) as u8,
             (a >> 11 & 0x1f) as u8,
@@ -256,7 +258,7 @@ impl BusDevice for PciConfigIo {
         if !self.is_data {
             if let (0, Ok(v)) = (offset, <[u8; 4]>::try_from(data)) {
                 self.address
-                    .store(u32::from_le_bytes(v) & 0x80ff_fffc, Ordering::SeqCst);
+                    .store(u32::from_le_bytes(v) & 0x80ff_ffff, Ordering::SeqCst);
             }
             return;
         }
@@ -418,7 +420,11 @@ mod tests {
         a.write(0, &0x8000_0803u32.to_le_bytes());
         let mut b = [0u8; 4];
         a.read(0, &mut b);
-        assert_eq!(u32::from_le_bytes(b), 0x8000_0800);
+        assert_eq!(u32::from_le_bytes(b), 0x8000_0803);
+        // CONFIG_ADDRESS bits 1:0 are ORed into the register, as QEMU does: a word read at
+        // 0xCFC with CF8 = ...|2 is the device ID; one that would cross the dword is refused.
+        assert_eq!(cf8_read(&mut a, &mut d, 0x8000_0802, 0, 2), 0x1044);
+        assert_eq!(cf8_read(&mut a, &mut d, 0x8000_0803, 0, 2), 0xffff);
         // A write through ECAM is seen through CF8.
         ecam.write(1 << 15 | 0x3c, &[0x0b]);
         assert_eq!(cf8_read(&mut a, &mut d, 0x8000_083c, 0, 1), 0x0b);
