@@ -34,6 +34,8 @@ const OEM_REVISION: u32 = 1;
 const CREATOR_ID: [u8; 4] = *b"FRVM";
 const CREATOR_REVISION: u32 = 1;
 
+/// SLP_TYP value the guest writes to PM1a_CNT to enter S3 (suspend to RAM).
+pub const S3_SLP_TYP: u8 = 1;
 /// SLP_TYP value the guest writes to PM1a_CNT to enter S5; the PM device checks for it.
 pub const S5_SLP_TYP: u8 = 5;
 /// The reset register (System I/O) and the value that resets the machine.
@@ -108,14 +110,24 @@ pub enum AcpiError {
     },
 }
 
+/// Where the tables that matter after boot are.
+#[derive(Debug, Clone, Copy)]
+pub struct AcpiAddresses {
+    /// The RSDP (for the zero page's `acpi_rsdp_addr` or the PVH start_info `rsdp_paddr`).
+    pub rsdp: GuestAddress,
+    /// The FACS (its firmware waking vector is where an S3 wake resumes).
+    pub facs: GuestAddress,
+}
+
+/// The FACS's Firmware_Waking_Vector field (32-bit; real-mode entry at CS = vector >> 4).
+pub const FACS_WAKING_VECTOR_OFFSET: u64 = 12;
+
 /// Builds all ACPI tables for `cfg` and writes them to `mem` at [`layout::ACPI_START`].
-///
-/// Returns the guest-physical address of the RSDP (for the zero page's `acpi_rsdp_addr` or the
-/// PVH start_info `rsdp_paddr`). Nothing is written if the tables do not fit the ACPI area.
+/// Nothing is written if the tables do not fit the ACPI area.
 pub fn create_acpi_tables<M: GuestMemory>(
     mem: &M,
     cfg: &AcpiConfig,
-) -> Result<GuestAddress, AcpiError> {
+) -> Result<AcpiAddresses, AcpiError> {
     if cfg.num_cpus == 0 {
         return Err(AcpiError::NoCpus);
     }
@@ -165,7 +177,10 @@ pub fn create_acpi_tables<M: GuestMemory>(
         area.used(),
         layout::ACPI_SIZE
     );
-    Ok(GuestAddress(rsdp_addr))
+    Ok(AcpiAddresses {
+        rsdp: GuestAddress(rsdp_addr),
+        facs: GuestAddress(facs_addr),
+    })
 }
 
 /// Hands out aligned, non-overlapping ranges of the ACPI area.
@@ -448,7 +463,13 @@ const SB_DEVICES: &[DeviceAmlBuilder] = &[pci_aml, com1_aml, rtc_aml, i8042_aml,
 fn build_dsdt(cfg: &AcpiConfig) -> Vec<u8> {
     let mut aml_bytes = Vec::new();
 
+    // \_S3 (suspend to RAM; the value QEMU's PC uses, which kvm-unit-tests' s3 writes) and
     // \_S5: SLP_TYPa, SLP_TYPb, reserved, reserved.
+    aml::Name::new(
+        Path::new("_S3_"),
+        &aml::Package::new(vec![&S3_SLP_TYP, &S3_SLP_TYP, &0u8, &0u8]),
+    )
+    .to_aml_bytes(&mut aml_bytes);
     aml::Name::new(
         Path::new("_S5_"),
         &aml::Package::new(vec![&S5_SLP_TYP, &S5_SLP_TYP, &0u8, &0u8]),
@@ -689,7 +710,7 @@ mod tests {
                 num_cpus,
                 pci: None,
             };
-            let rsdp = create_acpi_tables(&mem, &cfg).unwrap();
+            let rsdp = create_acpi_tables(&mem, &cfg).unwrap().rsdp;
             let w = walk(&mem, rsdp);
 
             // FADT fixed hardware.
@@ -761,6 +782,7 @@ mod tests {
             assert!(xsdt_addr + w.xsdt.len() as u64 <= layout::ACPI_START + layout::ACPI_SIZE);
             assert_eq!(&w.facs[32..33], &[2]);
             assert!(w.dsdt.windows(4).any(|x| x == b"_S5_"));
+            assert!(w.dsdt.windows(4).any(|x| x == b"_S3_"));
         }
     }
 
@@ -779,7 +801,7 @@ mod tests {
             num_cpus: 1,
             pci: Some(test_pci()),
         };
-        let w = walk(&mem, create_acpi_tables(&mem, &cfg).unwrap());
+        let w = walk(&mem, create_acpi_tables(&mem, &cfg).unwrap().rsdp);
         let m = w.mcfg.unwrap();
         assert_eq!(m.len(), HEADER_LEN + 8 + 16);
         assert_eq!(u64_at(&m, 44), 0xe000_0000);
@@ -880,7 +902,7 @@ mod tests {
             num_cpus: 4,
             pci: Some(test_pci()),
         };
-        let rsdp = create_acpi_tables(&mem, &cfg).unwrap();
+        let rsdp = create_acpi_tables(&mem, &cfg).unwrap().rsdp;
         let w = walk(&mem, rsdp);
         let mcfg = w.mcfg.clone().expect("MCFG");
         let dir = temp_dir("iasl");

@@ -28,6 +28,8 @@ pub enum ConfigError {
     Serial(String),
     #[error("invalid --exit-stats '{0}': expected --exit-stats or --exit-stats=json:PATH")]
     ExitStats(String),
+    #[error(transparent)]
+    Cpu(#[from] crate::arch::x86_64::cpu_features::CpuError),
 }
 
 /// Where the guest's COM1 goes.
@@ -62,6 +64,10 @@ pub struct VmConfig {
     pub disks: Vec<crate::devices::virtio::block::DiskConfig>,
     /// `--net`: virtio-net NICs on TAP devices, in PCI slot order after the disks.
     pub nets: Vec<crate::devices::virtio::net::NetConfig>,
+    /// `--test-devices`: QEMU's pc-testdev (kvm-unit-tests); never in an ordinary VM.
+    pub test_devices: bool,
+    /// `--cpu`: CPUID feature changes over what KVM supports.
+    pub cpu: crate::arch::x86_64::cpu_features::CpuFeatures,
 }
 
 impl VmConfig {
@@ -83,6 +89,8 @@ impl VmConfig {
             rng: false,
             disks: Vec::new(),
             nets: Vec::new(),
+            cpu: Default::default(),
+            test_devices: false,
         }
     }
 }

@@ -19,6 +19,7 @@ pub mod firmware;
 pub mod kvm;
 pub mod ratelimit;
 pub mod resources;
+pub mod sleep;
 pub mod vmm;
 
 /// When the process started (set first thing in `main`); start-up timings are measured from here.

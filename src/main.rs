@@ -92,6 +92,15 @@ struct RunArgs {
     /// A virtio-net NIC on a TAP device: tap=NAME[,mac=MAC]. Repeatable.
     #[arg(long, value_name = "tap=NAME[,mac=MAC]")]
     net: Vec<String>,
+    /// CPU model and features in QEMU's spelling: host|max[,+FEATURE][,-FEATURE][,FEATURE=on|off].
+    /// Both models are everything this host's KVM supports; adding a feature it cannot back is
+    /// an error.
+    #[arg(long, value_name = "MODEL[,+F,-F]", default_value = "host")]
+    cpu: String,
+    /// Attach QEMU's pc-testdev (ports 0xe0-0xeb and 0x2000-0x2017, MMIO 0xff000000-0xff00ffff;
+    /// drives interrupt lines 13-15) for kvm-unit-tests. Never in an ordinary VM.
+    #[arg(long)]
+    test_devices: bool,
     /// Attach the bench device (ports 0x700-0x71f, MMIO 0xe1000000-0xe1001fff, GSI 23) that
     /// `bench-exits` and the exit-statistics test guests talk to. Never in an ordinary VM.
     #[arg(long)]
@@ -133,8 +142,10 @@ fn build_config(a: RunArgs) -> Result<VmConfig, config::ConfigError> {
         verbose: a.verbose,
         rng: a.rng,
         bench_device: a.bench_device,
+        test_devices: a.test_devices,
         disks,
         nets,
+        cpu: ferrovm::arch::x86_64::cpu_features::CpuFeatures::parse(&a.cpu)?,
         ..VmConfig::with_kernel(a.kernel)
     })
 }

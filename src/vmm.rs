@@ -59,6 +59,8 @@ pub enum VmmError {
     BootTables(#[source] vm_memory::GuestMemoryError),
     #[error("cannot write the ACPI tables")]
     Acpi(#[from] acpi::AcpiError),
+    #[error(transparent)]
+    Cpu(#[from] crate::arch::x86_64::cpu_features::CpuError),
     #[error("cannot place a device")]
     Place(#[from] PlaceError),
     #[error("cannot build the PCI bus")]
@@ -113,6 +115,9 @@ pub fn run(cfg: VmConfig) -> Result<VmOutcome, VmmError> {
     // Every device asks the resource map for its lines and ranges (resources.rs).
     let mut buses = Buses::new();
     claim_platform(&mut buses.claims, below_4g, above_4g)?;
+    // Kept typed: they are the S3 wake sources (sleep.rs).
+    let cmos = Arc::new(Mutex::new(devices::cmos::Cmos::new(below_4g, above_4g)));
+    let acpi_pm = Arc::new(Mutex::new(devices::acpi_pm::AcpiPm::new(control.clone())));
     let pio_devices: [(u16, u64, &'static str, SharedDevice); 8] = [
         (layout::COM1_PORT, 8, "com1", serial.clone()),
         (
@@ -121,17 +126,12 @@ pub fn run(cfg: VmConfig) -> Result<VmOutcome, VmmError> {
             "i8042",
             shared(devices::i8042::I8042::new(control.clone())),
         ),
-        (
-            layout::CMOS_PORT,
-            2,
-            "cmos",
-            shared(devices::cmos::Cmos::new(below_4g, above_4g)),
-        ),
+        (layout::CMOS_PORT, 2, "cmos", cmos.clone()),
         (
             layout::ACPI_PM1A_EVT_PORT,
             devices::acpi_pm::ACPI_PM_LEN,
             "acpi-pm",
-            shared(devices::acpi_pm::AcpiPm::new(control.clone())),
+            acpi_pm.clone(),
         ),
         (
             0xcf9,
@@ -164,6 +164,9 @@ pub fn run(cfg: VmConfig) -> Result<VmOutcome, VmmError> {
     }
     .map(|log| crate::bench::device::attach(&vm, &mem, &mut buses, &control, log))
     .transpose()?;
+    if cfg.test_devices {
+        attach_test_devices(&vm, &mut buses)?;
+    }
 
     // 3b. PCI bus 0: the host bridge, then virtio devices behind the virtio-pci transport.
     let mut pci = PciRoot::new(layout::PCI_MMIO32_START, layout::PCI_MMIO32_SIZE);
@@ -218,7 +221,7 @@ pub fn run(cfg: VmConfig) -> Result<VmOutcome, VmmError> {
     };
 
     // 5. Tables the kernel reads: ACPI, then the zero page or PVH start_info, GDT and page tables.
-    let rsdp = acpi::create_acpi_tables(
+    let acpi_tables = acpi::create_acpi_tables(
         &mem,
         &AcpiConfig {
             num_cpus: cfg.cpus,
@@ -229,7 +232,7 @@ pub fn run(cfg: VmConfig) -> Result<VmOutcome, VmmError> {
         kernel: &kernel,
         cmdline_len: cmdline.len(),
         initramfs,
-        rsdp: rsdp.0,
+        rsdp: acpi_tables.rsdp.0,
         mem_size: cfg.mem_size,
     };
     match kernel.entry {
@@ -257,6 +260,7 @@ pub fn run(cfg: VmConfig) -> Result<VmOutcome, VmmError> {
     // 6. vCPUs: CPUID, MSRs, FPU, LAPIC for all; entry registers for the boot processor.
     let supported = vm.supported_cpuid()?;
     let irqchip = vm.irqchip_features();
+    cfg.cpu.check(&supported, irqchip)?;
     let mut vcpus = Vec::new();
     for i in 0..cfg.cpus {
         let mut v = Vcpu::new(
@@ -269,7 +273,7 @@ pub fn run(cfg: VmConfig) -> Result<VmOutcome, VmmError> {
         if !cfg.record_exits {
             v.set_stats_recording(false);
         }
-        v.configure(&supported, irqchip, cfg.cpus)?;
+        v.configure(&supported, irqchip, cfg.cpus, &cfg.cpu)?;
         if i == 0 {
             v.set_boot_registers(kernel.entry)?;
         }
@@ -341,10 +345,27 @@ pub fn run(cfg: VmConfig) -> Result<VmOutcome, VmmError> {
         }
     }
 
-    // 8. Wait until something stops the VM, then stop every vCPU and say why it ended.
-    while wait_readable(control.event(), stats_event) {
-        let _ = stats_event.read();
-        print_live_stats(&stats, "SIGUSR1");
+    // 8. Wait until something stops the VM (suspend/wake cycles on the way), then stop every
+    //    vCPU and say why it ended.
+    let wake = crate::sleep::WakeSources {
+        pm: &acpi_pm,
+        cmos: &cmos,
+        mem: &mem,
+        waking_vector: GuestAddress(acpi_tables.facs.0 + acpi::FACS_WAKING_VECTOR_OFFSET),
+    };
+    loop {
+        if wait_readable(control.event(), stats_event) {
+            let _ = stats_event.read();
+            print_live_stats(&stats, "SIGUSR1");
+            continue;
+        }
+        let _ = control.event().read(); // drained: what it signalled is in `control`
+        if control.is_stopping() {
+            break;
+        }
+        if control.is_suspended() {
+            crate::sleep::suspend(&control, &threads, &wake);
+        }
     }
     control.stop();
     stop_vcpus(threads);
@@ -479,6 +500,44 @@ fn claim_platform(claims: &mut Resources, below_4g: u64, above_4g: u64) -> Resul
 }
 
 /// A register-file device behind its own lock, as the bus holds it.
+/// QEMU's pc-testdev (`--test-devices`): its ports, its MMIO window and its interrupt lines.
+fn attach_test_devices(vm: &Vm, buses: &mut Buses) -> Result<(), VmmError> {
+    use devices::testdev as t;
+    for gsi in t::TEST_IRQS {
+        buses
+            .claims
+            .claim_gsi(gsi, "pc-testdev", Sharing::Exclusive)
+            .map_err(PlaceError::from)?;
+    }
+    let ports: [(Space, u64, u64, &'static str, SharedDevice); 3] = [
+        (
+            Space::Pio,
+            u64::from(t::PORT_DATA),
+            t::PORT_DATA_LEN,
+            "pc-testdev",
+            shared(t::PcTestPorts::default()),
+        ),
+        (
+            Space::Pio,
+            u64::from(t::PORT_IRQ),
+            t::PORT_IRQ_LEN,
+            "pc-testdev-irq",
+            shared(t::PcTestIrq::new(vm.interrupts())),
+        ),
+        (
+            Space::Mmio,
+            t::IOMEM_START,
+            t::IOMEM_LEN,
+            "pc-testdev-iomem",
+            shared(t::PcTestIomem::default()),
+        ),
+    ];
+    for (space, base, len, name, dev) in ports {
+        buses.add(space, base, len, name, dev)?;
+    }
+    Ok(())
+}
+
 fn shared<D: BusDeviceMut + 'static>(d: D) -> crate::bus::SharedDevice {
     Arc::new(Mutex::new(d))
 }

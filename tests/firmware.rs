@@ -326,6 +326,72 @@ fn multiboot_kernel_below_1mib_loads_intact() {
     assert_eq!(stdout(&o), "multiboot_low: ok\n");
 }
 
+/// ACPI S3 as kvm-unit-tests' s3 does it: the suspend stops the vCPU at once, the RTC alarm
+/// wakes the VM, and the guest resumes in real mode at the FACS waking vector with RAM intact
+/// and PM1_STS.WAK_STS set (the stub's exit value is what the guest stored before sleeping).
+#[test]
+fn s3_suspends_and_wakes_at_the_facs_vector_on_the_rtc_alarm() {
+    let o = run_fw("s3", &["--memory", "64M", "--cpus", "2"]);
+    assert_eq!(o.status.code(), Some(0x2a << 1 | 1), "{}", stderr(&o));
+    assert_eq!(stdout(&o), "s3: suspending\ns3: resumed\n");
+}
+
+/// `--cpu` in QEMU's spelling: -x2apic clears the bit the guest sees, a feature KVM never
+/// offers (pbe) and an unknown model are one-line errors.
+#[test]
+fn cpu_features_can_be_removed_and_unbackable_ones_are_refused() {
+    let ecx = |extra: &[&str]| {
+        let o = run_fw("cpuid", extra);
+        assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+        let out = stdout(&o);
+        let hex = out
+            .split("ecx=")
+            .nth(1)
+            .and_then(|s| s.get(..16))
+            .unwrap_or("");
+        u64::from_str_radix(hex, 16).unwrap_or_else(|_| panic!("{out}"))
+    };
+    const X2APIC: u64 = 1 << 21;
+    assert_ne!(ecx(&[]) & X2APIC, 0, "ferrovm offers x2apic by default");
+    assert_eq!(ecx(&["--cpu", "host,-x2apic"]) & X2APIC, 0);
+    assert_ne!(
+        ecx(&["--cpu", "max,-x2apic,x2apic=on"]) & X2APIC,
+        0,
+        "last wins"
+    );
+    for (arg, msg) in [
+        ("host,+pbe", "feature 'pbe' is not available"),
+        ("qemu64", "unknown CPU model 'qemu64'"),
+        ("host,+warp", "unknown CPU feature 'warp'"),
+    ] {
+        let o = run_fw("cpuid", &["--cpu", arg]);
+        assert_eq!(o.status.code(), Some(1), "{arg}");
+        let err = stderr(&o);
+        assert!(
+            err.contains(msg) && err.trim_end().lines().count() == 1,
+            "{arg}: {err}"
+        );
+    }
+}
+
+/// QEMU's pc-testdev only with --test-devices: string I/O reaches it one element at a time
+/// (the last byte of `rep outsb` is what reads back), and its MMIO window stores data.
+#[test]
+fn pc_testdev_only_when_asked_for() {
+    let with = run_fw("testdev", &["--test-devices"]);
+    assert_eq!(with.status.code(), Some(0), "{}", stderr(&with));
+    assert_eq!(
+        stdout(&with),
+        "testdev port=000000000000007a mem=000000005eed1234\n"
+    );
+    let without = run_fw("testdev", &[]);
+    assert_eq!(without.status.code(), Some(0), "{}", stderr(&without));
+    assert_eq!(
+        stdout(&without),
+        "testdev port=00000000000000ff mem=00000000ffffffff\n"
+    );
+}
+
 #[test]
 fn missing_dev_kvm_is_a_clear_error() {
     // A private mount namespace with an empty /dev: /dev/kvm does not exist there.

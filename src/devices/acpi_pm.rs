@@ -3,7 +3,9 @@
 //! [`AcpiPm`] covers PM1a_EVT_BLK (PM1_STS at +0, PM1_EN at +2), PM1a_CNT_BLK (PM1_CNT at
 //! +4) and PM_TMR_BLK (+8), the layout of the PIIX4 PM function QEMU's PC has: insert it at
 //! port 0x600 with length [`ACPI_PM_LEN`]. The machine has no SMI_CMD port, so it is always
-//! in ACPI mode and SCI_EN always reads 1. The only sleep state is S5.
+//! in ACPI mode and SCI_EN always reads 1. Sleep states: S3 (suspend to RAM: the VMM parks
+//! the vCPUs and wakes them at the FACS waking vector on an RTC alarm when PM1_EN.RTC_EN is
+//! set, see `crate::sleep`) and S5 (power off).
 //!
 //! The PM timer is a 24-bit counter at 3.579545 MHz (the FADT leaves TMR_VAL_EXT clear),
 //! computed from the host's monotonic clock when read. TMR_STS (PM1_STS bit 0) is set once
@@ -13,8 +15,13 @@
 use crate::bus::BusDeviceMut;
 use crate::devices::{StopRequest, VmControl};
 
-/// The SLP_TYP value of \_S5 in the DSDT.
+/// The SLP_TYP values of \_S3 and \_S5 in the DSDT.
+pub const S3_SLEEP_TYPE: u8 = 1;
 pub const S5_SLEEP_TYPE: u8 = 5;
+/// PM1_STS / PM1_EN bits: RTC alarm status / wake enable; wake status.
+const RTC_STS: u16 = 1 << 10;
+const RTC_EN: u16 = 1 << 10;
+const WAK_STS: u16 = 1 << 15;
 /// Bytes covered by [`AcpiPm`]: PM1_STS, PM1_EN, PM1_CNT, 2 reserved bytes and PM_TMR.
 pub const ACPI_PM_LEN: u64 = 12;
 /// Offset of PM_TMR in [`AcpiPm`] (port 0x608 at the usual base).
@@ -65,6 +72,16 @@ impl AcpiPm {
         }
     }
 
+    /// Whether the guest enabled the RTC alarm as a wake event (PM1_EN.RTC_EN).
+    pub fn rtc_wake_enabled(&self) -> bool {
+        self.en & RTC_EN != 0
+    }
+
+    /// Records a wake from S3 by the RTC alarm (PM1_STS.WAK_STS and RTC_STS).
+    pub fn woken_by_rtc(&mut self) {
+        self.sts |= WAK_STS | RTC_STS;
+    }
+
     /// TMR_VAL now: elapsed ticks of the 3.579545 MHz clock, modulo 2^24.
     fn timer(&self) -> u32 {
         let ns = self.epoch.elapsed().as_nanos();
@@ -98,6 +115,9 @@ impl AcpiPm {
         if slp_typ == u16::from(S5_SLEEP_TYPE) {
             log::info!("acpi: guest entered S5, powering off");
             self.vm.request_stop(StopRequest::PowerOff);
+        } else if slp_typ == u16::from(S3_SLEEP_TYPE) {
+            log::info!("acpi: guest entered S3 (suspend to RAM)");
+            self.vm.request_suspend();
         } else {
             log::debug!("acpi: ignoring sleep request with SLP_TYP {slp_typ}");
         }
@@ -212,10 +232,19 @@ mod tests {
     fn sleep_states() {
         let vm = VmControl::new().unwrap();
         let mut pm = AcpiPm::new(vm.clone());
-        // S3 (type 3) is ignored, and SLP_TYP without SLP_EN does nothing.
+        // Types other than S3 and S5 are ignored, and SLP_TYP without SLP_EN does nothing.
         pm.write(4, &(SLP_EN | 3 << SLP_TYP_SHIFT).to_le_bytes());
         pm.write(4, &(5u16 << SLP_TYP_SHIFT).to_le_bytes());
-        assert!(!vm.is_stopping());
+        pm.write(4, &(1u16 << SLP_TYP_SHIFT).to_le_bytes());
+        assert!(!vm.is_stopping() && !vm.is_suspended());
+        // S3 (what kvm-unit-tests' s3 writes: 0x2400) asks for a suspend, not a stop.
+        pm.write(2, &RTC_EN.to_le_bytes());
+        assert!(pm.rtc_wake_enabled());
+        pm.write(4, &0x2400u16.to_le_bytes());
+        assert!(vm.is_suspended() && !vm.is_stopping());
+        pm.woken_by_rtc();
+        assert_eq!(read(&mut pm, 1, 1)[0] & 0x84, 0x84, "WAK_STS | RTC_STS");
+        pm.write(4, &(5u16 << SLP_TYP_SHIFT).to_le_bytes());
         assert_eq!(
             read(&mut pm, 5, 1),
             [0x14],

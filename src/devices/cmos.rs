@@ -2,8 +2,12 @@
 //!
 //! Insert at port 0x70 with length 2. The clock registers always show the host's current
 //! UTC time, read when the guest reads them. Guest writes to the clock registers are
-//! ignored (the guest cannot set the clock). There is no interrupt line: alarm, periodic
-//! and update interrupts are not emulated, and register C always reads 0.
+//! ignored (the guest cannot set the clock). Register A's UIP bit is set as on the chip:
+//! from 244 us before each second's update until the 1984 us update cycle ends. The alarm
+//! (registers 1, 3, 5; 0xC0-0xFF is "don't care") is checked at every second boundary:
+//! register C shows AF (and IRQF with AIE) once it matched since C was last read, and
+//! [`Cmos::alarm_fired_since`] lets the VMM wake a suspended (S3) VM. There is no interrupt
+//! line: alarm, periodic and update interrupts are not delivered.
 
 use crate::bus::BusDeviceMut;
 
@@ -22,8 +26,22 @@ const REG_B: u8 = 0x0b;
 const REG_C: u8 = 0x0c;
 const REG_D: u8 = 0x0d;
 
-/// Register A: 32.768 kHz time base, 1024 Hz rate; bit 7 (update in progress) stays 0.
+/// Register A: 32.768 kHz time base, 1024 Hz rate; bit 7 is UIP (update in progress).
 const REG_A_DEFAULT: u8 = 0x26;
+const REG_A_UIP: u8 = 0x80;
+/// UIP is set this long before each update and stays set through it (the update cycle).
+const UIP_BEFORE_NS: u32 = 244_000;
+const UIP_UPDATE_NS: u32 = 1_984_000;
+/// Alarm registers.
+const SECONDS_ALARM: u8 = 0x01;
+const MINUTES_ALARM: u8 = 0x03;
+const HOURS_ALARM: u8 = 0x05;
+/// Register B: set (updates stop), alarm interrupt enable.
+const REG_B_SET: u8 = 0x80;
+const REG_B_AIE: u8 = 0x20;
+/// Register C: interrupt request flag, alarm flag.
+const REG_C_IRQF: u8 = 0x80;
+const REG_C_AF: u8 = 0x20;
 /// Register B: 24-hour mode, BCD.
 const REG_B_DEFAULT: u8 = 0x02;
 const REG_B_24H: u8 = 0x02;
@@ -40,6 +58,8 @@ const LOW_MEM_LIMIT: u64 = 0xe000_0000;
 pub struct Cmos {
     index: u8,
     ram: [u8; 128],
+    /// The Unix second register C was last read at (alarm matches after it count).
+    c_read_at: u64,
 }
 
 impl Cmos {
@@ -64,7 +84,48 @@ impl Cmos {
         ram[0x5b] = high as u8;
         ram[0x5c] = (high >> 8) as u8;
         ram[0x5d] = (high >> 16) as u8;
-        Self { index: 0, ram }
+        Self {
+            index: 0,
+            ram,
+            c_read_at: unix_now().0,
+        }
+    }
+
+    /// True when the alarm matched at a second boundary after Unix second `since` (up to
+    /// now) with the alarm interrupt enabled: the wake event of a suspended VM.
+    pub fn alarm_fired_since(&self, since: u64) -> bool {
+        self.ram[usize::from(REG_B)] & REG_B_AIE != 0 && self.alarm_between(since, unix_now().0)
+    }
+
+    /// Whether the alarm registers match the time at some second in (from, to].
+    fn alarm_between(&self, from: u64, to: u64) -> bool {
+        if self.ram[usize::from(REG_B)] & REG_B_SET != 0 {
+            return false; // the clock does not update, so it cannot reach the alarm
+        }
+        // A day covers every alarm value; more than that need not be looked at.
+        let from = from.max(to.saturating_sub(86_400));
+        (from + 1..=to).any(|s| {
+            let t = utc_at(s);
+            let hit = |reg: u8, now: u8| {
+                let a = self.ram[usize::from(reg)];
+                a & 0xc0 == 0xc0 || a == now
+            };
+            hit(SECONDS_ALARM, self.encode(t.sec))
+                && hit(MINUTES_ALARM, self.encode(t.min))
+                && hit(HOURS_ALARM, self.hours(t.hour))
+        })
+    }
+
+    /// Register C, cleared by the read.
+    fn read_c(&mut self) -> u8 {
+        let now = unix_now().0;
+        let fired = self.alarm_between(self.c_read_at, now);
+        self.c_read_at = now;
+        match (fired, self.ram[usize::from(REG_B)] & REG_B_AIE != 0) {
+            (true, true) => REG_C_AF | REG_C_IRQF,
+            (true, false) => REG_C_AF,
+            _ => 0,
+        }
     }
 
     /// Encodes a clock field according to register B (BCD unless DM is set).
@@ -99,7 +160,12 @@ impl Cmos {
             MONTH => self.encode(clock().month),
             YEAR => self.encode((clock().year % 100) as u8),
             CENTURY => self.encode((clock().year / 100 % 100) as u8),
-            REG_C => 0,
+            REG_A => {
+                let ns = unix_now().1;
+                let uip = !(UIP_UPDATE_NS..1_000_000_000 - UIP_BEFORE_NS).contains(&ns);
+                let set = self.ram[usize::from(REG_B)] & REG_B_SET != 0;
+                self.ram[usize::from(REG_A)] | if uip && !set { REG_A_UIP } else { 0 }
+            }
             _ => self.ram[usize::from(reg & 0x7f)],
         }
     }
@@ -134,10 +200,22 @@ struct ClockTime {
     year: u32,
 }
 
+/// The host's current Unix time: (seconds, nanoseconds into the second).
+fn unix_now() -> (u64, u32) {
+    let d = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    (d.as_secs(), d.subsec_nanos())
+}
+
 /// The host's current UTC time.
 fn host_utc_now() -> ClockTime {
-    // SAFETY: time() accepts a null pointer and only returns the current time.
-    let now = unsafe { libc::time(std::ptr::null_mut()) };
+    utc_at(unix_now().0)
+}
+
+/// UTC time at Unix second `secs`.
+fn utc_at(secs: u64) -> ClockTime {
+    let now = libc::time_t::try_from(secs).unwrap_or(0);
     // SAFETY: an all-zero `tm` is a valid value (integers and a null zone pointer).
     let mut tm: libc::tm = unsafe { std::mem::zeroed() };
     // SAFETY: both pointers refer to live, properly aligned locals; gmtime_r is reentrant.
@@ -166,6 +244,7 @@ impl BusDeviceMut for Cmos {
         data.fill(0xff);
         match (offset, data) {
             (0, [b]) => *b = self.index,
+            (1, [b]) if self.index == REG_C => *b = self.read_c(),
             (1, [b]) => *b = self.read_register(self.index),
             _ => {}
         }
@@ -245,9 +324,67 @@ mod tests {
     }
 
     #[test]
+    fn uip_toggles_once_a_second() {
+        let mut cmos = Cmos::new(64 * MIB, 0);
+        // Poll for 2.5 s: UIP must be seen set and then clear again (what kvm-unit-tests' s3
+        // and Linux's RTC driver wait for).
+        let start = std::time::Instant::now();
+        let (mut rose, mut fell) = (false, false);
+        while start.elapsed() < std::time::Duration::from_millis(2500) && !fell {
+            let uip = reg(&mut cmos, REG_A) & REG_A_UIP != 0;
+            rose |= uip;
+            fell |= rose && !uip;
+        }
+        assert!(rose && fell, "rose {rose} fell {fell}");
+        // SET stops updates: no UIP.
+        cmos.write(0, &[REG_B]);
+        cmos.write(1, &[REG_B_DEFAULT | REG_B_SET]);
+        for _ in 0..1000 {
+            assert_eq!(reg(&mut cmos, REG_A) & REG_A_UIP, 0);
+        }
+    }
+
+    #[test]
+    fn alarm_matches_at_second_boundaries() {
+        let mut cmos = Cmos::new(64 * MIB, 0);
+        let set = |cmos: &mut Cmos, r: u8, v: u8| {
+            cmos.write(0, &[r]);
+            cmos.write(1, &[v]);
+        };
+        for r in [SECONDS_ALARM, MINUTES_ALARM, HOURS_ALARM] {
+            set(&mut cmos, r, 0xc0); // don't care: every second matches
+        }
+        let now = unix_now().0;
+        assert!(!cmos.alarm_fired_since(now - 5), "AIE clear: no wake");
+        set(&mut cmos, REG_B, REG_B_DEFAULT | REG_B_AIE);
+        assert!(cmos.alarm_fired_since(now - 5));
+        assert!(!cmos.alarm_fired_since(now), "no boundary yet");
+        // A specific time: 12:34:56 BCD, matched only at that second.
+        set(&mut cmos, SECONDS_ALARM, 0x56);
+        set(&mut cmos, MINUTES_ALARM, 0x34);
+        set(&mut cmos, HOURS_ALARM, 0x12);
+        let day = now - now % 86_400;
+        let at = day + 12 * 3600 + 34 * 60 + 56;
+        assert!(cmos.alarm_between(at - 1, at));
+        assert!(!cmos.alarm_between(at, at + 3600));
+        assert!(
+            cmos.alarm_between(at - 86_400 * 3, at + 10),
+            "long spans are capped, not skipped"
+        );
+        // Register C: AF | IRQF once, then clear.
+        for r in [SECONDS_ALARM, MINUTES_ALARM, HOURS_ALARM] {
+            set(&mut cmos, r, 0xff);
+        }
+        cmos.c_read_at = now - 2;
+        assert_eq!(reg(&mut cmos, REG_C), REG_C_AF | REG_C_IRQF);
+        set(&mut cmos, REG_B, REG_B_DEFAULT | REG_B_AIE | REG_B_SET); // stopped: no new match
+        assert_eq!(reg(&mut cmos, REG_C), 0, "cleared by the read");
+    }
+
+    #[test]
     fn status_registers_and_ram() {
         let mut cmos = Cmos::new(3 * 1024 * MIB, 1024 * MIB);
-        assert_eq!(reg(&mut cmos, REG_A), 0x26);
+        assert_eq!(reg(&mut cmos, REG_A) & !REG_A_UIP, 0x26);
         assert_eq!(reg(&mut cmos, REG_C), 0);
         assert_eq!(reg(&mut cmos, REG_D), 0x80);
         let mid = u16::from_le_bytes([reg(&mut cmos, 0x34), reg(&mut cmos, 0x35)]);

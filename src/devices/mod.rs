@@ -2,7 +2,8 @@
 //! [`VmControl`] to ask for the VM to stop; the boot recipe wires those to irqfds and the event loop.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -27,6 +28,21 @@ struct VmControlInner {
     request: Mutex<Option<StopRequest>>,
     stopping: AtomicBool,
     event: EventFd,
+    /// ACPI S3: set by the guest's sleep request, cleared by [`VmControl::wake`].
+    suspended: AtomicBool,
+    sleep: Mutex<SleepState>,
+    sleep_changed: Condvar,
+}
+
+/// Where the vCPUs are in a suspend/wake cycle.
+#[derive(Default)]
+struct SleepState {
+    /// vCPUs waiting in [`VmControl::park`].
+    parked: usize,
+    /// Counts wakes; a parked vCPU leaves when it changes.
+    wakes: u64,
+    /// Where the vCPUs resume (the FACS waking vector).
+    vector: u32,
 }
 
 impl VmControl {
@@ -36,6 +52,9 @@ impl VmControl {
                 request: Mutex::new(None),
                 stopping: AtomicBool::new(false),
                 event: EventFd::new(EFD_NONBLOCK)?,
+                suspended: AtomicBool::new(false),
+                sleep: Mutex::new(SleepState::default()),
+                sleep_changed: Condvar::new(),
             }),
         })
     }
@@ -67,9 +86,74 @@ impl VmControl {
         *self.inner.request.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Readable when a stop was requested.
+    /// Readable when a stop or a suspend was requested.
     pub fn event(&self) -> &EventFd {
         &self.inner.event
+    }
+
+    /// The guest asked for S3: every vCPU parks before its next guest instruction, and the
+    /// VMM (woken through [`Self::event`]) waits for a wake event.
+    pub fn request_suspend(&self) {
+        self.inner.suspended.store(true, Ordering::SeqCst);
+        let _ = self.inner.event.write(1);
+    }
+
+    /// True between a suspend request and the wake.
+    pub fn is_suspended(&self) -> bool {
+        self.inner.suspended.load(Ordering::SeqCst)
+    }
+
+    fn sleep_state(&self) -> std::sync::MutexGuard<'_, SleepState> {
+        self.inner.sleep.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// vCPU side: waits until the VM wakes (returns the waking vector) or stops (`None`).
+    pub fn park(&self) -> Option<u32> {
+        let mut st = self.sleep_state();
+        st.parked += 1;
+        self.inner.sleep_changed.notify_all();
+        let wakes = st.wakes;
+        // stop() is async-signal-safe and cannot notify: look at it every few ms.
+        while st.wakes == wakes && !self.is_stopping() {
+            st = self
+                .inner
+                .sleep_changed
+                .wait_timeout(st, Duration::from_millis(20))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        st.parked -= 1;
+        (st.wakes != wakes).then_some(st.vector)
+    }
+
+    /// VMM side: waits until `n` vCPUs are parked, calling `kick` (to get them out of
+    /// KVM_RUN) every few ms. False if the VM stops first.
+    pub fn wait_parked(&self, n: usize, kick: impl Fn()) -> bool {
+        let mut st = self.sleep_state();
+        while st.parked < n {
+            if self.is_stopping() {
+                return false;
+            }
+            drop(st);
+            kick();
+            st = self.sleep_state();
+            st = self
+                .inner
+                .sleep_changed
+                .wait_timeout(st, Duration::from_millis(2))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        true
+    }
+
+    /// VMM side: resumes the parked vCPUs at `vector`.
+    pub fn wake(&self, vector: u32) {
+        let mut st = self.sleep_state();
+        st.vector = vector;
+        st.wakes += 1;
+        self.inner.suspended.store(false, Ordering::SeqCst);
+        self.inner.sleep_changed.notify_all();
     }
 }
 
@@ -98,6 +182,12 @@ impl IrqLine {
     }
 }
 
+/// Level-triggered interrupt lines a device sets high or low (the VMM implements it with
+/// KVM_IRQ_LINE; the call returns once the irqchip has the new level).
+pub trait IrqLevel: Send + Sync {
+    fn set_level(&self, gsi: u32, high: bool) -> std::io::Result<()>;
+}
+
 pub mod acpi_pm;
 pub mod cmos;
 pub mod debug_exit;
@@ -105,4 +195,5 @@ pub mod fw_cfg;
 pub mod i8042;
 pub mod pci;
 pub mod serial;
+pub mod testdev;
 pub mod virtio;

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use kvm_bindings::{CpuId, Msrs};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 
+use crate::arch::x86_64::cpu_features::CpuFeatures;
 use crate::arch::x86_64::{boot::EntryMode, cpuid, regs};
 use crate::bus::Bus;
 use crate::devices::VmControl;
@@ -36,6 +37,8 @@ pub enum VcpuError {
     Sregs(u8, #[source] kvm_ioctls::Error),
     #[error("vCPU {0}: KVM_SET_REGS failed")]
     Regs(u8, #[source] kvm_ioctls::Error),
+    #[error("vCPU {0}: KVM_SET_MP_STATE failed")]
+    MpState(u8, #[source] kvm_ioctls::Error),
 }
 
 /// Why a vCPU left its run loop.
@@ -61,6 +64,9 @@ pub struct Vcpu {
     /// Exit statistics (this thread is the only writer; see [`crate::exit_stats`]).
     pub stats: Arc<VcpuExitStats>,
     unknown_log: RateLimit,
+    /// The power-on state an S3 wake returns to (captured by [`Self::configure`]).
+    reset_sregs: Option<kvm_bindings::kvm_sregs>,
+    reset_lapic: Option<kvm_bindings::kvm_lapic_state>,
 }
 
 impl Vcpu {
@@ -74,6 +80,8 @@ impl Vcpu {
             control,
             stats,
             unknown_log: RateLimit::new(20),
+            reset_sregs: None,
+            reset_lapic: None,
         }
     }
 
@@ -83,12 +91,14 @@ impl Vcpu {
         self.stats = Arc::new(VcpuExitStats::new(self.index, on, names));
     }
 
-    /// Sets the state every vCPU needs: CPUID, MSRs, FPU and LAPIC LINT pins.
+    /// Sets the state every vCPU needs: CPUID (with `--cpu`'s `features`), MSRs, FPU and
+    /// LAPIC LINT pins.
     pub fn configure(
-        &self,
+        &mut self,
         supported: &CpuId,
         irqchip: cpuid::IrqchipFeatures,
         cpus: u8,
+        features: &CpuFeatures,
     ) -> Result<(), VcpuError> {
         let i = self.index;
         if i == 0 {
@@ -97,7 +107,8 @@ impl Vcpu {
                 crate::exit_stats::clock::set_tsc_khz(khz);
             }
         }
-        let cpuid = cpuid::vcpu_cpuid(supported, i, cpus, irqchip);
+        let mut cpuid = cpuid::vcpu_cpuid(supported, i, cpus, irqchip);
+        features.apply(cpuid.as_mut_slice());
         self.fd
             .set_cpuid2(&cpuid)
             .map_err(|e| VcpuError::SetCpuid(i, e))?;
@@ -122,7 +133,57 @@ impl Vcpu {
         self.fd
             .set_lapic(&lapic)
             .map_err(|e| VcpuError::Lapic(i, e))?;
+        self.reset_lapic = Some(lapic);
+        self.reset_sregs = Some(self.fd.get_sregs().map_err(|e| VcpuError::Sregs(i, e))?);
         Ok(())
+    }
+
+    /// After an S3 wake: the boot processor starts in real mode at `vector` (CS = vector >> 4,
+    /// IP = vector & 0xf, data segments 0, as firmware enters the FACS waking vector); the
+    /// others wait for INIT/SIPI. The LAPIC returns to its power-on state; RAM is untouched.
+    fn wake_at(&mut self, vector: u32) -> Result<(), VcpuError> {
+        let i = self.index;
+        if let Some(lapic) = &self.reset_lapic {
+            self.fd
+                .set_lapic(lapic)
+                .map_err(|e| VcpuError::Lapic(i, e))?;
+        }
+        let mp_state = if i == 0 {
+            kvm_bindings::KVM_MP_STATE_RUNNABLE
+        } else {
+            kvm_bindings::KVM_MP_STATE_INIT_RECEIVED
+        };
+        self.fd
+            .set_mp_state(kvm_bindings::kvm_mp_state { mp_state })
+            .map_err(|e| VcpuError::MpState(i, e))?;
+        if i != 0 {
+            return Ok(());
+        }
+        let mut sregs = match self.reset_sregs {
+            Some(s) => s,
+            None => self.fd.get_sregs().map_err(|e| VcpuError::Sregs(i, e))?,
+        };
+        sregs.cs.selector = (vector >> 4) as u16; // vector < 1 MiB: checked by the caller
+        sregs.cs.base = u64::from(vector >> 4) << 4;
+        for s in [
+            &mut sregs.ds,
+            &mut sregs.es,
+            &mut sregs.fs,
+            &mut sregs.gs,
+            &mut sregs.ss,
+        ] {
+            s.selector = 0;
+            s.base = 0;
+        }
+        self.fd
+            .set_sregs(&sregs)
+            .map_err(|e| VcpuError::Sregs(i, e))?;
+        let regs = kvm_bindings::kvm_regs {
+            rip: u64::from(vector & 0xf),
+            rflags: 2,
+            ..Default::default()
+        };
+        self.fd.set_regs(&regs).map_err(|e| VcpuError::Regs(i, e))
     }
 
     /// Sets the boot processor's registers for the kernel entry. Application processors keep
@@ -157,11 +218,32 @@ impl Vcpu {
             if self.control.is_stopping() {
                 return VcpuStop::Requested;
             }
+            if self.control.is_suspended() {
+                // S3: no further guest instruction until the VMM wakes the VM.
+                let Some(vector) = self.control.park() else {
+                    return VcpuStop::Requested;
+                };
+                if let Err(e) = self.wake_at(vector) {
+                    return VcpuStop::Failed {
+                        reason: format!("S3 wake: {e}"),
+                        dump: String::new(),
+                    };
+                }
+                continue;
+            }
+            // The element size of string port I/O (`rep outs/ins`: count > 1) is only in
+            // kvm_run; read through this pointer, which stays valid as long as the vCPU fd.
+            let run_ptr: *const kvm_bindings::kvm_run = self.fd.get_kvm_run();
             let exit = self.fd.run();
             let t0 = self.stats.start();
             let (kind, stop) = match exit {
                 Ok(VcpuExit::IoOut(port, data)) => {
-                    if self.pio.write(port as u64, data).is_none() {
+                    let size = pio_element_size(run_ptr, data.len());
+                    let pio = &self.pio;
+                    if data
+                        .chunks(size)
+                        .any(|d| pio.write(port as u64, d).is_none())
+                    {
                         self.unknown_log.log(|| {
                             format!(
                                 "vCPU {}: write to unclaimed port {port:#x}: {data:x?}",
@@ -172,7 +254,13 @@ impl Vcpu {
                     (ExitKind::Pio { write: true, port }, None)
                 }
                 Ok(VcpuExit::IoIn(port, data)) => {
-                    if self.pio.read(port as u64, data).is_none() {
+                    let size = pio_element_size(run_ptr, data.len());
+                    let pio = &self.pio;
+                    let mut unclaimed = false;
+                    for d in data.chunks_mut(size) {
+                        unclaimed |= pio.read(port as u64, d).is_none();
+                    }
+                    if unclaimed {
                         self.unknown_log.log(|| {
                             format!("vCPU {}: read from unclaimed port {port:#x}", self.index)
                         });
@@ -285,6 +373,24 @@ impl Vcpu {
             );
         }
         s
+    }
+}
+
+/// The size of one element of the port I/O exit in `run` whose data is `len` bytes: `len`
+/// itself for a single access, the access size for string I/O (each element goes to the
+/// device separately, in order, as on hardware).
+fn pio_element_size(run: *const kvm_bindings::kvm_run, len: usize) -> usize {
+    if len <= 4 {
+        return len.max(1);
+    }
+    // SAFETY: `run` is the vCPU's mapped kvm_run, alive as long as the fd; the exit reason is
+    // KVM_EXIT_IO, so `io` is the union member KVM filled. The read goes through a raw place
+    // (no reference is made), and the `io` header does not overlap the data bytes the caller
+    // holds a slice of (they are at io.data_offset, past the header).
+    let size = unsafe { std::ptr::addr_of!((*run).__bindgen_anon_1.io.size).read() };
+    match usize::from(size) {
+        s @ (1 | 2 | 4) if len % s == 0 => s,
+        _ => len,
     }
 }
 

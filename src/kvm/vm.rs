@@ -320,6 +320,12 @@ impl MsiRouter for KvmInterrupts {
     }
 }
 
+impl crate::devices::IrqLevel for KvmInterrupts {
+    fn set_level(&self, gsi: u32, high: bool) -> std::io::Result<()> {
+        self.fd.set_irq_line(gsi, high).map_err(to_io)
+    }
+}
+
 impl IoEventRegistry for KvmInterrupts {
     fn register(&self, addr: u64, fd: &EventFd) -> std::io::Result<()> {
         self.fd
