@@ -114,6 +114,14 @@ const FEATURES: &[(&str, Bit)] = &[
     ("tce", b(0x8000_0001, 0, Ecx, 17)), ("nodeid-msr", b(0x8000_0001, 0, Ecx, 19)),
     ("tbm", b(0x8000_0001, 0, Ecx, 21)), ("topoext", b(0x8000_0001, 0, Ecx, 22)),
     ("perfctr-core", b(0x8000_0001, 0, Ecx, 23)), ("perfctr-nb", b(0x8000_0001, 0, Ecx, 24)),
+    // Leaf 0x8000_000A EDX (SVM features).
+    ("npt", b(0x8000_000a, 0, Edx, 0)), ("lbrv", b(0x8000_000a, 0, Edx, 1)),
+    ("svm-lock", b(0x8000_000a, 0, Edx, 2)), ("nrip-save", b(0x8000_000a, 0, Edx, 3)),
+    ("tsc-scale", b(0x8000_000a, 0, Edx, 4)), ("vmcb-clean", b(0x8000_000a, 0, Edx, 5)),
+    ("flushbyasid", b(0x8000_000a, 0, Edx, 6)), ("decodeassists", b(0x8000_000a, 0, Edx, 7)),
+    ("pause-filter", b(0x8000_000a, 0, Edx, 10)), ("pfthreshold", b(0x8000_000a, 0, Edx, 12)),
+    ("avic", b(0x8000_000a, 0, Edx, 13)), ("v-vmsave-vmload", b(0x8000_000a, 0, Edx, 15)),
+    ("vgif", b(0x8000_000a, 0, Edx, 16)),
     // Leaf 0x8000_0007 EDX.
     ("invtsc", b(0x8000_0007, 0, Edx, 8)),
 ];
