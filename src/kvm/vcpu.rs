@@ -234,69 +234,19 @@ impl Vcpu {
             // The element size of string port I/O (`rep outs/ins`: count > 1) is only in
             // kvm_run; read through this pointer, which stays valid as long as the vCPU fd.
             let run_ptr: *const kvm_bindings::kvm_run = self.fd.get_kvm_run();
+            let io = Dispatch {
+                pio: &self.pio,
+                mmio: &self.mmio,
+                log: &self.unknown_log,
+                index: self.index,
+            };
             let exit = self.fd.run();
             let t0 = self.stats.start();
             let (kind, stop) = match exit {
-                Ok(VcpuExit::IoOut(port, data)) => {
-                    let size = pio_element_size(run_ptr, data.len());
-                    let pio = &self.pio;
-                    if data
-                        .chunks(size)
-                        .any(|d| pio.write(port as u64, d).is_none())
-                    {
-                        self.unknown_log.log(|| {
-                            format!(
-                                "vCPU {}: write to unclaimed port {port:#x}: {data:x?}",
-                                self.index
-                            )
-                        });
-                    }
-                    (ExitKind::Pio { write: true, port }, None)
-                }
-                Ok(VcpuExit::IoIn(port, data)) => {
-                    let size = pio_element_size(run_ptr, data.len());
-                    let pio = &self.pio;
-                    let mut unclaimed = false;
-                    for d in data.chunks_mut(size) {
-                        unclaimed |= pio.read(port as u64, d).is_none();
-                    }
-                    if unclaimed {
-                        self.unknown_log.log(|| {
-                            format!("vCPU {}: read from unclaimed port {port:#x}", self.index)
-                        });
-                    }
-                    (ExitKind::Pio { write: false, port }, None)
-                }
-                Ok(VcpuExit::MmioRead(addr, data)) => {
-                    let device = self.mmio.read(addr, data);
-                    if device.is_none() {
-                        self.unknown_log.log(|| {
-                            format!("vCPU {}: read from unclaimed MMIO {addr:#x}", self.index)
-                        });
-                    }
-                    (
-                        ExitKind::Mmio {
-                            write: false,
-                            device,
-                        },
-                        None,
-                    )
-                }
-                Ok(VcpuExit::MmioWrite(addr, data)) => {
-                    let device = self.mmio.write(addr, data);
-                    if device.is_none() {
-                        self.unknown_log.log(|| {
-                            format!("vCPU {}: write to unclaimed MMIO {addr:#x}", self.index)
-                        });
-                    }
-                    (
-                        ExitKind::Mmio {
-                            write: true,
-                            device,
-                        },
-                        None,
-                    )
-                }
+                Ok(VcpuExit::IoOut(port, data)) => (io.out(run_ptr, port, data), None),
+                Ok(VcpuExit::IoIn(port, data)) => (io.inp(run_ptr, port, data), None),
+                Ok(VcpuExit::MmioRead(addr, data)) => (io.mmio(addr, Access::Read(data)), None),
+                Ok(VcpuExit::MmioWrite(addr, data)) => (io.mmio(addr, Access::Write(data)), None),
                 Ok(VcpuExit::Hlt) => {
                     // Only without an in-kernel LAPIC; nothing can wake this vCPU.
                     let stop = VcpuStop::Failed {
@@ -373,6 +323,65 @@ impl Vcpu {
             );
         }
         s
+    }
+}
+
+/// A guest MMIO access: the bytes to fill, or the bytes written.
+enum Access<'a> {
+    Read(&'a mut [u8]),
+    Write(&'a [u8]),
+}
+
+/// Sends port I/O and MMIO exits to the buses (borrows only the fields it needs, so the run
+/// loop can use it while the exit borrows the vCPU fd).
+struct Dispatch<'a> {
+    pio: &'a Bus,
+    mmio: &'a Bus,
+    log: &'a RateLimit,
+    index: u8,
+}
+
+impl Dispatch<'_> {
+    fn out(&self, run: *const kvm_bindings::kvm_run, port: u16, data: &[u8]) -> ExitKind {
+        let size = pio_element_size(run, data.len());
+        if data
+            .chunks(size)
+            .any(|d| self.pio.write(u64::from(port), d).is_none())
+        {
+            self.log.log(|| {
+                format!(
+                    "vCPU {}: write to unclaimed port {port:#x}: {data:x?}",
+                    self.index
+                )
+            });
+        }
+        ExitKind::Pio { write: true, port }
+    }
+
+    fn inp(&self, run: *const kvm_bindings::kvm_run, port: u16, data: &mut [u8]) -> ExitKind {
+        let size = pio_element_size(run, data.len());
+        let mut unclaimed = false;
+        for d in data.chunks_mut(size) {
+            unclaimed |= self.pio.read(u64::from(port), d).is_none();
+        }
+        if unclaimed {
+            self.log
+                .log(|| format!("vCPU {}: read from unclaimed port {port:#x}", self.index));
+        }
+        ExitKind::Pio { write: false, port }
+    }
+
+    fn mmio(&self, addr: u64, access: Access) -> ExitKind {
+        let (device, write) = match access {
+            Access::Read(data) => (self.mmio.read(addr, data), false),
+            Access::Write(data) => (self.mmio.write(addr, data), true),
+        };
+        if device.is_none() {
+            let what = if write { "write to" } else { "read from" };
+            self.log
+                .log(|| format!("vCPU {}: {what} unclaimed MMIO {addr:#x}", self.index));
+        }
+        ExitKind::Mmio { write, device }
     }
 }
 
