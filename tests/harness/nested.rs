@@ -338,7 +338,7 @@ fn spawn_l1(
     let stderr_log = open_log("qemu-stderr.log")?;
     let _ = writeln!(console, "=== boot {boot_no}: {cmd:?}");
     let _ = writeln!(open_log("qemu-cmdline.txt")?, "{cmd:?}");
-    let mut child = KillOnDrop::spawn(
+    let mut child = KillOnDrop::spawn_tied(
         cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(stderr_log),

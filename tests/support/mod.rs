@@ -37,6 +37,24 @@ impl KillOnDrop {
         }
     }
 
+    /// Like `spawn`, and the kernel also kills the child (SIGKILL) if the spawning thread
+    /// ends without dropping the guard: the test runner was killed by a signal, which runs no
+    /// destructors. For a child that lives as long as the thread that starts it (L1's QEMU).
+    pub fn spawn_tied(cmd: &mut Command) -> io::Result<KillOnDrop> {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: the closure runs in the forked child before exec and only calls prctl(2),
+        // which is async-signal-safe; it touches no memory of the parent.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        KillOnDrop::spawn(cmd)
+    }
+
     /// Like `new`, for a child that leads its own process group: dropping the guard kills the
     /// whole group (the child's own children too).
     pub fn group_leader(child: Child) -> KillOnDrop {
