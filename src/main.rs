@@ -48,6 +48,9 @@ struct BenchArgs {
     /// ioeventfd-mmio, cpuid, rdmsr, hlt-irqfd); repeatable.
     #[arg(long, value_name = "KIND")]
     only: Vec<String>,
+    /// A built kvm-unit-tests checkout: add its x86/vmexit.flat rows to the report.
+    #[arg(long, value_name = "DIR")]
+    kvm_unit_tests: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -184,6 +187,7 @@ fn main() -> ExitCode {
                 round_trips: a.round_trips,
                 reps: a.reps,
                 only: a.only,
+                kvm_unit_tests: a.kvm_unit_tests,
             };
             let unknown: Vec<&String> = opts
                 .only

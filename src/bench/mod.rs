@@ -9,6 +9,7 @@
 //! that drift in a noisy machine hits both.
 
 pub mod device;
+pub mod kut;
 pub mod raw;
 
 use std::fmt::Write as _;
@@ -99,6 +100,8 @@ pub struct BenchOptions {
     pub reps: u32,
     /// Kind names to run (empty: all).
     pub only: Vec<String>,
+    /// A built kvm-unit-tests checkout: its vmexit rows join the report.
+    pub kvm_unit_tests: Option<PathBuf>,
 }
 
 /// Median and p99 of ns per round trip over the repetitions.
@@ -188,6 +191,8 @@ pub struct Report {
     /// ns per exit that recording costs, measured without KVM (clock reads + counters).
     pub record_ns: f64,
     pub opts: BenchOptions,
+    /// kvm-unit-tests vmexit rows (with `--kvm-unit-tests`).
+    pub kut: Vec<kut::Row>,
 }
 
 /// The cost of recording one exit (what the vCPU loop adds: two clock reads, a port-table
@@ -253,7 +258,12 @@ pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<Report
     })();
     let _ = std::fs::remove_dir_all(&dir);
     r?;
+    let kut = match &opts.kvm_unit_tests {
+        Some(d) => kut::run(d, progress)?,
+        None => Vec::new(),
+    };
     Ok(Report {
+        kut,
         results,
         tsc_khz,
         overhead,
@@ -262,6 +272,7 @@ pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<Report
             round_trips: n,
             reps,
             only: opts.only.clone(),
+            kvm_unit_tests: opts.kvm_unit_tests.clone(),
         },
     })
 }
@@ -319,6 +330,17 @@ impl Report {
             "recording one exit (2 clock reads + counters, no KVM): {:.0} ns",
             self.record_ns
         );
+        if !self.kut.is_empty() {
+            let _ = writeln!(
+                s,
+                "\nkvm-unit-tests x86/vmexit.flat under ferrovm (its own figure: TSC cycles per iteration)\n"
+            );
+            let _ = writeln!(s, "| vmexit row | cycles | ns |\n|---|---:|---:|");
+            for r in &self.kut {
+                let ns = ratio(r.cycles as f64 * 1e6, f64::from(self.tsc_khz));
+                let _ = writeln!(s, "| {} | {} | {ns:.0} |", r.name, r.cycles);
+            }
+        }
         s
     }
 }
