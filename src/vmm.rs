@@ -239,6 +239,7 @@ pub fn run(cfg: VmConfig) -> Result<VmOutcome, VmmError> {
         EntryMode::Linux64 { .. } => boot::write_zero_page(&mem, &info)?,
         EntryMode::Pvh { .. } => boot::write_pvh_info(&mem, &info)?,
         EntryMode::Multiboot { .. } => {
+            vm.set_pic_bios_state()?;
             // The initramfs is the one module; its string is its path, as QEMU gives it.
             let name = cfg.initramfs.as_ref().map(|p| p.display().to_string());
             let modules: Vec<(u64, u64, &str)> = info

@@ -392,6 +392,14 @@ fn pc_testdev_only_when_asked_for() {
     );
 }
 
+/// A multiboot kernel finds the PICs as a BIOS leaves them: ISA line 11 (pulsed through
+/// pc-testdev) arrives at vector 0x73 and wakes a `sti; hlt` (realmode.flat's sti_inhibit).
+#[test]
+fn multiboot_kernel_finds_the_pics_programmed_as_a_bios_leaves_them() {
+    let o = run_fw("multiboot_pic", &["--test-devices", "--memory", "32M"]);
+    assert_eq!(o.status.code(), Some(0x31 << 1 | 1), "{}", stderr(&o));
+}
+
 #[test]
 fn missing_dev_kvm_is_a_clear_error() {
     // A private mount namespace with an empty /dev: /dev/kvm does not exist there.

@@ -6,9 +6,11 @@
 //! - port 0xE4: "flush page" (`outl` of a guest-physical address). QEMU re-protects the page
 //!   so KVM must fault it in again; ferrovm accepts the write and does nothing (the guest sees
 //!   no difference, the test only loses that EPT/NPT fault);
-//! - ports 0x2000-0x2017: a byte write of V sets ISA interrupt line N = port - 0x2000 to
-//!   level `V != 0` (through [`IrqLevel`], i.e. KVM_IRQ_LINE, before the vCPU runs on). Only
-//!   the lines in [`TEST_IRQS`] are driven (the others belong to real devices);
+//! - ports 0x2000-0x2017: a byte written at port 0x2000 + N sets ISA interrupt line N to
+//!   level `byte != 0` (through [`IrqLevel`], i.e. KVM_IRQ_LINE, before the vCPU runs on); a
+//!   wider write sets consecutive lines, one per byte, as QEMU splits it (realmode.flat does
+//!   `outl` to 0x200b). Only the lines in [`TEST_IRQS`] are driven (the others belong to
+//!   real devices);
 //! - MMIO 0xFF00_0000, 64 KiB: RAM-like storage that always exits (no memory slot), for the
 //!   instruction emulator tests.
 
@@ -26,9 +28,9 @@ pub const PORT_IRQ_LEN: u64 = 24;
 /// The MMIO window.
 pub const IOMEM_START: u64 = 0xff00_0000;
 pub const IOMEM_LEN: u64 = 0x1_0000;
-/// The interrupt lines the guest may drive: the ones kvm-unit-tests uses (13-15), which no
-/// other ferrovm device has. The VMM claims them in the resource map.
-pub const TEST_IRQS: [u32; 3] = [13, 14, 15];
+/// The interrupt lines the guest may drive: the ISA lines no other ferrovm device has
+/// (kvm-unit-tests uses 11 and 13-15). The VMM claims them in the resource map.
+pub const TEST_IRQS: [u32; 9] = [3, 5, 6, 7, 10, 11, 13, 14, 15];
 
 static LOG: RateLimit = RateLimit::new(10);
 
@@ -80,16 +82,19 @@ impl BusDeviceMut for PcTestIrq {
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) {
-        let [level] = data else {
-            return; // byte writes only, as in QEMU
-        };
-        let line = offset as u32; // offset < PORT_IRQ_LEN
-        if !TEST_IRQS.contains(&line) {
-            LOG.warn(|| format!("pc-testdev: line {line} is not a test line (13-15): ignored"));
-            return;
-        }
-        if let Err(e) = self.lines.set_level(line, *level != 0) {
-            LOG.warn(|| format!("pc-testdev: setting line {line} failed: {e}"));
+        for (i, &level) in data.iter().enumerate() {
+            let line = offset + i as u64; // offset < PORT_IRQ_LEN, data.len() <= 4
+            if line >= PORT_IRQ_LEN {
+                break;
+            }
+            let line = line as u32;
+            if !TEST_IRQS.contains(&line) {
+                LOG.warn(|| format!("pc-testdev: line {line} is not a test line: ignored"));
+                continue;
+            }
+            if let Err(e) = self.lines.set_level(line, level != 0) {
+                LOG.warn(|| format!("pc-testdev: setting line {line} failed: {e}"));
+            }
         }
     }
 }
@@ -155,18 +160,24 @@ mod tests {
     }
 
     #[test]
-    fn irq_ports_drive_only_test_lines_with_byte_writes() {
+    fn irq_ports_drive_only_test_lines_one_per_byte() {
         let lines = Arc::new(Lines::default());
         let mut d = PcTestIrq::new(lines.clone());
         d.write(14, &[1]);
         d.write(14, &[0]);
         d.write(15, &[7]);
         d.write(4, &[1]); // COM1's line: refused
-        d.write(13, &[1, 0]); // not a byte write
-        assert_eq!(
-            *lines.0.lock().unwrap(),
-            [(14, true), (14, false), (15, true)]
-        );
+        d.write(11, &[1, 0, 0, 0]); // outl at 0x200b: lines 11 (set), 12 (not ours), 13, 14
+        d.write(23, &[1, 1]); // runs past the last port
+        let expected = [
+            (14, true),
+            (14, false),
+            (15, true),
+            (11, true),
+            (13, false),
+            (14, false),
+        ];
+        assert_eq!(*lines.0.lock().unwrap(), expected);
     }
 
     #[test]

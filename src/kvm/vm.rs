@@ -22,6 +22,8 @@ pub enum VmError {
     OpenKvm(#[source] kvm_ioctls::Error),
     #[error("KVM API version {0} is not supported (12 expected)")]
     ApiVersion(i32),
+    #[error("KVM_GET/SET_IRQCHIP (8259 PIC) failed")]
+    Pic(#[source] kvm_ioctls::Error),
     #[error("KVM lacks a required capability: {0}")]
     MissingCap(&'static str),
     #[error("KVM_CREATE_VM failed")]
@@ -165,6 +167,33 @@ impl Vm {
     /// MSI routes and ioeventfds, as the handle devices hold ([`MsiRouter`], [`IoEventRegistry`]).
     pub fn interrupts(&self) -> Arc<KvmInterrupts> {
         self.interrupts.clone()
+    }
+
+    /// Leaves the two 8259 PICs as a PC BIOS does before it starts a boot loader: initialised
+    /// (ICW1-4: edge mode, cascade on line 2, 8086 mode), interrupts 0-7 at vectors 0x08-0x0f
+    /// and 8-15 at 0x70-0x77, no line masked. A multiboot kernel (entered where QEMU's BIOS
+    /// would hand over) may rely on that; Linux programs the PICs itself.
+    pub fn set_pic_bios_state(&self) -> Result<(), VmError> {
+        use kvm_bindings::{kvm_irqchip, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE};
+        for (chip, base) in [
+            (KVM_IRQCHIP_PIC_MASTER, 0x08),
+            (KVM_IRQCHIP_PIC_SLAVE, 0x70),
+        ] {
+            let mut c = kvm_irqchip {
+                chip_id: chip,
+                ..Default::default()
+            };
+            self.fd.get_irqchip(&mut c).map_err(VmError::Pic)?;
+            // SAFETY: chip_id names a PIC, so KVM filled (and reads back) the `pic` member.
+            let pic = unsafe { &mut c.chip.pic };
+            pic.irq_base = base;
+            pic.imr = 0;
+            pic.init_state = 0;
+            pic.init4 = 1;
+            pic.auto_eoi = 0;
+            self.fd.set_irqchip(&c).map_err(VmError::Pic)?;
+        }
+        Ok(())
     }
 
     /// KVM's supported CPUID.
