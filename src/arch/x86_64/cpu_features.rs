@@ -197,18 +197,11 @@ impl CpuFeatures {
     /// Applies the settings to one vCPU's CPUID (after `cpuid::adjust_entries`).
     pub fn apply(&self, entries: &mut [kvm_cpuid_entry2]) {
         for (_, bit, on) in &self.changes {
-            let Some(e) = entries
-                .iter_mut()
-                .find(|e| e.function == bit.leaf && (e.index == bit.index || bit.leaf == 1))
-            else {
-                continue; // clearing a bit of a leaf that does not exist; setting was checked
+            // A missing leaf: only clearing can get here (setting was checked).
+            let Some(e) = entries.iter_mut().find(|e| bit.is_in(e)) else {
+                continue;
             };
-            let r = match bit.reg {
-                Eax => &mut e.eax,
-                Ebx => &mut e.ebx,
-                Ecx => &mut e.ecx,
-                Edx => &mut e.edx,
-            };
+            let r = bit.reg_mut(e);
             if *on {
                 *r |= 1 << bit.bit;
             } else {
@@ -218,20 +211,29 @@ impl CpuFeatures {
     }
 }
 
+impl Bit {
+    /// Whether `e` is the leaf (and sub-leaf) this bit lives in. Leaf 1 has no sub-leaves.
+    fn is_in(&self, e: &kvm_cpuid_entry2) -> bool {
+        e.function == self.leaf && (e.index == self.index || self.leaf == 1)
+    }
+
+    /// The register of `e` this bit lives in.
+    fn reg_mut<'a>(&self, e: &'a mut kvm_cpuid_entry2) -> &'a mut u32 {
+        match self.reg {
+            Eax => &mut e.eax,
+            Ebx => &mut e.ebx,
+            Ecx => &mut e.ecx,
+            Edx => &mut e.edx,
+        }
+    }
+}
+
 /// Whether `bit` is set in `entries`.
 fn get(entries: &[kvm_cpuid_entry2], bit: Bit) -> bool {
     entries
         .iter()
-        .find(|e| e.function == bit.leaf && (e.index == bit.index || bit.leaf == 1))
-        .is_some_and(|e| {
-            let r = match bit.reg {
-                Eax => e.eax,
-                Ebx => e.ebx,
-                Ecx => e.ecx,
-                Edx => e.edx,
-            };
-            r & (1 << bit.bit) != 0
-        })
+        .find(|e| bit.is_in(e))
+        .is_some_and(|e| *bit.reg_mut(&mut e.clone()) & (1 << bit.bit) != 0)
 }
 
 #[cfg(test)]
