@@ -34,6 +34,15 @@ pub const TEST_IRQS: [u32; 9] = [3, 5, 6, 7, 10, 11, 13, 14, 15];
 
 static LOG: RateLimit = RateLimit::new(10);
 
+/// The byte of the scratch register at port offset `o` (0xE0-0xE3, or its alias 0xE8-0xEB).
+fn lane(o: u64) -> Option<usize> {
+    match o {
+        0..=3 => Some(o as usize),
+        8..=11 => Some(o as usize - 8),
+        _ => None,
+    }
+}
+
 /// The scratch register and flush port at 0xE0.
 #[derive(Default)]
 pub struct PcTestPorts {
@@ -43,11 +52,7 @@ pub struct PcTestPorts {
 impl BusDeviceMut for PcTestPorts {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         for (i, b) in data.iter_mut().enumerate() {
-            *b = match offset + i as u64 {
-                o @ 0..=3 => self.data[o as usize],
-                o @ 8..=11 => self.data[o as usize - 8],
-                _ => 0,
-            };
+            *b = lane(offset + i as u64).map_or(0, |l| self.data[l]);
         }
     }
 
@@ -56,10 +61,8 @@ impl BusDeviceMut for PcTestPorts {
             return; // flush page: nothing to do (see the module comment)
         }
         for (i, &b) in data.iter().enumerate() {
-            match offset + i as u64 {
-                o @ 0..=3 => self.data[o as usize] = b,
-                o @ 8..=11 => self.data[o as usize - 8] = b,
-                _ => {}
+            if let Some(l) = lane(offset + i as u64) {
+                self.data[l] = b;
             }
         }
     }
