@@ -7,25 +7,7 @@
     .set COM1, 0x3f8
     .set FW_CFG_SEL, 0x510
     .set FW_CFG_DATA, 0x511
-    .set MB_MAGIC, 0x1badb002
-    .set MB_FLAGS, 0x00010002           /* memory info, a.out kludge */
-
-    .code32
-    .text
-    .globl _start
-_start:
-    jmp mb_entry
-
-    .balign 4
-mb_header:
-    .long MB_MAGIC
-    .long MB_FLAGS
-    .long -(MB_MAGIC + MB_FLAGS)
-    .long mb_header                     /* header_addr */
-    .long _start                        /* load_addr */
-    .long _load_end                     /* load_end_addr */
-    .long _bss_end                      /* bss_end_addr */
-    .long mb_entry                      /* entry_addr */
+    .include "multiboot.inc"
 
 mb_entry:
     mov $0x8ff0, %esp

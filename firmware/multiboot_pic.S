@@ -3,25 +3,7 @@
    an IDT whose vector 0x73 handler counts, pulses line 11 through pc-testdev (port 0x200b,
    --test-devices), and halts with interrupts on: the interrupt must wake it. Exit through
    isa-debug-exit: 0x31 once the handler ran (ferrovm's status 99), 0x7c on a bad magic. */
-    .set MB_MAGIC, 0x1badb002
-    .set MB_FLAGS, 0x00010002           /* memory info, a.out kludge */
-
-    .code32
-    .text
-    .globl _start
-_start:
-    jmp mb_entry
-
-    .balign 4
-mb_header:
-    .long MB_MAGIC
-    .long MB_FLAGS
-    .long -(MB_MAGIC + MB_FLAGS)
-    .long mb_header
-    .long _start
-    .long _load_end
-    .long _bss_end
-    .long mb_entry
+    .include "multiboot.inc"
 
 mb_entry:
     mov $stack_top, %esp
