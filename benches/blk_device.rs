@@ -206,10 +206,8 @@ fn main() {
             (N_CACHED, REPS_CACHED, "page cache")
         };
         let blk = Block::new(&DiskConfig {
-            path: tmp.as_path().to_path_buf(),
-            readonly: false,
-            serial: None,
             direct,
+            ..DiskConfig::new(tmp.as_path())
         })
         .expect("device");
         let plain = OpenOptions::new()

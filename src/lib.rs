@@ -14,6 +14,7 @@ pub mod bus;
 pub mod config;
 pub mod console;
 pub mod devices;
+pub mod disk;
 pub mod exit_stats;
 pub mod firmware;
 pub mod kvm;

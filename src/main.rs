@@ -34,6 +34,36 @@ enum Command {
     Selftest,
     /// Measure the cost of each kind of VM exit, through ferrovm and through a bare KVM_RUN loop.
     BenchExits(BenchArgs),
+    /// Disk images: describe one, or create a qcow2 image or overlay.
+    #[command(subcommand)]
+    Img(ImgCommand),
+}
+
+#[derive(Subcommand)]
+enum ImgCommand {
+    /// Print an image's format, virtual size, allocation, backing chain and problems found.
+    Info {
+        /// The image (opened read-only, with a shared lock).
+        file: PathBuf,
+        /// The format, instead of detecting it (raw, qcow2, vhd).
+        #[arg(long, short = 'f')]
+        format: Option<String>,
+    },
+    /// Create a qcow2 image: empty with --size, or an overlay of --backing (its size).
+    Create {
+        /// The new image (must not exist).
+        file: PathBuf,
+        /// Virtual size: bytes, or with a K/M/G/T suffix (powers of 1024).
+        #[arg(long)]
+        size: Option<String>,
+        /// A base image the new one is an overlay of (stored as given; relative names
+        /// resolve against the new image's folder, as in qemu-img).
+        #[arg(long, short = 'b')]
+        backing: Option<PathBuf>,
+        /// Cluster size in bytes (512 to 2 MiB, a power of two).
+        #[arg(long, default_value_t = 65536)]
+        cluster_size: u64,
+    },
 }
 
 #[derive(clap::Args)]
@@ -86,10 +116,13 @@ struct RunArgs {
     /// Add a virtio-rng entropy device (virtio-pci) fed from the host's /dev/urandom.
     #[arg(long)]
     rng: bool,
-    /// A virtio-blk disk on a raw image: path=FILE[,readonly=on][,serial=ID][,direct=on].
-    /// Repeatable; the first is /dev/vda. The image is locked against other writers.
-    /// direct=on opens it O_DIRECT and serves it through io_uring (synchronous I/O where
-    /// io_uring is unavailable).
+    /// A virtio-blk disk: path=FILE[,format=raw|qcow2|vhd][,readonly=on][,serial=ID]
+    /// [,direct=on][,overlay=on][,backing=BASE]. Repeatable; the first is /dev/vda. The
+    /// format is detected from the contents unless given. The image is locked against other
+    /// writers (a qcow2's backing files are shared read-only). direct=on opens it O_DIRECT
+    /// (raw images are then served through io_uring). overlay=on sends writes to a temporary
+    /// qcow2 that vanishes at exit; backing=BASE makes FILE a persistent qcow2 overlay of
+    /// BASE (created when missing).
     #[arg(long, value_name = "path=FILE[,...]")]
     disk: Vec<String>,
     /// A virtio-net NIC on a TAP device: tap=NAME[,mac=MAC]. Repeatable.
@@ -210,6 +243,13 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Img(c) => match img(c) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                report(e.as_ref());
+                ExitCode::from(1)
+            }
+        },
         Command::Run(args) => {
             let verbose = args.verbose;
             env_logger::Builder::from_env(
@@ -238,6 +278,56 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+fn img(c: ImgCommand) -> Result<(), Box<dyn std::error::Error>> {
+    use ferrovm::disk::{self, overlay, Format};
+    let format = |f: Option<String>| -> Result<Option<Format>, String> {
+        f.map(|f| Format::parse(&f).ok_or(format!("unknown format `{f}` (raw, qcow2, vhd)")))
+            .transpose()
+    };
+    match c {
+        ImgCommand::Info { file, format: f } => {
+            print!("{}", disk::info::describe(&file, format(f)?)?);
+        }
+        ImgCommand::Create {
+            file,
+            size,
+            backing,
+            cluster_size,
+        } => {
+            let bits = cluster_size.trailing_zeros();
+            if !cluster_size.is_power_of_two() {
+                return Err(format!("cluster size {cluster_size} is not a power of two").into());
+            }
+            let backing = match &backing {
+                None => None,
+                Some(b) => {
+                    let base = ferrovm::disk::qcow2::resolve_backing(&file, &b.to_string_lossy());
+                    let d = disk::open(&disk::DiskOptions {
+                        path: base,
+                        readonly: true,
+                        direct: false,
+                        format: None,
+                    })?;
+                    Some((b.to_string_lossy().into_owned(), d.format(), d.size()))
+                }
+            };
+            let size = match (size, &backing) {
+                (Some(s), _) => config::parse_memory(&s)
+                    .map_err(|_| format!("size `{s}`: expected bytes or a K/M/G/T suffix"))?,
+                (None, Some((_, _, base))) => *base,
+                (None, None) => return Err("give --size or --backing".into()),
+            };
+            let img = overlay::NewQcow2 {
+                size,
+                cluster_bits: bits,
+                backing: backing.map(|(n, f, _)| (n, f)),
+            };
+            overlay::create_qcow2(&file, &img)?;
+        }
+    }
+    Ok(())
 }
 
 fn outcome_status(outcome: &VmOutcome, verbose: bool) -> ExitCode {

@@ -39,12 +39,7 @@ fn config(dir: &std::path::Path, n: usize) -> VmConfig {
         serial: SerialMode::Off,
         rng: true,
         bench_device: true,
-        disks: vec![DiskConfig {
-            path: disk,
-            readonly: false,
-            serial: None,
-            direct: false,
-        }],
+        disks: vec![DiskConfig::new(disk)],
         ..VmConfig::with_kernel(kernel)
     }
 }

@@ -1,15 +1,16 @@
 //! virtio-blk: a disk image served to the guest through one virtqueue.
 //!
-//! - [`parse_disk_option`] turns `path=FILE[,readonly=on|off][,serial=ID][,direct=on|off]`
-//!   into a [`DiskConfig`].
-//! - [`DiskImage::open`] opens and locks the image (OFD lock: one writer, or many readers).
+//! - [`parse_disk_option`] turns `path=FILE[,format=raw|qcow2|vhd][,readonly=on|off]
+//!   [,serial=ID][,direct=on|off][,overlay=on|off][,backing=BASE]` into a [`DiskConfig`].
+//! - [`open_disk`] opens the image through [`crate::disk`] (format detected from the contents
+//!   unless given; OFD lock: one writer, or many readers), creating an overlay when asked.
 //! - [`Block`] is the [`VirtioDevice`]: it offers the features and the config space; on
 //!   activation it returns the handler of its single queue (index 0), which the one virtio
 //!   worker (`virtio-blk-<n>`, see [`super::worker`]) runs: requests are served through
 //!   [`QueueHandler`]: synchronously
 //!   (preadv/pwritev straight into guest memory) for page-cache images, the default; through
 //!   an io_uring ([`UringQueueHandler`], one batch of readv/writev/fsync per queue drain,
-//!   completed out of order) for `direct=on` images, where it serves deep queues about 3x
+//!   completed out of order) for `direct=on` raw images, where it serves deep queues about 3x
 //!   faster (benches/README.md). If the ring cannot be set up (old kernel, seccomp,
 //!   io_uring disabled) the worker logs it once per process and serves synchronously.
 //!
@@ -18,7 +19,6 @@
 //! configuration interrupt and the transport reports DEVICE_NEEDS_RESET (0x40) in the device
 //! status. A driver reset clears it.
 
-mod disk;
 mod request;
 mod uring;
 
@@ -35,7 +35,7 @@ use virtio_bindings::virtio_blk::{
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 
-pub use disk::DiskImage;
+use crate::disk::{DiskBackend, DiskError, DiskOptions, Format};
 pub use request::{QueueError, QueueHandler};
 pub use uring::UringQueueHandler;
 
@@ -46,7 +46,7 @@ use super::{
 use crate::ratelimit::RateLimit;
 
 /// virtio-blk always counts in 512-byte sectors.
-pub const SECTOR_SIZE: u64 = 512;
+pub const SECTOR_SIZE: u64 = crate::disk::SECTOR_SIZE;
 /// The size of the only queue.
 pub const QUEUE_SIZE: u16 = 256;
 /// Most data segments (descriptors) in one request.
@@ -72,6 +72,47 @@ pub struct DiskConfig {
     pub readonly: bool,
     pub serial: Option<String>,
     pub direct: bool,
+    /// `format=`; detected from the contents when `None`.
+    pub format: Option<Format>,
+    /// `overlay=on`: writes go to a temporary qcow2 over the untouched image.
+    pub overlay: bool,
+    /// `backing=BASE`: `path` is (or is created as) a qcow2 overlay of BASE.
+    pub backing: Option<PathBuf>,
+}
+
+impl DiskConfig {
+    /// A plain `path=FILE` disk.
+    pub fn new(path: impl Into<PathBuf>) -> DiskConfig {
+        DiskConfig {
+            path: path.into(),
+            readonly: false,
+            serial: None,
+            direct: false,
+            format: None,
+            overlay: false,
+            backing: None,
+        }
+    }
+
+    fn options(&self) -> DiskOptions {
+        DiskOptions {
+            path: self.path.clone(),
+            readonly: self.readonly,
+            direct: self.direct,
+            format: self.format,
+        }
+    }
+}
+
+/// Opens the image a `--disk` option names: an overlay over it when `overlay=on`, the
+/// overlay `path` over `backing=` (created when missing), or the image itself.
+pub fn open_disk(config: &DiskConfig) -> Result<Box<dyn DiskBackend>, DiskError> {
+    let opts = config.options();
+    match (&config.backing, config.overlay) {
+        (Some(base), _) => crate::disk::overlay::open_persistent(&opts, base),
+        (None, true) => crate::disk::overlay::open_throwaway(&opts),
+        (None, false) => crate::disk::open(&opts),
+    }
 }
 
 /// Why a `--disk` option is malformed.
@@ -83,7 +124,10 @@ pub enum DiskOptionError {
     EmptyPath { option: String },
     #[error("disk option `{option}`: `{item}` is not KEY=VALUE")]
     Malformed { option: String, item: String },
-    #[error("disk option `{option}`: unknown key `{key}` (known: path, readonly, serial, direct)")]
+    #[error(
+        "disk option `{option}`: unknown key `{key}` (known: path, format, readonly, serial, \
+         direct, overlay, backing)"
+    )]
     UnknownKey { option: String, key: String },
     #[error("disk option `{option}`: `{key}` given twice")]
     DuplicateKey { option: String, key: String },
@@ -93,6 +137,10 @@ pub enum DiskOptionError {
         key: String,
         value: String,
     },
+    #[error("disk option `{option}`: format `{value}` (known: raw, qcow2, vhd)")]
+    UnknownFormat { option: String, value: String },
+    #[error("disk option `{option}`: {what}")]
+    Conflict { option: String, what: &'static str },
     #[error("disk option `{option}`: serial `{serial}` is {len} bytes, at most 20 are allowed")]
     SerialTooLong {
         option: String,
@@ -101,113 +149,96 @@ pub enum DiskOptionError {
     },
 }
 
-/// Parses `path=FILE[,readonly=on|off][,serial=ID][,direct=on|off]`.
+/// Parses `path=FILE[,format=raw|qcow2|vhd][,readonly=on|off][,serial=ID][,direct=on|off]
+/// [,overlay=on|off][,backing=BASE]`.
 pub fn parse_disk_option(s: &str) -> Result<DiskConfig, DiskOptionError> {
+    const KEYS: [&str; 7] = [
+        "path", "format", "readonly", "serial", "direct", "overlay", "backing",
+    ];
     let option = s.to_string();
-    let mut path: Option<PathBuf> = None;
-    let mut readonly: Option<bool> = None;
-    let mut serial: Option<String> = None;
-    let mut direct: Option<bool> = None;
-
-    let switch = |key: &str, value: &str| match value {
-        "on" => Ok(true),
-        "off" => Ok(false),
-        _ => Err(DiskOptionError::InvalidSwitch {
-            option: option.clone(),
-            key: key.to_string(),
-            value: value.to_string(),
-        }),
-    };
-    let dup = |key: &str| DiskOptionError::DuplicateKey {
-        option: option.clone(),
-        key: key.to_string(),
-    };
-
+    let mut values: [Option<&str>; 7] = [None; 7];
     for item in s.split(',') {
         let Some((key, value)) = item.split_once('=') else {
             return Err(DiskOptionError::Malformed {
-                option: option.clone(),
+                option,
                 item: item.to_string(),
             });
         };
-        match key {
-            "path" => {
-                if path.is_some() {
-                    return Err(dup(key));
-                }
-                if value.is_empty() {
-                    return Err(DiskOptionError::EmptyPath { option });
-                }
-                path = Some(PathBuf::from(value));
-            }
-            "readonly" => {
-                if readonly.replace(switch(key, value)?).is_some() {
-                    return Err(dup(key));
-                }
-            }
-            "direct" => {
-                if direct.replace(switch(key, value)?).is_some() {
-                    return Err(dup(key));
-                }
-            }
-            "serial" => {
-                if value.len() > SERIAL_MAX {
-                    return Err(DiskOptionError::SerialTooLong {
-                        option,
-                        serial: value.to_string(),
-                        len: value.len(),
-                    });
-                }
-                if serial.replace(value.to_string()).is_some() {
-                    return Err(dup(key));
-                }
-            }
-            _ => {
-                return Err(DiskOptionError::UnknownKey {
-                    option,
-                    key: key.to_string(),
-                })
-            }
+        let Some(k) = KEYS.iter().position(|k| *k == key) else {
+            return Err(DiskOptionError::UnknownKey {
+                option,
+                key: key.to_string(),
+            });
+        };
+        if values[k].replace(value).is_some() {
+            return Err(DiskOptionError::DuplicateKey {
+                option,
+                key: key.to_string(),
+            });
         }
     }
-    let path = path.ok_or(DiskOptionError::MissingPath {
-        option: option.clone(),
-    })?;
-    Ok(DiskConfig {
+    let [path, format, readonly, serial, direct, overlay, backing] = values;
+    let switch = |key: &str, value: Option<&str>| match value {
+        None | Some("off") => Ok(false),
+        Some("on") => Ok(true),
+        Some(v) => Err(DiskOptionError::InvalidSwitch {
+            option: option.clone(),
+            key: key.to_string(),
+            value: v.to_string(),
+        }),
+    };
+    let path = match path {
+        None => return Err(DiskOptionError::MissingPath { option }),
+        Some("") => return Err(DiskOptionError::EmptyPath { option }),
+        Some(p) => PathBuf::from(p),
+    };
+    let format = format
+        .map(|f| {
+            Format::parse(f).ok_or_else(|| DiskOptionError::UnknownFormat {
+                option: option.clone(),
+                value: f.to_string(),
+            })
+        })
+        .transpose()?;
+    if let Some(serial) = serial.filter(|v| v.len() > SERIAL_MAX) {
+        return Err(DiskOptionError::SerialTooLong {
+            option,
+            serial: serial.to_string(),
+            len: serial.len(),
+        });
+    }
+    let cfg = DiskConfig {
         path,
-        readonly: readonly.unwrap_or(false),
-        serial,
-        direct: direct.unwrap_or(false),
-    })
+        readonly: switch("readonly", readonly)?,
+        serial: serial.map(str::to_string),
+        direct: switch("direct", direct)?,
+        format,
+        overlay: switch("overlay", overlay)?,
+        backing: backing.filter(|b| !b.is_empty()).map(PathBuf::from),
+    };
+    let conflict = |what| {
+        Err(DiskOptionError::Conflict {
+            option: option.clone(),
+            what,
+        })
+    };
+    match (&cfg.backing, cfg.overlay, cfg.readonly) {
+        (Some(_), true, _) => conflict("overlay=on and backing= cannot be combined"),
+        (_, true, true) => {
+            conflict("overlay=on already keeps the image unchanged; drop readonly=on")
+        }
+        (Some(_), _, _) if cfg.format.is_some_and(|f| f != Format::Qcow2) => {
+            conflict("an overlay (backing=) is a qcow2 image")
+        }
+        _ => Ok(cfg),
+    }
 }
 
 /// Why a disk could not be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum BlockError {
-    #[error("cannot open disk image {path}")]
-    Open {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error(
-        "disk image {path} is in use by another process (locked); use readonly=on to share it read-only"
-    )]
-    Locked { path: PathBuf },
-    #[error("cannot lock disk image {path}")]
-    Lock {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("cannot determine the size of disk image {path}")]
-    Size {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("disk image {path} is {size} bytes, not a multiple of 512")]
-    UnalignedSize { path: PathBuf, size: u64 },
+    #[error(transparent)]
+    Disk(#[from] DiskError),
     #[error("serial `{serial}` of disk image {path} is longer than 20 bytes")]
     SerialTooLong { path: PathBuf, serial: String },
 }
@@ -277,7 +308,7 @@ static INSTANCES: AtomicUsize = AtomicUsize::new(0);
 
 /// The virtio-blk device model.
 pub struct Block {
-    disk: Arc<DiskImage>,
+    disk: Arc<dyn DiskBackend>,
     id: [u8; SERIAL_MAX],
     features: u64,
     config: [u8; CONFIG_SIZE],
@@ -289,14 +320,17 @@ pub struct Block {
 }
 
 impl Block {
-    /// Opens `config.path` (see [`DiskImage::open`]) and builds the device.
+    /// Opens the image `config` names (see [`open_disk`]) and builds the device.
     pub fn new(config: &DiskConfig) -> Result<Block, BlockError> {
-        let disk = DiskImage::open(config)?;
+        let disk = open_disk(config)?;
         Block::with_disk(disk, config.serial.as_deref())
     }
 
     /// Builds the device around an opened image; `serial` answers GET_ID (at most 20 bytes).
-    pub fn with_disk(disk: DiskImage, serial: Option<&str>) -> Result<Block, BlockError> {
+    pub fn with_disk(
+        disk: Box<dyn DiskBackend>,
+        serial: Option<&str>,
+    ) -> Result<Block, BlockError> {
         let mut id = [0u8; SERIAL_MAX];
         if let Some(s) = serial {
             if s.len() > SERIAL_MAX {
@@ -320,10 +354,10 @@ impl Block {
         } else {
             features |= bit(VIRTIO_BLK_F_DISCARD) | bit(VIRTIO_BLK_F_WRITE_ZEROES);
         }
-        let config = build_config(disk.sectors());
+        let config = build_config(disk.size() / SECTOR_SIZE);
         let n = INSTANCES.fetch_add(1, Ordering::Relaxed);
         Ok(Block {
-            disk: Arc::new(disk),
+            disk: Arc::from(disk),
             id,
             features,
             config,
@@ -335,8 +369,8 @@ impl Block {
     }
 
     /// The opened image.
-    pub fn disk(&self) -> &DiskImage {
-        &self.disk
+    pub fn disk(&self) -> &dyn DiskBackend {
+        self.disk.as_ref()
     }
 
     /// The worker thread's name (`virtio-blk-<n>`).
@@ -356,9 +390,10 @@ impl Block {
     }
 
     /// Whether the worker serves this disk through io_uring (when the ring can be set up):
-    /// only `direct=on` images, where io_uring wins; page-cache I/O is faster synchronously.
+    /// only `direct=on` raw images, where io_uring wins; page-cache I/O is faster
+    /// synchronously, and other formats map guest offsets under a lock.
     pub fn prefers_uring(&self) -> bool {
-        self.disk.direct()
+        self.disk.direct() && self.disk.raw_fd().is_some()
     }
 
     /// True while a worker serves this device through io_uring (false when idle, for
@@ -505,11 +540,13 @@ impl VirtioHandler for BlockHandler {
             return;
         };
         match setup_ring() {
-            Ok(ring) => {
-                self.uring_active.store(true, Ordering::SeqCst);
-                let h = UringQueueHandler::with_ring(h.same_disk(), ring);
-                self.handler = Handler::Uring(Box::new(h));
-            }
+            Ok(ring) => match UringQueueHandler::with_ring(h.same_disk(), ring) {
+                Ok(u) => {
+                    self.uring_active.store(true, Ordering::SeqCst);
+                    self.handler = Handler::Uring(Box::new(u));
+                }
+                Err(e) => warn!("{}: {e}; serving synchronously", self.name),
+            },
             Err(e) => {
                 URING_FALLBACK_LOGGED.call_once(|| {
                     warn!("virtio-blk: io_uring unavailable ({e}); serving disks synchronously");

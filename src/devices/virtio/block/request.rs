@@ -18,9 +18,10 @@ use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{Address, Bytes, GuestMemory, GuestMemoryMmap, Permissions, VolatileSlice};
 
+use crate::disk::DiskBackend;
+
 use super::{
-    Counters, DiskImage, MAX_DISCARD_SECTORS, MAX_WRITE_ZEROES_SECTORS, SECTOR_SIZE, SEG_MAX,
-    SIZE_MAX,
+    Counters, MAX_DISCARD_SECTORS, MAX_WRITE_ZEROES_SECTORS, SECTOR_SIZE, SEG_MAX, SIZE_MAX,
 };
 
 /// Size of `struct virtio_blk_outhdr` (type, ioprio, sector).
@@ -55,7 +56,7 @@ pub enum QueueError {
 /// Serves one virtio-blk queue: pops chains, executes them against the image, fills the used
 /// ring. The worker thread and the benchmark both drive the device through this type.
 pub struct QueueHandler {
-    disk: Arc<DiskImage>,
+    disk: Arc<dyn DiskBackend>,
     id: [u8; VIRTIO_BLK_ID_BYTES as usize],
     stats: Arc<Counters>,
     /// Reused across requests to walk chains without allocating.
@@ -144,7 +145,7 @@ enum Fail {
 impl QueueHandler {
     /// A handler for `disk`, answering GET_ID with `id` and counting into `stats`.
     pub(crate) fn new(
-        disk: Arc<DiskImage>,
+        disk: Arc<dyn DiskBackend>,
         id: [u8; VIRTIO_BLK_ID_BYTES as usize],
         stats: Arc<Counters>,
     ) -> Self {
@@ -305,8 +306,8 @@ impl QueueHandler {
     }
 
     /// The image this handler serves.
-    pub(crate) fn disk(&self) -> &DiskImage {
-        &self.disk
+    pub(crate) fn disk(&self) -> &dyn DiskBackend {
+        self.disk.as_ref()
     }
 
     fn process_chain<'m>(
@@ -547,11 +548,7 @@ impl QueueHandler {
             return Ok(());
         }
         let res = if discard {
-            match self.disk.punch_hole(offset, len) {
-                // Discard is a hint: a filesystem that cannot punch holes keeps the data.
-                Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => Ok(()),
-                other => other,
-            }
+            self.disk.discard(offset, len)
         } else {
             self.disk.write_zeroes(offset, len, unmap)
         };

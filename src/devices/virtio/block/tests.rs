@@ -96,10 +96,9 @@ fn image() -> TempFile {
 
 fn device(t: &TempFile, readonly: bool, serial: Option<&str>) -> Block {
     Block::new(&DiskConfig {
-        path: t.as_path().to_path_buf(),
         readonly,
         serial: serial.map(str::to_string),
-        direct: false,
+        ..DiskConfig::new(t.as_path())
     })
     .unwrap()
 }
@@ -262,10 +261,10 @@ fn parse_full_option() {
     assert_eq!(
         c,
         DiskConfig {
-            path: PathBuf::from("/img/a.raw"),
             readonly: true,
             serial: Some("abc".into()),
             direct: true,
+            ..DiskConfig::new("/img/a.raw")
         }
     );
     let c = parse_disk_option("path=x.img").unwrap();
@@ -390,13 +389,7 @@ fn config_reads_out_of_range_are_zero() {
 #[test]
 fn serial_too_long_for_device() {
     let t = image();
-    let disk = DiskImage::open(&DiskConfig {
-        path: t.as_path().to_path_buf(),
-        readonly: false,
-        serial: None,
-        direct: false,
-    })
-    .unwrap();
+    let disk = open_disk(&DiskConfig::new(t.as_path())).unwrap();
     assert!(matches!(
         Block::with_disk(disk, Some("x".repeat(21).as_str())),
         Err(BlockError::SerialTooLong { .. })
@@ -1333,14 +1326,14 @@ fn mixed_batch_with_hostile_requests() {
 
 fn direct_device(t: &TempFile) -> Option<Block> {
     match Block::new(&DiskConfig {
-        path: t.as_path().to_path_buf(),
-        readonly: false,
-        serial: None,
         direct: true,
+        ..DiskConfig::new(t.as_path())
     }) {
         Ok(b) => Some(b),
         // Filesystems without O_DIRECT (tmpfs) refuse the open: nothing to test there.
-        Err(BlockError::Open { source, .. }) if source.raw_os_error() == Some(libc::EINVAL) => {
+        Err(BlockError::Disk(DiskError::Open { source, .. }))
+            if source.raw_os_error() == Some(libc::EINVAL) =>
+        {
             let test = std::thread::current().name().unwrap_or("?").to_string();
             crate::test_support::skipped(&test, "the temp directory has no O_DIRECT (tmpfs?)");
             None

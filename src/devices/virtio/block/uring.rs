@@ -32,18 +32,25 @@ pub struct UringQueueHandler {
 impl UringQueueHandler {
     /// Sets up a ring (see [`setup_ring`]) and wraps `handler`.
     pub fn new(handler: QueueHandler) -> io::Result<Self> {
-        Ok(Self::with_ring(handler, setup_ring()?))
+        Self::with_ring(handler, setup_ring()?)
     }
 
     /// Wraps `handler` around a ring made by [`setup_ring`] on the thread that will use it.
-    pub(crate) fn with_ring(handler: QueueHandler, ring: IoUring) -> Self {
-        let fd = handler.disk().raw_fd();
-        Self {
+    /// Only raw images qualify: their guest offsets are file offsets.
+    pub(crate) fn with_ring(handler: QueueHandler, ring: IoUring) -> io::Result<Self> {
+        let fd = handler.disk().raw_fd().ok_or_else(|| {
+            io::Error::other(format!(
+                "{} is a {} image; io_uring serves raw images only",
+                handler.disk().path().display(),
+                handler.disk().format()
+            ))
+        })?;
+        Ok(Self {
             handler,
             ring,
             fd,
             broken: false,
-        }
+        })
     }
 
     /// Like [`QueueHandler::process_queue`], with the file I/O of each drain batched.
