@@ -436,6 +436,7 @@ tail -c +$((base + 1)) initrd.img | "$BUSYBOX" cpio -t
     for round in 1..=repeat {
         let mut device_cases = pci_cases(&cfg.images);
         device_cases.extend(cases::blk::cases());
+        device_cases.extend(cases::img::cases());
         device_cases.extend(cases::net::cases());
         if round > 1 {
             for c in &mut device_cases {
@@ -445,13 +446,18 @@ tail -c +$((base + 1)) initrd.img | "$BUSYBOX" cpio -t
         cases.extend(device_cases);
     }
     cfg.l1_extra.extend(extra_l1_files());
-    // Disk cases copy the root image and check it with e2fsprogs; network cases make a
-    // namespace with a TAP (iproute2, the tun module).
+    // Disk cases copy the root image and check it with e2fsprogs (and image formats with
+    // qemu-img); network cases make a namespace with a TAP (iproute2, the tun module).
     cfg.rootfs_in_initrd = true;
     cfg.l1_programs.extend(
-        ["/usr/sbin/e2fsck", "/usr/sbin/debugfs", "/usr/sbin/ip"]
-            .iter()
-            .map(PathBuf::from),
+        [
+            "/usr/sbin/e2fsck",
+            "/usr/sbin/debugfs",
+            "/usr/sbin/ip",
+            "/usr/bin/qemu-img",
+        ]
+        .iter()
+        .map(PathBuf::from),
     );
     cfg.l1_modules.push("tun".into());
     harness::run_with(cases, cfg)
