@@ -13,6 +13,10 @@
 //! VMMs alternate (ABBA, 2 rounds). FERROVM_BENCH_SECS / FERROVM_BENCH_ROUNDS override both. Around every phase the L1 side samples KVM's
 //! debugfs counters (all exits, userspace MMIO/PIO exits, injected interrupts) when the guest's
 //! `PHASE ... begin|end` line arrives on the console, so exits per I/O are reported too.
+//!
+//! `FERROVM_BENCH_DISK=qcow2 cargo bench --bench devices` compares disk formats instead (issue
+//! 11): fio only, the data disk as raw through ferrovm, and as a fully allocated qcow2 through
+//! ferrovm and through QEMU.
 
 #[path = "../tests/harness/mod.rs"]
 mod harness;
@@ -34,14 +38,28 @@ fn secs() -> u32 {
 fn env_num<T: std::str::FromStr>(k: &str) -> Option<T> {
     std::env::var(k).ok()?.parse().ok()
 }
-const VMMS: [&str; 2] = ["ferrovm", "qemu"];
+/// FERROVM_BENCH_DISK=qcow2: the disk-format comparison (issue 11) instead: fio only, on a
+/// fully allocated data disk, through ferrovm raw, ferrovm qcow2 and QEMU qcow2.
+fn qcow2_mode() -> bool {
+    std::env::var("FERROVM_BENCH_DISK").is_ok_and(|v| v == "qcow2")
+}
+/// The VMM runs, in ABBA order; the first is the baseline of the ratios.
+fn vmms() -> Vec<&'static str> {
+    if qcow2_mode() {
+        vec!["ferrovm", "ferrovm_qcow2", "qemu_qcow2"]
+    } else {
+        vec!["ferrovm", "qemu"]
+    }
+}
 
 /// The guest's /test.sh: prints `PHASE <name> begin|end` around each measurement and one
 /// `BENCH <name> key=value...` line per result.
 fn guest_script() -> String {
     let secs = secs();
+    let fio_only = u8::from(qcow2_mode());
     format!(
         r#"T={secs}
+FIO_ONLY={fio_only}
 ip link set eth0 up
 ip addr add 172.30.0.2/24 dev eth0
 ping -c 2 -W 5 172.30.0.1 >/dev/null 2>&1 || echo "GUEST-NET-DOWN"
@@ -67,6 +85,7 @@ fio_run randread-4k randread 4k 32
 fio_run randwrite-4k randwrite 4k 32
 fio_run read-1m read 1M 4
 fio_run write-1m write 1M 4
+[ "$FIO_ONLY" = 1 ] && exit 0
 iperf_run tcp-g2h
 iperf_run tcp-h2g -R
 echo "PHASE ping begin"
@@ -85,7 +104,7 @@ END {{ if (n) {{ m = s / n; printf "BENCH ping avg_ms=%.3f mdev_ms=%.3f n=%d\n",
 fn script() -> String {
     let order: Vec<String> = (0..rounds())
         .map(|r| {
-            let mut v = VMMS.to_vec();
+            let mut v = vmms();
             if r % 2 == 1 {
                 v.reverse();
             }
@@ -105,7 +124,7 @@ CR=$(printf '\r')
 NS=ferrovm-bench-$$
 SRV=
 $IP netns add $NS
-cleanup() {{ [ -z "$SRV" ] || kill $SRV 2>/dev/null; $IP netns del $NS 2>/dev/null; rm -f disk.img data.img; }}
+cleanup() {{ [ -z "$SRV" ] || kill $SRV 2>/dev/null; $IP netns del $NS 2>/dev/null; rm -f disk.img data.img data.qcow2; }}
 trap cleanup EXIT
 inns() {{ $IP netns exec $NS "$@"; }}
 inns $IP link set lo up
@@ -156,6 +175,22 @@ run_ferrovm() {{
         --disk path=disk.img --disk path=data.img --net tap=tap0,mac=$MAC --serial stdio --exit-stats
     if [ "$1" = 1 ]; then echo EXITSTATS-BEGIN; cat err.log; echo EXITSTATS-END; fi
 }}
+# The same data disk as qcow2, every cluster allocated (-S 0: no sparse detection).
+[ {fio_only} = 1 ] && qemu-img convert -f raw -O qcow2 -S 0 data.img data.qcow2
+run_ferrovm_qcow2() {{
+    run_vm ferrovm_qcow2 $1 inns "$FERROVM" run --kernel "$IMAGES/bzImage" \
+        --initramfs "$IMAGES/initramfs.cpio.gz" --memory 512M --cpus 1 --cmdline "$CMDLINE" \
+        --disk path=disk.img --disk path=data.qcow2 --net tap=tap0,mac=$MAC --serial stdio
+}}
+run_qemu_qcow2() {{
+    run_vm qemu_qcow2 $1 inns $QEMU -L /qemu/share -M q35 -accel kvm -cpu host -m 512M -smp 1 \
+        -nodefaults -no-user-config -display none -serial stdio \
+        -kernel "$IMAGES/bzImage" -initrd "$IMAGES/initramfs.cpio.gz" -append "$CMDLINE" \
+        -drive if=none,id=root,format=raw,file=disk.img -device virtio-blk-pci,drive=root \
+        -drive if=none,id=data,format=qcow2,file=data.qcow2 -device virtio-blk-pci,drive=data \
+        -netdev tap,id=n0,ifname=tap0,script=no,downscript=no,vhost=off \
+        -device virtio-net-pci,netdev=n0,mac=$MAC,romfile=
+}}
 run_qemu() {{
     run_vm qemu $1 inns $QEMU -L /qemu/share -M q35 -accel kvm -cpu host -m 512M -smp 1 \
         -nodefaults -no-user-config -display none -serial stdio \
@@ -168,7 +203,8 @@ run_qemu() {{
 {order}
 "#,
         guest = guest_script(),
-        order = order.join("\n")
+        order = order.join("\n"),
+        fio_only = u8::from(qcow2_mode())
     )
 }
 
@@ -358,6 +394,7 @@ fn main() -> ExitCode {
             "/usr/bin/iperf3",
             "/usr/sbin/debugfs",
             "/usr/sbin/ip",
+            "/usr/bin/qemu-img",
         ]
         .iter()
         .map(PathBuf::from),
@@ -374,6 +411,10 @@ fn main() -> ExitCode {
             && (l.contains("FAILED") || l.contains("VMM-STATUS") || l.contains("NET-DOWN"))
     }) {
         println!("{}", l.trim());
+    }
+    if qcow2_mode() {
+        print_qcow2_table(&r, &images, started);
+        return status;
     }
     println!(
         "\nDevices: ferrovm vs QEMU q35 (virtio-pci, vhost=off), stock {} kernel, 512 MiB, 1 vCPU, \
@@ -442,4 +483,37 @@ fn main() -> ExitCode {
         }
     }
     status
+}
+
+/// The disk-format table: ferrovm raw, ferrovm qcow2 and QEMU qcow2, with the two ratios the
+/// issue sets targets for.
+fn print_qcow2_table(r: &Results, images: &std::path::Path, started: Instant) {
+    println!(
+        "\nDisk formats: a fully allocated 512 MiB data disk, raw vs qcow2 (64 KiB clusters, \
+         `qemu-img convert -S 0`), fio --direct=1 libaio in the guest, stock {} kernel, \
+         {} s per test, {} rounds ABBA (run took {:.0} s):\n",
+        std::fs::read_to_string(images.join("kernel-version"))
+            .unwrap_or_default()
+            .trim(),
+        secs(),
+        rounds(),
+        started.elapsed().as_secs_f64()
+    );
+    println!(
+        "| test | ferrovm raw | ferrovm qcow2 | QEMU qcow2 | ferrovm qcow2 / raw | ferrovm qcow2 / QEMU qcow2 |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|");
+    for m in metrics().into_iter().take(4) {
+        let [raw, q, qemu] =
+            ["ferrovm", "ferrovm_qcow2", "qemu_qcow2"].map(|v| per_round(r, v, m.test, &m.get));
+        println!(
+            "| {} | {} | {} | {} | {:.2} | {:.2} |",
+            m.label,
+            list(&raw),
+            list(&q),
+            list(&qemu),
+            mean(&q) / mean(&raw),
+            mean(&q) / mean(&qemu)
+        );
+    }
 }
