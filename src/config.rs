@@ -30,6 +30,9 @@ pub enum ConfigError {
     ExitStats(String),
     #[error(transparent)]
     Cpu(#[from] crate::arch::x86_64::cpu_features::CpuError),
+    /// The cloud-init seed (`--cloud-init`, `--ssh-key`, `--password`), its whole message.
+    #[error("{0}")]
+    CloudInit(String),
 }
 
 /// Where the guest's COM1 goes.
@@ -68,6 +71,9 @@ pub struct VmConfig {
     pub test_devices: bool,
     /// `--cpu`: CPUID feature changes over what KVM supports.
     pub cpu: crate::arch::x86_64::cpu_features::CpuFeatures,
+    /// The cloud-init NoCloud seed image (`--cloud-init`, `--ssh-key`, `--password`): a
+    /// read-only virtio-blk disk after the `--disk` ones.
+    pub cloud_init_seed: Option<Vec<u8>>,
 }
 
 impl VmConfig {
@@ -91,6 +97,7 @@ impl VmConfig {
             nets: Vec::new(),
             cpu: Default::default(),
             test_devices: false,
+            cloud_init_seed: None,
         }
     }
 }

@@ -11,6 +11,7 @@ pub mod acpi;
 pub mod arch;
 pub mod bench;
 pub mod bus;
+pub mod cloudinit;
 pub mod config;
 pub mod console;
 pub mod devices;

@@ -29,7 +29,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Boot a kernel in a new VM.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Check that /dev/kvm works: run a few real-mode instructions and verify the exits.
     Selftest,
     /// Measure the cost of each kind of VM exit, through ferrovm and through a bare KVM_RUN loop.
@@ -125,6 +125,17 @@ struct RunArgs {
     /// BASE (created when missing).
     #[arg(long, value_name = "path=FILE[,...]")]
     disk: Vec<String>,
+    /// A cloud-init NoCloud seed (a read-only disk labelled CIDATA after the --disk ones) with
+    /// these files: user-data=FILE[,meta-data=FILE][,network-config=FILE]. Without
+    /// meta-data, ferrovm writes one whose instance-id follows the contents.
+    #[arg(long, value_name = "user-data=FILE[,...]")]
+    cloud_init: Option<String>,
+    /// A public key (.pub) for the cloud image's default user (a seed is made). Repeatable.
+    #[arg(long, value_name = "PATH.pub")]
+    ssh_key: Vec<PathBuf>,
+    /// A password for the cloud image's default user, SSH password login on (a seed is made).
+    #[arg(long, value_name = "PW")]
+    password: Option<String>,
     /// A virtio-net NIC on a TAP device: tap=NAME[,mac=MAC]. Repeatable.
     #[arg(long, value_name = "tap=NAME[,mac=MAC]")]
     net: Vec<String>,
@@ -168,7 +179,9 @@ fn build_config(a: RunArgs) -> Result<VmConfig, config::ConfigError> {
                 .map_err(|e| config::ConfigError::Net(s.clone(), e.to_string()))
         })
         .collect::<Result<_, _>>()?;
+    let cloud_init_seed = cloud_init_seed(&a)?;
     Ok(VmConfig {
+        cloud_init_seed,
         exit_stats,
         mem_size: config::parse_memory(&a.memory)?,
         cpus: config::parse_cpus(a.cpus)?,
@@ -184,6 +197,32 @@ fn build_config(a: RunArgs) -> Result<VmConfig, config::ConfigError> {
         cpu: ferrovm::arch::x86_64::cpu_features::CpuFeatures::parse(&a.cpu)?,
         ..VmConfig::with_kernel(a.kernel)
     })
+}
+
+/// The seed image when any cloud-init option is given.
+fn cloud_init_seed(a: &RunArgs) -> Result<Option<Vec<u8>>, config::ConfigError> {
+    use ferrovm::cloudinit::{self, CloudInit};
+    if a.cloud_init.is_none() && a.ssh_key.is_empty() && a.password.is_none() {
+        return Ok(None);
+    }
+    let one_line = |e: cloudinit::CloudInitError| {
+        let mut msg = e.to_string();
+        let mut src = std::error::Error::source(&e);
+        while let Some(s) = src {
+            msg += &format!(": {s}");
+            src = s.source();
+        }
+        config::ConfigError::CloudInit(msg)
+    };
+    let mut ci = CloudInit {
+        ssh_keys: a.ssh_key.clone(),
+        password: a.password.clone(),
+        ..CloudInit::default()
+    };
+    if let Some(s) = &a.cloud_init {
+        cloudinit::parse_option(s, &mut ci).map_err(one_line)?;
+    }
+    cloudinit::seed_image(&ci).map(Some).map_err(one_line)
 }
 
 /// Prints an error and its whole chain of causes on one line.
@@ -261,7 +300,7 @@ fn main() -> ExitCode {
             )
             .format_timestamp(None)
             .init();
-            let cfg = match build_config(args) {
+            let cfg = match build_config(*args) {
                 Ok(c) => c,
                 Err(e) => {
                     report(&e);

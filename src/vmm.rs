@@ -174,6 +174,11 @@ pub fn run(cfg: VmConfig) -> Result<VmOutcome, VmmError> {
         let block = devices::virtio::block::Block::new(disk)?;
         add_virtio_pci(&mut pci, &mut buses.claims, &vm, &mem, Box::new(block))?;
     }
+    if let Some(seed) = &cfg.cloud_init_seed {
+        let disk = crate::disk::mem::MemDisk::new("cloud-init seed", seed.clone());
+        let block = devices::virtio::block::Block::with_disk(Box::new(disk), Some("cidata"))?;
+        add_virtio_pci(&mut pci, &mut buses.claims, &vm, &mem, Box::new(block))?;
+    }
     for nic in &cfg.nets {
         let net = devices::virtio::net::Net::new(nic)?;
         add_virtio_pci(&mut pci, &mut buses.claims, &vm, &mem, Box::new(net))?;

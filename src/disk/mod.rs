@@ -14,11 +14,13 @@
 
 pub mod info;
 pub(crate) mod io;
+pub mod mem;
 pub mod overlay;
 pub mod qcow2;
 pub mod raw;
 #[cfg(test)]
 mod test_util;
+pub mod vfat;
 pub mod vhd;
 
 use std::fs::{File, OpenOptions};
