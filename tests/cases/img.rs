@@ -2,7 +2,8 @@
 //! overlay on a raw base, as a dynamic VHD, as a throwaway overlay (`overlay=on`), and a
 //! qcow2 overlay whose ferrovm is SIGKILLed right after the guest's `sync`. qemu-img (copied
 //! into L1) is the reference checker: `qemu-img check` on every qcow2 ferrovm wrote, and
-//! `qemu-img convert -O raw` to read the result back with debugfs.
+//! `qemu-img convert -O raw` to read the result back with debugfs. And the cloud-init seed
+//! as the guest sees it (found by its label, read-only, the generated files).
 
 use std::time::Duration;
 
@@ -169,6 +170,37 @@ debugfs -R 'cat /root/big.bin' flat.raw 2>/dev/null | md5sum | sed 's/ .*/  host
                 0 | 1 => Ok(()),
                 v => Err(format!("e2fsck -fy status {v}: uncorrectable errors")),
             }
+        }),
+        case(
+            "img_cloud_init_seed_in_guest",
+            r#"
+cat > t.sh <<'GUEST_EOF'
+d=$(findfs LABEL=CIDATA)
+echo "GUEST_SEED_DEV=$d"
+echo "GUEST_SEED_RO=$(cat /sys/block/${d#/dev/}/ro)"
+mount -t vfat -o ro "$d" /mnt
+ls /mnt | sed 's/^/GUEST_FILE=/'
+sed 's/^/GUEST_UD: /' /mnt/user-data
+sed 's/^/GUEST_MD: /' /mnt/meta-data
+umount /mnt
+if dd if=/dev/zero of="$d" bs=512 count=1 conv=fsync 2>/dev/null; then echo GUEST_WRITE=ok; else echo GUEST_WRITE=refused; fi
+GUEST_EOF
+put_script t.sh
+echo 'ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFerrovmTestKey test@ferrovm' > id.pub
+boot --disk path=base.img --ssh-key id.pub --password 'ferro vm'
+"#,
+        )
+        .check(|o| {
+            status(o, "FERROVM_STATUS", 0)?;
+            expect_output(o, "GUEST_SEED_DEV=/dev/vdb")?;
+            expect_output(o, "GUEST_SEED_RO=1")?;
+            expect_output(o, "GUEST_FILE=user-data")?;
+            expect_output(o, "GUEST_FILE=meta-data")?;
+            expect_output(o, "GUEST_UD: #cloud-config")?;
+            expect_output(o, "GUEST_UD:   - \"ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFerrovmTestKey")?;
+            expect_output(o, "GUEST_UD: password: \"ferro vm\"")?;
+            expect_output(o, "GUEST_MD: instance-id: iid-ferrovm-")?;
+            expect_output(o, "GUEST_WRITE=refused")
         }),
     ]
 }
