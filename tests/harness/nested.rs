@@ -287,6 +287,44 @@ enum Event {
 struct L1 {
     child: KillOnDrop,
     rx: mpsc::Receiver<Event>,
+    qmp: PathBuf,
+}
+
+/// Runs one human monitor command through the QMP socket at `sock`; its text output.
+fn qmp_hmp(sock: &Path, command: &str) -> Result<String, String> {
+    use std::os::unix::net::UnixStream;
+    let s = UnixStream::connect(sock).map_err(|e| format!("{}: {e}", sock.display()))?;
+    let t = Some(Duration::from_secs(5));
+    s.set_read_timeout(t).map_err(|e| e.to_string())?;
+    s.set_write_timeout(t).map_err(|e| e.to_string())?;
+    let mut r = BufReader::new(s.try_clone().map_err(|e| e.to_string())?);
+    let mut w = s;
+    let mut line = String::new();
+    r.read_line(&mut line)
+        .map_err(|e| format!("greeting: {e}"))?;
+    let cmd = serde_json::json!({"execute": "human-monitor-command",
+        "arguments": {"command-line": command}});
+    writeln!(w, "{{\"execute\":\"qmp_capabilities\"}}\n{cmd}").map_err(|e| e.to_string())?;
+    // The capabilities reply, then (skipping events) the command's.
+    let mut replies = 0;
+    loop {
+        line.clear();
+        if r.read_line(&mut line).map_err(|e| format!("reply: {e}"))? == 0 {
+            return Err("QMP closed".into());
+        }
+        let v: serde_json::Value = serde_json::from_str(&line).map_err(|e| e.to_string())?;
+        if v.get("event").is_some() {
+            continue;
+        }
+        replies += 1;
+        if replies == 2 {
+            return v
+                .get("return")
+                .and_then(|r| r.as_str())
+                .map(str::to_string)
+                .ok_or_else(|| format!("unexpected reply {line}"));
+        }
+    }
 }
 
 fn spawn_l1(
@@ -321,6 +359,11 @@ fn spawn_l1(
     .arg(initrd)
     .arg("-append")
     .arg(&append);
+    // For the post-mortem of a frozen L1 (see `L1::diagnose`).
+    let qmp = log_dir.join(format!("qmp-{boot_no}.sock"));
+    let _ = std::fs::remove_file(&qmp);
+    cmd.arg("-qmp")
+        .arg(format!("unix:{},server=on,wait=off", qmp.display()));
     for d in &cfg.l1_disks {
         cmd.arg("-drive").arg(format!(
             "file={},if=virtio,format=raw,readonly=on",
@@ -368,12 +411,43 @@ fn spawn_l1(
         }
         let _ = tx.send(Event::Eof);
     });
-    Ok(L1 { child, rx })
+    Ok(L1 { child, rx, qmp })
 }
 
 impl L1 {
     fn kill(&mut self) {
         self.child.kill();
+    }
+
+    /// Before killing an L1 that stopped answering: is qemu spinning (its CPU time over two
+    /// seconds) and where is L1's vCPU (`info registers` through QMP, saved to
+    /// `l1-freeze-<boot>.txt`)? Tells an L1 frozen in QEMU/TCG or its kernel from a slow case.
+    fn diagnose(&mut self, log_dir: &Path, boot_no: usize) -> String {
+        let cpu_ticks = |pid: u32| -> Option<u64> {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            let rest = stat.rsplit_once(')')?.1;
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+        };
+        let pid = self.child.id();
+        let t0 = cpu_ticks(pid);
+        std::thread::sleep(Duration::from_secs(2));
+        let busy = match (t0, cpu_ticks(pid)) {
+            (Some(a), Some(b)) => format!("qemu used {}% of a CPU over 2 s", (b - a) / 2),
+            _ => "qemu's CPU time unknown".into(),
+        };
+        let regs = qmp_hmp(&self.qmp, "info registers").unwrap_or_else(|e| format!("QMP: {e}"));
+        let file = log_dir.join(format!("l1-freeze-{boot_no}.txt"));
+        let _ = std::fs::write(&file, format!("{busy}\n{regs}\n"));
+        let rip = regs
+            .split_whitespace()
+            .find(|w| w.starts_with("RIP=") || w.starts_with("EIP="))
+            .unwrap_or("RIP=?");
+        let hlt = regs
+            .split_whitespace()
+            .find(|w| w.starts_with("HLT="))
+            .unwrap_or("");
+        format!("{busy}; L1 vCPU {rip} {hlt} ({})", file.display())
     }
     /// Waits for qemu to exit by itself, killing it after `grace`.
     fn finish(&mut self, grace: Duration) -> String {
@@ -468,6 +542,7 @@ fn run_boots(
                     break Some(format!("qemu exited ({st})"));
                 }
                 Err(RecvTimeoutError::Timeout) => {
+                    let state = l1.diagnose(log_dir, boot_no);
                     l1.kill();
                     let what = match &phase {
                         Phase::Booting => format!("L1 not ready after {}s", cfg.boot_timeout.as_secs()),
@@ -478,6 +553,7 @@ fn run_boots(
                             CASE_GRACE.as_secs()
                         ),
                     };
+                    let what = format!("{what} [{state}]");
                     break Some(what);
                 }
             };
