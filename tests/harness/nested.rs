@@ -288,6 +288,15 @@ struct L1 {
     child: KillOnDrop,
     rx: mpsc::Receiver<Event>,
     qmp: PathBuf,
+    /// Set when L1 goes: ends the keep-awake thread.
+    keepalive: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Drop for L1 {
+    fn drop(&mut self) {
+        self.keepalive
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// Runs one human monitor command through the QMP socket at `sock`; its text output.
@@ -387,6 +396,7 @@ fn spawn_l1(
             .stderr(stderr_log),
     )
     .map_err(|e| format!("cannot start {}: {e}", cfg.qemu))?;
+    let keepalive = keep_awake(child.id(), qmp.clone(), log_dir.join("l1-keepalive.log"));
     let stdout = child.stdout.take().unwrap();
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
@@ -411,7 +421,55 @@ fn spawn_l1(
         }
         let _ = tx.send(Event::Eof);
     });
-    Ok(L1 { child, rx, qmp })
+    Ok(L1 {
+        child,
+        rx,
+        qmp,
+        keepalive,
+    })
+}
+
+/// How often L1 gets a key press (see [`keep_awake`]).
+const KEEPALIVE: Duration = Duration::from_secs(10);
+
+/// QEMU 7.2's TCG sometimes loses L1's timer interrupt: L1 then sits in HLT with interrupts
+/// enabled and nothing pending (qemu at 0% CPU) until any other interrupt arrives, and every
+/// timer in L1 (the case watchdogs too) stops. Seen as a 300 s harness timeout in about one
+/// `pci_virtio_rng_msix` run in twenty under load; a QMP `sendkey` woke such an L1, which
+/// then reported an RCU stall and finished the case. So L1 gets a shift key press every 10 s
+/// (an i8042 interrupt; nothing reads the keyboard). Windows in which qemu used no CPU at all
+/// are logged to `l1-keepalive.log`. The thread ends with qemu.
+fn keep_awake(
+    pid: u32,
+    qmp: PathBuf,
+    log: PathBuf,
+) -> std::sync::Arc<std::sync::atomic::AtomicBool> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    std::thread::spawn(move || {
+        let ticks = || -> Option<u64> {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            let f: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+            Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+        };
+        let mut last = ticks();
+        while !flag.load(Ordering::Relaxed) {
+            std::thread::sleep(KEEPALIVE);
+            let now = ticks();
+            if now.is_none() || flag.load(Ordering::Relaxed) {
+                break;
+            }
+            if now == last {
+                if let Ok(mut f) = OpenOptions::new().create(true).append(true).open(&log) {
+                    let _ = writeln!(f, "qemu used no CPU for {}s: L1 woken", KEEPALIVE.as_secs());
+                }
+            }
+            last = now;
+            let _ = qmp_hmp(&qmp, "sendkey shift");
+        }
+    });
+    stop
 }
 
 impl L1 {
