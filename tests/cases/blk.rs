@@ -9,6 +9,7 @@
 
 use std::time::Duration;
 
+use super::{status, synced_file_intact};
 use crate::harness::{expect_output, Case, CaseOutput};
 use crate::value;
 
@@ -39,13 +40,6 @@ fsck_image() {
 
 fn case(name: &str, body: &str) -> Case {
     Case::new(name, &format!("{PRELUDE}{body}")).timeout(Duration::from_secs(240))
-}
-
-fn status(o: &CaseOutput, key: &str, want: i64) -> Result<(), String> {
-    match value(o, key)? {
-        v if v == want => Ok(()),
-        v => Err(format!("{key}={v}, expected {want}")),
-    }
 }
 
 /// Fails unless a line starting with `prefix` contains `text`.
@@ -107,23 +101,7 @@ debugfs -R 'cat /root/big.bin' disk.img 2>/dev/null | md5sum | sed 's/ .*/  host
 "#,
         )
         .check(|o| {
-            // md5 printed by the guest must equal the host's md5 of the file in the image
-            let guest = o
-                .output
-                .lines()
-                .find(|l| l.contains("/root/big.bin") && l.len() > 32)
-                .and_then(|l| l.split_whitespace().next())
-                .ok_or("no guest md5")?
-                .to_string();
-            let host = o
-                .output
-                .lines()
-                .find(|l| l.ends_with("host-md5"))
-                .and_then(|l| l.split_whitespace().next())
-                .ok_or("no host md5")?;
-            if guest != host {
-                return Err(format!("data lost: guest md5 {guest}, image md5 {host}"));
-            }
+            synced_file_intact(o, "/root/big.bin")?;
             let replay = value(o, "REPLAY_STATUS")?;
             if replay > 1 {
                 return Err(format!("e2fsck -fy status {replay}: uncorrectable errors"));

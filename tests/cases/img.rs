@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use super::tagged_md5;
+use super::{status, synced_file_intact, tagged_md5};
 use crate::harness::{expect_output, Case, CaseOutput};
 use crate::value;
 
@@ -48,13 +48,6 @@ WRITE='echo ferrovm-img-data-11 > /root/written.txt\nsync\necho GUEST_WROTE\n'
 
 fn case(name: &str, body: &str) -> Case {
     Case::new(name, &format!("{PRELUDE}{body}")).timeout(Duration::from_secs(240))
-}
-
-fn status(o: &CaseOutput, key: &str, want: i64) -> Result<(), String> {
-    match value(o, key)? {
-        v if v == want => Ok(()),
-        v => Err(format!("{key}={v}, expected {want}")),
-    }
 }
 
 fn same_md5(o: &CaseOutput, a: &str, b: &str) -> Result<(), String> {
@@ -149,17 +142,7 @@ debugfs -R 'cat /root/big.bin' flat.raw 2>/dev/null | md5sum | sed 's/ .*/  host
 "#,
         )
         .check(|o| {
-            let guest = o
-                .output
-                .lines()
-                .find(|l| l.contains("/root/big.bin") && l.len() > 32)
-                .and_then(|l| l.split_whitespace().next())
-                .ok_or("no guest md5")?
-                .to_string();
-            let host = tagged_md5(o, "host-md5")?;
-            if guest != host {
-                return Err(format!("data lost: guest md5 {guest}, image md5 {host}"));
-            }
+            synced_file_intact(o, "/root/big.bin")?;
             // 0: clean; 3: leaked clusters only (allocations of unflushed writes, documented
             // in src/disk/qcow2/mod.rs). Anything else is corruption.
             match value(o, "QCHECK_STATUS")? {
