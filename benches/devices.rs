@@ -170,37 +170,28 @@ run_vm() {{
     set -e
     grep -q 'FERROVM-TEST-EXIT status=0' console.log || {{ echo "--- $name console tail"; tail -40 console.log; cat err.log; }}
 }}
+# run_ferrovm ROUND [NAME DATA-IMAGE]; run_qemu ROUND [NAME DATA-IMAGE FORMAT]
 run_ferrovm() {{
-    run_vm ferrovm $1 inns "$FERROVM" run --kernel "$IMAGES/bzImage" \
+    vm=${{2:-ferrovm}} stats=
+    [ "$vm" = ferrovm ] && stats=--exit-stats
+    run_vm "$vm" $1 inns "$FERROVM" run --kernel "$IMAGES/bzImage" \
         --initramfs "$IMAGES/initramfs.cpio.gz" --memory 512M --cpus 1 --cmdline "$CMDLINE" \
-        --disk path=disk.img --disk path=data.img --net tap=tap0,mac=$MAC --serial stdio --exit-stats
-    if [ "$1" = 1 ]; then echo EXITSTATS-BEGIN; cat err.log; echo EXITSTATS-END; fi
+        --disk path=disk.img --disk path=${{3:-data.img}} --net tap=tap0,mac=$MAC --serial stdio $stats
+    if [ "$1" = 1 ] && [ -n "$stats" ]; then echo EXITSTATS-BEGIN; cat err.log; echo EXITSTATS-END; fi
+}}
+run_qemu() {{
+    run_vm ${{2:-qemu}} $1 inns $QEMU -L /qemu/share -M q35 -accel kvm -cpu host -m 512M -smp 1 \
+        -nodefaults -no-user-config -display none -serial stdio \
+        -kernel "$IMAGES/bzImage" -initrd "$IMAGES/initramfs.cpio.gz" -append "$CMDLINE" \
+        -drive if=none,id=root,format=raw,file=disk.img -device virtio-blk-pci,drive=root \
+        -drive if=none,id=data,format=${{4:-raw}},file=${{3:-data.img}} -device virtio-blk-pci,drive=data \
+        -netdev tap,id=n0,ifname=tap0,script=no,downscript=no,vhost=off \
+        -device virtio-net-pci,netdev=n0,mac=$MAC,romfile=
 }}
 # The same data disk as qcow2, every cluster allocated (-S 0: no sparse detection).
 [ {fio_only} = 1 ] && qemu-img convert -f raw -O qcow2 -S 0 data.img data.qcow2
-run_ferrovm_qcow2() {{
-    run_vm ferrovm_qcow2 $1 inns "$FERROVM" run --kernel "$IMAGES/bzImage" \
-        --initramfs "$IMAGES/initramfs.cpio.gz" --memory 512M --cpus 1 --cmdline "$CMDLINE" \
-        --disk path=disk.img --disk path=data.qcow2 --net tap=tap0,mac=$MAC --serial stdio
-}}
-run_qemu_qcow2() {{
-    run_vm qemu_qcow2 $1 inns $QEMU -L /qemu/share -M q35 -accel kvm -cpu host -m 512M -smp 1 \
-        -nodefaults -no-user-config -display none -serial stdio \
-        -kernel "$IMAGES/bzImage" -initrd "$IMAGES/initramfs.cpio.gz" -append "$CMDLINE" \
-        -drive if=none,id=root,format=raw,file=disk.img -device virtio-blk-pci,drive=root \
-        -drive if=none,id=data,format=qcow2,file=data.qcow2 -device virtio-blk-pci,drive=data \
-        -netdev tap,id=n0,ifname=tap0,script=no,downscript=no,vhost=off \
-        -device virtio-net-pci,netdev=n0,mac=$MAC,romfile=
-}}
-run_qemu() {{
-    run_vm qemu $1 inns $QEMU -L /qemu/share -M q35 -accel kvm -cpu host -m 512M -smp 1 \
-        -nodefaults -no-user-config -display none -serial stdio \
-        -kernel "$IMAGES/bzImage" -initrd "$IMAGES/initramfs.cpio.gz" -append "$CMDLINE" \
-        -drive if=none,id=root,format=raw,file=disk.img -device virtio-blk-pci,drive=root \
-        -drive if=none,id=data,format=raw,file=data.img -device virtio-blk-pci,drive=data \
-        -netdev tap,id=n0,ifname=tap0,script=no,downscript=no,vhost=off \
-        -device virtio-net-pci,netdev=n0,mac=$MAC,romfile=
-}}
+run_ferrovm_qcow2() {{ run_ferrovm $1 ferrovm_qcow2 data.qcow2; }}
+run_qemu_qcow2() {{ run_qemu $1 qemu_qcow2 data.qcow2 qcow2; }}
 {order}
 "#,
         guest = guest_script(),
