@@ -30,6 +30,9 @@ pub enum ConfigError {
     ExitStats(String),
     #[error(transparent)]
     Cpu(#[from] crate::arch::x86_64::cpu_features::CpuError),
+    /// What to boot (`--kernel`, `--firmware`), its whole message.
+    #[error("{0}")]
+    Boot(String),
     /// The cloud-init seed (`--cloud-init`, `--ssh-key`, `--password`), its whole message.
     #[error("{0}")]
     CloudInit(String),
@@ -46,7 +49,12 @@ pub enum SerialMode {
 /// Everything needed to build and run one VM.
 #[derive(Debug, Clone)]
 pub struct VmConfig {
+    /// The kernel of a direct boot (unused when `firmware` is set).
     pub kernel: PathBuf,
+    /// `--firmware`: boot through this firmware image instead of a kernel.
+    pub firmware: Option<PathBuf>,
+    /// `--firmware-log`: where the firmware's debug console (port 0x402) goes.
+    pub firmware_log: Option<PathBuf>,
     pub initramfs: Option<PathBuf>,
     pub cmdline: String,
     pub cpus: u8,
@@ -82,6 +90,8 @@ impl VmConfig {
     pub fn with_kernel(kernel: PathBuf) -> Self {
         Self {
             kernel,
+            firmware: None,
+            firmware_log: None,
             initramfs: None,
             cmdline: DEFAULT_CMDLINE.into(),
             cpus: 1,

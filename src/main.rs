@@ -6,6 +6,7 @@
 //! - 2: command-line syntax error
 //! - 3: the guest crashed: triple fault, KVM internal error or failed VM entry
 //! - 4: the guest kernel panicked
+//! - 6: the firmware found no bootable device (it reset the machine after its retry wait)
 //! - (V << 1) | 1: the guest wrote V to the isa-debug-exit port 0xf4
 
 use std::path::PathBuf;
@@ -86,8 +87,15 @@ struct BenchArgs {
 #[derive(clap::Args)]
 struct RunArgs {
     /// Kernel: a bzImage or an ELF vmlinux (PVH entry if it has the note); detected from the contents.
+    #[arg(long, value_name = "PATH", conflicts_with = "firmware")]
+    kernel: Option<PathBuf>,
+    /// Boot through PC firmware instead of a kernel: bios (Debian's SeaBIOS), uefi (Debian's
+    /// OVMF) or an image PATH. The default without --kernel when a --disk is given: bios.
+    #[arg(long, value_name = "bios|uefi|PATH")]
+    firmware: Option<String>,
+    /// Write the firmware's debug console (port 0x402, QEMU's isa-debugcon) to PATH.
     #[arg(long, value_name = "PATH")]
-    kernel: PathBuf,
+    firmware_log: Option<PathBuf>,
     /// Initramfs (cpio, optionally compressed).
     #[arg(long, value_name = "PATH")]
     initramfs: Option<PathBuf>,
@@ -180,7 +188,23 @@ fn build_config(a: RunArgs) -> Result<VmConfig, config::ConfigError> {
         })
         .collect::<Result<_, _>>()?;
     let cloud_init_seed = cloud_init_seed(&a)?;
+    let firmware = match (&a.kernel, &a.firmware, a.disk.is_empty()) {
+        // (--kernel with --firmware, and neither without a disk, are usage errors: clap.)
+        (Some(_), _, _) => None,
+        (None, Some(f), _) => Some(f.as_str()),
+        (None, None, _) => Some("bios"),
+    }
+    .map(ferrovm::fwboot::resolve)
+    .transpose()
+    .map_err(|e| config::ConfigError::Boot(e.to_string()))?;
+    if a.firmware_log.is_some() && firmware.is_none() {
+        return Err(config::ConfigError::Boot(
+            "--firmware-log needs a firmware boot".into(),
+        ));
+    }
     Ok(VmConfig {
+        firmware,
+        firmware_log: a.firmware_log,
         cloud_init_seed,
         exit_stats,
         mem_size: config::parse_memory(&a.memory)?,
@@ -195,7 +219,7 @@ fn build_config(a: RunArgs) -> Result<VmConfig, config::ConfigError> {
         disks,
         nets,
         cpu: ferrovm::arch::x86_64::cpu_features::CpuFeatures::parse(&a.cpu)?,
-        ..VmConfig::with_kernel(a.kernel)
+        ..VmConfig::with_kernel(a.kernel.unwrap_or_default())
     })
 }
 
@@ -290,6 +314,15 @@ fn main() -> ExitCode {
             }
         },
         Command::Run(args) => {
+            if args.kernel.is_none() && args.firmware.is_none() && args.disk.is_empty() {
+                use clap::CommandFactory;
+                Cli::command()
+                    .error(
+                        clap::error::ErrorKind::MissingRequiredArgument,
+                        "nothing to boot: give --kernel PATH, or a --disk for the firmware to boot (--firmware bios|uefi|PATH)",
+                    )
+                    .exit();
+            }
             let verbose = args.verbose;
             env_logger::Builder::from_env(
                 env_logger::Env::default().default_filter_or(if verbose {
@@ -376,6 +409,10 @@ fn outcome_status(outcome: &VmOutcome, verbose: bool) -> ExitCode {
         VmOutcome::Stopped(why) => (0, Some(format!("stopped: {why}"))),
         VmOutcome::DebugExit(v) => ((((*v) << 1) | 1) as u8, None),
         VmOutcome::GuestPanic => (4, Some("guest kernel panic".into())),
+        VmOutcome::NoBootableDevice => (
+            6,
+            Some("the firmware found no bootable device (no disk with a boot loader)".into()),
+        ),
         VmOutcome::Crash { reason, dump } => {
             if verbose && !dump.is_empty() {
                 eprint!("{dump}");

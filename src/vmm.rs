@@ -3,7 +3,6 @@
 
 use std::fs::File;
 use std::io::Write;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -17,15 +16,16 @@ use crate::arch::x86_64::boot::{self, BootInfo, EntryMode};
 use crate::arch::x86_64::{layout, multiboot, regs};
 use crate::bus::{BusDeviceMut, SharedDevice};
 use crate::config::{SerialMode, VmConfig};
-use crate::console;
 use crate::devices::pci::{IntxLine, PciConfigIo, PciEcam, PciError, PciMmioWindow, PciRoot};
 use crate::devices::virtio::pci::{VirtioPci, VirtioPciDevice, VirtioPciError};
 use crate::devices::virtio::VirtioDevice;
 use crate::devices::{self, IrqLine, StopRequest, VmControl};
 use crate::exit_stats::{self, ExitStats, StatsOutput};
+use crate::fwboot;
 use crate::kvm::vcpu::{Vcpu, VcpuStop};
 use crate::kvm::vm::Vm;
 use crate::resources::{Buses, PlaceError, Resources, Sharing, Space};
+use crate::{console, console_watch};
 
 /// How the VM ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -40,6 +40,8 @@ pub enum VmOutcome {
     DebugExit(u32),
     /// The guest kernel panicked (seen on its console before it reset or stopped).
     GuestPanic,
+    /// The firmware found nothing to boot and reset the machine.
+    NoBootableDevice,
     /// Triple fault, KVM internal error, failed entry.
     Crash { reason: String, dump: String },
 }
@@ -79,14 +81,25 @@ pub enum VmmError {
     Disk(#[from] devices::virtio::block::BlockError),
     #[error(transparent)]
     Net(#[from] devices::virtio::net::NetError),
+    #[error(transparent)]
+    Firmware(#[from] crate::fwboot::FirmwareError),
+    #[error("cannot create the firmware log {0}")]
+    FirmwareLog(std::path::PathBuf, #[source] std::io::Error),
+    #[error("cannot hand the firmware its configuration")]
+    FwCfg(#[from] devices::fw_cfg::FwCfgError),
     #[error("cannot start vCPU thread {0}")]
     SpawnVcpu(u8, #[source] std::io::Error),
 }
 
 /// Boots the VM described by `cfg` and runs it until it ends.
 pub fn run(cfg: VmConfig) -> Result<VmOutcome, VmmError> {
-    // 1. KVM: a VM with the in-kernel irqchip and PIT.
-    let vm = Vm::new(cfg.cpus)?;
+    // 1. KVM: a VM with the in-kernel irqchip and PIT (KVM's TSS below a firmware ROM).
+    let firmware = cfg.firmware.as_deref().map(fwboot::load).transpose()?;
+    let tss = match firmware {
+        Some(_) => layout::FW_KVM_TSS_ADDRESS,
+        None => layout::KVM_TSS_ADDRESS,
+    };
+    let vm = Vm::new(cfg.cpus, tss)?;
 
     // 2. Guest RAM, mapped lazily (MAP_NORESERVE), split around the 32-bit MMIO hole.
     let ranges: Vec<(GuestAddress, usize)> = layout::ram_regions(cfg.mem_size)
@@ -95,26 +108,47 @@ pub fn run(cfg: VmConfig) -> Result<VmOutcome, VmmError> {
         .collect();
     let mem = GuestMemoryMmap::<()>::from_ranges(&ranges)
         .map_err(|e| VmmError::Memory(cfg.mem_size, e))?;
-    vm.register_memory(&mem)?;
+    let (below_4g, above_4g) = layout::ram_split(cfg.mem_size);
+    // Firmware: RAM around the legacy holes, the ROM below 4 GiB, PAM shadow segments.
+    let fw_memory = match &firmware {
+        Some(image) => Some(Arc::new(fwboot::memory::FirmwareMemory::map(
+            vm.slots()?,
+            &mem,
+            image,
+            below_4g,
+            above_4g,
+        )?)),
+        None => {
+            vm.register_memory(&mem)?;
+            None
+        }
+    };
 
     // 3. Devices, on the port I/O bus; interrupts through irqfds.
     let control = VmControl::new().map_err(VmmError::EventFd)?;
-    let panic_seen = Arc::new(AtomicBool::new(false));
+    let seen = Arc::new(console_watch::Seen::default());
     let serial_irq = IrqLine::new().map_err(VmmError::EventFd)?;
     vm.register_irqfd(serial_irq.eventfd(), layout::COM1_IRQ)?;
     // (COM1's line is claimed with the other fixed platform lines in `claim_platform`.)
-    let serial_out = serial_output(&cfg.serial, panic_seen.clone())?;
+    let serial_out = serial_output(&cfg.serial, seen.clone())?;
     let serial = Arc::new(Mutex::new(devices::serial::SerialDevice::new(
         serial_irq, serial_out,
     )));
-    let (below_4g, above_4g) = match layout::ram_regions(cfg.mem_size).as_slice() {
-        [(_, low), (_, high)] => (*low, *high),
-        [(_, low)] => (*low, 0),
-        _ => (0, 0),
-    };
     // Every device asks the resource map for its lines and ranges (resources.rs).
     let mut buses = Buses::new();
     claim_platform(&mut buses.claims, below_4g, above_4g)?;
+    if let Some(f) = &fw_memory {
+        let rom = (f.rom_start(), layout::HIGH_RAM_START - f.rom_start());
+        buses
+            .claims
+            .claim(Space::Mmio, rom.0, rom.1, "firmware ROM")
+            .map_err(PlaceError::from)?;
+    }
+    let fw_cfg = Arc::new(Mutex::new(devices::fw_cfg::FwCfg::new(
+        cfg.mem_size,
+        cfg.cpus.into(),
+        Some(mem.clone()),
+    )));
     // Kept typed: they are the S3 wake sources (sleep.rs).
     let cmos = Arc::new(Mutex::new(devices::cmos::Cmos::new(below_4g, above_4g)));
     let acpi_pm = Arc::new(Mutex::new(devices::acpi_pm::AcpiPm::new(control.clone())));
@@ -150,7 +184,7 @@ pub fn run(cfg: VmConfig) -> Result<VmOutcome, VmmError> {
             devices::fw_cfg::FW_CFG_PORT,
             devices::fw_cfg::FW_CFG_LEN,
             "fw_cfg",
-            shared(devices::fw_cfg::FwCfg::new(cfg.mem_size, cfg.cpus.into())),
+            fw_cfg.clone(),
         ),
     ];
     for (port, len, name, dev) in pio_devices {
@@ -167,12 +201,29 @@ pub fn run(cfg: VmConfig) -> Result<VmOutcome, VmmError> {
     if cfg.test_devices {
         attach_test_devices(&vm, &mut buses)?;
     }
+    if let Some(path) = &cfg.firmware_log {
+        let log = File::create(path).map_err(|e| VmmError::FirmwareLog(path.clone(), e))?;
+        let port = devices::debugcon::DEBUGCON_PORT;
+        let dev = shared(devices::debugcon::DebugCon::new(Box::new(log)));
+        buses.add(Space::Pio, u64::from(port), 1, "debugcon", dev)?;
+    }
 
-    // 3b. PCI bus 0: the host bridge, then virtio devices behind the virtio-pci transport.
-    let mut pci = PciRoot::new(layout::PCI_MMIO32_START, layout::PCI_MMIO32_SIZE);
+    // 3b. PCI bus 0: the host bridge (with the i440FX chipset functions for firmware), then
+    //     virtio devices behind the virtio-pci transport.
+    let mut pci = match &fw_memory {
+        Some(f) => fwboot::i440fx_bus(f.clone())?,
+        None => PciRoot::new(layout::PCI_MMIO32_START, layout::PCI_MMIO32_SIZE),
+    };
+    let mut disk_slots = Vec::new();
     for disk in &cfg.disks {
         let block = devices::virtio::block::Block::new(disk)?;
-        add_virtio_pci(&mut pci, &mut buses.claims, &vm, &mem, Box::new(block))?;
+        disk_slots.push(add_virtio_pci(
+            &mut pci,
+            &mut buses.claims,
+            &vm,
+            &mem,
+            Box::new(block),
+        )?);
     }
     if let Some(seed) = &cfg.cloud_init_seed {
         let disk = crate::disk::mem::MemDisk::new("cloud-init seed", seed.clone());
@@ -192,76 +243,30 @@ pub fn run(cfg: VmConfig) -> Result<VmOutcome, VmmError> {
             Box::new(devices::virtio::rng::Rng::new()),
         )?;
     }
-    let pci_acpi = install_pci(pci, &mut buses)?;
+    let windows = match &fw_memory {
+        Some(_) => PciWindows::firmware(below_4g, above_4g, vm.phys_bits()),
+        None => PciWindows::direct(&pci),
+    };
+    let pci_acpi = install_pci(pci, &windows, &mut buses)?;
     let Buses { pio, mmio, .. } = buses;
     let pio = Arc::new(pio);
     let mmio = Arc::new(mmio);
 
-    // 4. The kernel, its initramfs and command line.
-    let kernel = boot::load_kernel(&mem, &cfg.kernel)?;
-    let (cmdline, max_cmdline) = match (kernel.entry, kernel.setup_header) {
-        // As QEMU and GRUB do: the kernel's path first, so the guest's argv[0] is its name.
-        (EntryMode::Multiboot { .. }, _) => (
-            format!("{} {}", cfg.kernel.display(), cfg.cmdline),
-            layout::CMDLINE_MAX_SIZE,
-        ),
-        (_, Some(h)) if h.version >= 0x0206 && h.cmdline_size > 0 => {
-            (cfg.cmdline.clone(), h.cmdline_size as usize + 1)
+    // 4-5. What the guest starts with: a kernel, its command line and the tables it reads in
+    //      RAM (ACPI, zero page or PVH start_info, page tables); or the firmware, with the
+    //      memory map, boot order and ACPI tables in fw_cfg.
+    let start = match &fw_memory {
+        None => load_kernel(&cfg, &vm, &mem, pci_acpi)?,
+        Some(_) => {
+            let info = FirmwareStart {
+                pci: pci_acpi,
+                disk_slots: &disk_slots,
+                below_4g,
+                above_4g,
+            };
+            load_firmware(&cfg, &info, &mut lock(&fw_cfg))?
         }
-        _ => (cfg.cmdline.clone(), 2048),
     };
-    boot::write_cmdline(&mem, &cmdline, max_cmdline.min(layout::CMDLINE_MAX_SIZE))?;
-    let initrd_limit = match kernel.setup_header {
-        Some(h) if h.initrd_addr_max != 0 => h.initrd_addr_max as u64 + 1,
-        _ => layout::MMIO_HOLE_START,
-    };
-    let initramfs = match &cfg.initramfs {
-        Some(p) => Some(boot::load_initramfs(
-            &mem,
-            p,
-            kernel.kernel_end,
-            initrd_limit,
-        )?),
-        None => None,
-    };
-
-    // 5. Tables the kernel reads: ACPI, then the zero page or PVH start_info, GDT and page tables.
-    let acpi_tables = acpi::create_acpi_tables(
-        &mem,
-        &AcpiConfig {
-            num_cpus: cfg.cpus,
-            pci: Some(pci_acpi),
-        },
-    )?;
-    let info = BootInfo {
-        kernel: &kernel,
-        cmdline_len: cmdline.len(),
-        initramfs,
-        rsdp: acpi_tables.rsdp.0,
-        mem_size: cfg.mem_size,
-    };
-    match kernel.entry {
-        EntryMode::Linux64 { .. } => boot::write_zero_page(&mem, &info)?,
-        EntryMode::Pvh { .. } => boot::write_pvh_info(&mem, &info)?,
-        EntryMode::Multiboot { .. } => {
-            vm.set_pic_bios_state()?;
-            // The initramfs is the one module; its string is its path, as QEMU gives it.
-            let name = cfg.initramfs.as_ref().map(|p| p.display().to_string());
-            let modules: Vec<(u64, u64, &str)> = info
-                .initramfs
-                .zip(name.as_deref())
-                .map(|((start, size), name)| (start, size, name))
-                .into_iter()
-                .collect();
-            multiboot::write_info(&mem, cfg.mem_size, cmdline.len(), &modules)?;
-        }
-    }
-    match kernel.entry {
-        // A multiboot kernel may own the page-table pages (layout::MULTIBOOT_RESERVED).
-        EntryMode::Multiboot { .. } => regs::write_gdt(&mem),
-        _ => regs::write_boot_tables(&mem),
-    }
-    .map_err(VmmError::BootTables)?;
 
     // 6. vCPUs: CPUID, MSRs, FPU, LAPIC for all; entry registers for the boot processor.
     let supported = vm.supported_cpuid()?;
@@ -280,16 +285,13 @@ pub fn run(cfg: VmConfig) -> Result<VmOutcome, VmmError> {
             v.set_stats_recording(false);
         }
         v.configure(&supported, irqchip, cfg.cpus, &cfg.cpu)?;
-        if i == 0 {
-            v.set_boot_registers(kernel.entry)?;
+        if let (0, Start::Kernel { entry, .. }) = (i, &start) {
+            v.set_boot_registers(*entry)?;
         }
         vcpus.push(v);
     }
     log::debug!(
-        "booting {:?} kernel {} ({:?}), {} vCPUs, {} MiB",
-        kernel.format,
-        cfg.kernel.display(),
-        kernel.entry,
+        "booting {start:?}, {} vCPUs, {} MiB",
         cfg.cpus,
         cfg.mem_size >> 20
     );
@@ -357,7 +359,11 @@ pub fn run(cfg: VmConfig) -> Result<VmOutcome, VmmError> {
         pm: &acpi_pm,
         cmos: &cmos,
         mem: &mem,
-        waking_vector: GuestAddress(acpi_tables.facs.0 + acpi::FACS_WAKING_VECTOR_OFFSET),
+        waking_vector: match start {
+            Start::Kernel { facs, .. } => GuestAddress(facs.0 + acpi::FACS_WAKING_VECTOR_OFFSET),
+            // No \_S3 is offered: a guest that enters S3 anyway wakes at vector 0.
+            Start::Firmware => GuestAddress(0),
+        },
     };
     loop {
         if wait_readable(control.event(), stats_event) {
@@ -381,19 +387,149 @@ pub fn run(cfg: VmConfig) -> Result<VmOutcome, VmmError> {
     }
     drop(raw);
     let stops = std::mem::take(&mut *stops.lock().unwrap_or_else(|e| e.into_inner()));
-    Ok(outcome(
-        control.request(),
-        &stops,
-        panic_seen.load(Ordering::SeqCst),
-    ))
+    Ok(outcome(control.request(), &stops, &seen))
+}
+
+/// Where the boot processor starts.
+#[derive(Debug)]
+enum Start {
+    /// At the kernel's entry, with the FACS (S3 waking vector) where ferrovm put it.
+    Kernel {
+        entry: EntryMode,
+        facs: GuestAddress,
+    },
+    /// At the reset vector, in the firmware.
+    Firmware,
+}
+
+/// Steps 4-5 of a direct kernel boot: the kernel, its initramfs and command line, the ACPI
+/// tables, then the zero page or PVH start_info (or multiboot information), GDT and page tables.
+fn load_kernel(
+    cfg: &VmConfig,
+    vm: &Vm,
+    mem: &GuestMemoryMmap,
+    pci_acpi: PciAcpi,
+) -> Result<Start, VmmError> {
+    let kernel = boot::load_kernel(mem, &cfg.kernel)?;
+    let (cmdline, max_cmdline) = match (kernel.entry, kernel.setup_header) {
+        // As QEMU and GRUB do: the kernel's path first, so the guest's argv[0] is its name.
+        (EntryMode::Multiboot { .. }, _) => (
+            format!("{} {}", cfg.kernel.display(), cfg.cmdline),
+            layout::CMDLINE_MAX_SIZE,
+        ),
+        (_, Some(h)) if h.version >= 0x0206 && h.cmdline_size > 0 => {
+            (cfg.cmdline.clone(), h.cmdline_size as usize + 1)
+        }
+        _ => (cfg.cmdline.clone(), 2048),
+    };
+    boot::write_cmdline(mem, &cmdline, max_cmdline.min(layout::CMDLINE_MAX_SIZE))?;
+    let initrd_limit = match kernel.setup_header {
+        Some(h) if h.initrd_addr_max != 0 => h.initrd_addr_max as u64 + 1,
+        _ => layout::MMIO_HOLE_START,
+    };
+    let initramfs = match &cfg.initramfs {
+        Some(p) => Some(boot::load_initramfs(
+            mem,
+            p,
+            kernel.kernel_end,
+            initrd_limit,
+        )?),
+        None => None,
+    };
+
+    let acpi_tables = acpi::create_acpi_tables(
+        mem,
+        &AcpiConfig {
+            num_cpus: cfg.cpus,
+            pci: Some(pci_acpi),
+            s3: true,
+        },
+    )?;
+    let info = BootInfo {
+        kernel: &kernel,
+        cmdline_len: cmdline.len(),
+        initramfs,
+        rsdp: acpi_tables.rsdp.0,
+        mem_size: cfg.mem_size,
+    };
+    match kernel.entry {
+        EntryMode::Linux64 { .. } => boot::write_zero_page(mem, &info)?,
+        EntryMode::Pvh { .. } => boot::write_pvh_info(mem, &info)?,
+        EntryMode::Multiboot { .. } => {
+            vm.set_pic_bios_state()?;
+            // The initramfs is the one module; its string is its path, as QEMU gives it.
+            let name = cfg.initramfs.as_ref().map(|p| p.display().to_string());
+            let modules: Vec<(u64, u64, &str)> = info
+                .initramfs
+                .zip(name.as_deref())
+                .map(|((start, size), name)| (start, size, name))
+                .into_iter()
+                .collect();
+            multiboot::write_info(mem, cfg.mem_size, cmdline.len(), &modules)?;
+        }
+    }
+    match kernel.entry {
+        // A multiboot kernel may own the page-table pages (layout::MULTIBOOT_RESERVED).
+        EntryMode::Multiboot { .. } => regs::write_gdt(mem),
+        _ => regs::write_boot_tables(mem),
+    }
+    .map_err(VmmError::BootTables)?;
+
+    Ok(Start::Kernel {
+        entry: kernel.entry,
+        facs: acpi_tables.facs,
+    })
+}
+
+/// What the firmware's fw_cfg files describe.
+struct FirmwareStart<'a> {
+    pci: PciAcpi,
+    disk_slots: &'a [u8],
+    below_4g: u64,
+    above_4g: u64,
+}
+
+/// Steps 4-5 of a firmware boot: ACPI tables, memory map and boot order into fw_cfg.
+fn load_firmware(
+    cfg: &VmConfig,
+    info: &FirmwareStart,
+    fw_cfg: &mut devices::fw_cfg::FwCfg,
+) -> Result<Start, VmmError> {
+    let mmio64_start = info.pci.mmio64.map_or(0, |(start, _)| start);
+    let acpi = acpi::build_tables(&AcpiConfig {
+        num_cpus: cfg.cpus,
+        pci: Some(info.pci.clone()),
+        s3: false,
+    })?;
+    let files = fwboot::files::FirmwareInfo {
+        below_4g: info.below_4g,
+        above_4g: info.above_4g,
+        boot_slots: info.disk_slots,
+        mmio64_start,
+        acpi: &acpi,
+    };
+    fwboot::files::install(fw_cfg, &files)?;
+    Ok(Start::Firmware)
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Decides how the VM ended from the guest's request and the vCPUs' exits.
-fn outcome(request: Option<StopRequest>, stops: &[(u8, VcpuStop)], panicked: bool) -> VmOutcome {
+fn outcome(
+    request: Option<StopRequest>,
+    stops: &[(u8, VcpuStop)],
+    seen: &console_watch::Seen,
+) -> VmOutcome {
+    let panicked = seen.panicked();
     match request {
         Some(StopRequest::PowerOff) => return VmOutcome::PowerOff,
         Some(StopRequest::DebugExit(v)) => return VmOutcome::DebugExit(v),
         Some(StopRequest::Reset) if panicked => return VmOutcome::GuestPanic,
+        Some(StopRequest::Reset) if seen.found_no_boot_device() => {
+            return VmOutcome::NoBootableDevice
+        }
         Some(StopRequest::Reset) => return VmOutcome::Reset,
         None => {}
     }
@@ -445,9 +581,43 @@ pub fn add_virtio_pci(
     Ok(slot)
 }
 
-/// Puts bus 0 on the buses: CONFIG_ADDRESS/CONFIG_DATA ports, ECAM and the BAR window.
-fn install_pci(pci: PciRoot, buses: &mut Buses) -> Result<PciAcpi, VmmError> {
-    let (mmio_start, mmio_size) = pci.mmio_window();
+/// Where bus 0 is reachable besides the config ports: ECAM and the windows BARs may use.
+struct PciWindows {
+    ecam: Option<u64>,
+    mmio32: (u64, u64),
+    mmio64: Option<(u64, u64)>,
+}
+
+impl PciWindows {
+    /// A direct boot: ECAM, and BARs only where ferrovm allocates them.
+    fn direct(pci: &PciRoot) -> Self {
+        Self {
+            ecam: Some(layout::PCI_ECAM_START),
+            mmio32: pci.mmio_window(),
+            mmio64: None,
+        }
+    }
+
+    /// A firmware boot (i440FX, no ECAM): QEMU's PC holes, from the end of low RAM to the
+    /// IOAPIC, and 64-bit from above RAM (1 GiB aligned) up to the CPU's physical address
+    /// limit (SeaBIOS puts 64-bit BARs at the top of it when the guest has RAM above 4 GiB),
+    /// at most 2^44 as SeaBIOS caps it.
+    fn firmware(below_4g: u64, above_4g: u64, phys_bits: u8) -> Self {
+        let start64 = (layout::HIGH_RAM_START + above_4g).next_multiple_of(1 << 30);
+        let top = 1u64 << phys_bits.clamp(36, 44);
+        Self {
+            ecam: None,
+            mmio32: (below_4g, layout::PCI_HOLE32_END - below_4g),
+            mmio64: Some((
+                start64,
+                top.saturating_sub(start64).max(layout::PCI_HOLE64_SIZE),
+            )),
+        }
+    }
+}
+
+/// Puts bus 0 on the buses: CONFIG_ADDRESS/CONFIG_DATA ports, ECAM and the BAR windows.
+fn install_pci(pci: PciRoot, w: &PciWindows, buses: &mut Buses) -> Result<PciAcpi, VmmError> {
     let root = Arc::new(pci);
     let (address, data) = PciConfigIo::pair(root.clone());
     // 0xcf9 is the reset register: CONFIG_ADDRESS is a one-port range taking dword accesses.
@@ -459,24 +629,22 @@ fn install_pci(pci: PciRoot, buses: &mut Buses) -> Result<PciAcpi, VmmError> {
         Arc::new(address),
     )?;
     buses.add(Space::Pio, 0xcfc, 4, "pci-config-data", Arc::new(data))?;
-    buses.add(
-        Space::Mmio,
-        layout::PCI_ECAM_START,
-        layout::PCI_ECAM_SIZE,
-        "pci-ecam",
-        Arc::new(PciEcam::new(root.clone())),
-    )?;
-    buses.add(
-        Space::Mmio,
-        mmio_start,
-        mmio_size,
-        "pci-mmio",
-        Arc::new(PciMmioWindow::new(root)),
-    )?;
+    if let Some(ecam) = w.ecam {
+        let dev = Arc::new(PciEcam::new(root.clone()));
+        buses.add(Space::Mmio, ecam, layout::PCI_ECAM_SIZE, "pci-ecam", dev)?;
+    }
+    let (start, size) = w.mmio32;
+    let window = Arc::new(PciMmioWindow::at(root.clone(), start));
+    buses.add(Space::Mmio, start, size, "pci-mmio", window)?;
+    if let Some((start, size)) = w.mmio64 {
+        let window = Arc::new(PciMmioWindow::at(root, start));
+        buses.add(Space::Mmio, start, size, "pci-mmio64", window)?;
+    }
     Ok(PciAcpi {
-        ecam_base: layout::PCI_ECAM_START,
-        mmio_start,
-        mmio_size,
+        ecam_base: w.ecam,
+        mmio_start: w.mmio32.0,
+        mmio_size: w.mmio32.1,
+        mmio64: w.mmio64,
     })
 }
 
@@ -557,10 +725,11 @@ impl BusDeviceMut for PostPort {
     fn write(&mut self, _offset: u64, _data: &[u8]) {}
 }
 
-/// The serial output sink, wrapped to notice a guest kernel panic.
+/// The serial output sink, wrapped to notice a guest kernel panic or a firmware that found
+/// nothing to boot.
 fn serial_output(
     mode: &SerialMode,
-    panic_seen: Arc<AtomicBool>,
+    seen: Arc<console_watch::Seen>,
 ) -> Result<Box<dyn Write + Send>, VmmError> {
     let inner: Box<dyn Write + Send> = match mode {
         SerialMode::Stdio => Box::new(std::io::stdout()),
@@ -569,39 +738,7 @@ fn serial_output(
             Box::new(File::create(p).map_err(|e| VmmError::SerialFile(p.clone(), e))?)
         }
     };
-    Ok(Box::new(PanicWatch {
-        inner,
-        seen: panic_seen,
-        line: Vec::new(),
-    }))
-}
-
-/// Watches console output for Linux's "Kernel panic - not syncing" line.
-struct PanicWatch {
-    inner: Box<dyn Write + Send>,
-    seen: Arc<AtomicBool>,
-    line: Vec<u8>,
-}
-
-const PANIC_MARKER: &[u8] = b"Kernel panic - not syncing";
-
-impl Write for PanicWatch {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        for &b in buf {
-            if b == b'\n' {
-                self.line.clear();
-            } else if self.line.len() < 256 {
-                self.line.push(b);
-                if self.line.ends_with(PANIC_MARKER) {
-                    self.seen.store(true, Ordering::SeqCst);
-                }
-            }
-        }
-        self.inner.write(buf)
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.inner.flush()
-    }
+    Ok(Box::new(console_watch::ConsoleWatch::new(inner, seen)))
 }
 
 extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
@@ -673,42 +810,45 @@ fn report_exit_stats(stats: &ExitStats, outputs: &[StatsOutput]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::Ordering;
 
-    #[test]
-    fn outcomes() {
-        assert_eq!(
-            outcome(Some(StopRequest::PowerOff), &[], false),
-            VmOutcome::PowerOff
-        );
-        assert_eq!(
-            outcome(Some(StopRequest::Reset), &[], false),
-            VmOutcome::Reset
-        );
-        assert_eq!(
-            outcome(Some(StopRequest::Reset), &[], true),
-            VmOutcome::GuestPanic
-        );
-        assert_eq!(
-            outcome(Some(StopRequest::DebugExit(3)), &[], false),
-            VmOutcome::DebugExit(3)
-        );
-        let tf = [(0, VcpuStop::TripleFault { dump: "d".into() })];
-        assert!(matches!(outcome(None, &tf, false), VmOutcome::Crash { .. }));
-        assert_eq!(outcome(None, &tf, true), VmOutcome::GuestPanic);
-        assert!(matches!(outcome(None, &[], false), VmOutcome::Stopped(_)));
+    fn seen(panic: bool, no_boot: bool) -> console_watch::Seen {
+        let s = console_watch::Seen::default();
+        s.panic.store(panic, Ordering::SeqCst);
+        s.no_boot_device.store(no_boot, Ordering::SeqCst);
+        s
     }
 
     #[test]
-    fn panic_watch_sees_marker_across_writes() {
-        let seen = Arc::new(AtomicBool::new(false));
-        let mut w = PanicWatch {
-            inner: Box::new(std::io::sink()),
-            seen: seen.clone(),
-            line: Vec::new(),
-        };
-        w.write_all(b"[    1.0] Kernel pan").unwrap();
-        assert!(!seen.load(Ordering::SeqCst));
-        w.write_all(b"ic - not syncing: VFS\r\n").unwrap();
-        assert!(seen.load(Ordering::SeqCst));
+    fn outcomes() {
+        let quiet = seen(false, false);
+        let panic = seen(true, false);
+        assert_eq!(
+            outcome(Some(StopRequest::PowerOff), &[], &quiet),
+            VmOutcome::PowerOff
+        );
+        assert_eq!(
+            outcome(Some(StopRequest::Reset), &[], &quiet),
+            VmOutcome::Reset
+        );
+        assert_eq!(
+            outcome(Some(StopRequest::Reset), &[], &panic),
+            VmOutcome::GuestPanic
+        );
+        assert_eq!(
+            outcome(Some(StopRequest::Reset), &[], &seen(false, true)),
+            VmOutcome::NoBootableDevice
+        );
+        assert_eq!(
+            outcome(Some(StopRequest::DebugExit(3)), &[], &quiet),
+            VmOutcome::DebugExit(3)
+        );
+        let tf = [(0, VcpuStop::TripleFault { dump: "d".into() })];
+        assert!(matches!(
+            outcome(None, &tf, &quiet),
+            VmOutcome::Crash { .. }
+        ));
+        assert_eq!(outcome(None, &tf, &panic), VmOutcome::GuestPanic);
+        assert!(matches!(outcome(None, &[], &quiet), VmOutcome::Stopped(_)));
     }
 }

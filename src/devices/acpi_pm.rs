@@ -35,6 +35,9 @@ const TMR_STS: u16 = 1 << 0;
 /// The value the FADT reset register writes to [`ResetPort`].
 pub const RESET_VALUE: u8 = 0x06;
 
+/// The PIIX4's SLP_TYP for soft-off (S5).
+const PIIX4_SOFT_OFF: u16 = 0;
+
 /// PM1_CNT bits.
 const SCI_EN: u16 = 1 << 0;
 const SLP_TYP_SHIFT: u16 = 10;
@@ -112,7 +115,9 @@ impl AcpiPm {
             return;
         }
         let slp_typ = (self.cnt & SLP_TYP_MASK) >> SLP_TYP_SHIFT;
-        if slp_typ == u16::from(S5_SLEEP_TYPE) {
+        // SLP_TYP 0 is soft-off in the PIIX4's own encoding, which SeaBIOS's APM power-off
+        // (GRUB's `halt`) writes; ferrovm's \_S5 says 5. Both power off.
+        if slp_typ == u16::from(S5_SLEEP_TYPE) || slp_typ == PIIX4_SOFT_OFF {
             log::info!("acpi: guest entered S5, powering off");
             self.vm.request_stop(StopRequest::PowerOff);
         } else if slp_typ == u16::from(S3_SLEEP_TYPE) {
@@ -260,6 +265,12 @@ mod tests {
             4,
             &u32::from(SLP_EN | 5 << SLP_TYP_SHIFT | SCI_EN).to_le_bytes(),
         );
+        assert_eq!(vm.request(), Some(StopRequest::PowerOff));
+
+        // SeaBIOS's APM power-off writes SLP_EN with the PIIX4's soft-off type 0.
+        let vm = VmControl::new().unwrap();
+        let mut pm = AcpiPm::new(vm.clone());
+        pm.write(4, &0x2000u16.to_le_bytes());
         assert_eq!(vm.request(), Some(StopRequest::PowerOff));
     }
 

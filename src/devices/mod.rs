@@ -191,6 +191,7 @@ pub trait IrqLevel: Send + Sync {
 pub mod acpi_pm;
 pub mod cmos;
 pub mod debug_exit;
+pub mod debugcon;
 pub mod fw_cfg;
 pub mod i8042;
 pub mod pci;

@@ -6,13 +6,12 @@ use std::sync::{Arc, Mutex};
 use kvm_bindings::{
     kvm_irq_routing_entry, kvm_pit_config, kvm_userspace_memory_region, CpuId, KvmIrqRouting,
     KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_IRQ_ROUTING_IRQCHIP,
-    KVM_IRQ_ROUTING_MSI, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
+    KVM_IRQ_ROUTING_MSI, KVM_MAX_CPUID_ENTRIES, KVM_MEM_READONLY, KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Cap, IoEventAddress, Kvm, NoDatamatch, VcpuFd, VmFd};
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::arch::x86_64::layout;
 use crate::devices::pci::{IoEventRegistry, MsiRouter, MsiVector};
 
 /// What failed while setting up the VM.
@@ -45,6 +44,10 @@ pub enum VmError {
         #[source]
         source: kvm_ioctls::Error,
     },
+    #[error("KVM lacks KVM_CAP_READONLY_MEM, which firmware ROM and shadow RAM need")]
+    NoReadonlyMem,
+    #[error("cannot allocate {0} bytes for the firmware ROM")]
+    RomAlloc(usize, #[source] vm_memory::mmap::MmapRegionError),
     #[error("KVM_IRQFD failed for GSI {0}")]
     Irqfd(u32, #[source] kvm_ioctls::Error),
     #[error("KVM_IOEVENTFD failed for {0}")]
@@ -67,8 +70,11 @@ pub struct Vm {
 }
 
 impl Vm {
-    /// Opens /dev/kvm and creates a VM with the IOAPIC/PIC/LAPIC and PIT in the kernel.
-    pub fn new(cpus: u8) -> Result<Self, VmError> {
+    /// Opens /dev/kvm and creates a VM with the IOAPIC/PIC/LAPIC and PIT in the kernel. KVM's
+    /// TSS (3 pages) and identity-map page go at `tss_page` - 1 page .. `tss_page` + 3 pages
+    /// ([`KVM_TSS_ADDRESS`](crate::arch::x86_64::layout::KVM_TSS_ADDRESS) for a direct boot, [`FW_KVM_TSS_ADDRESS`](crate::arch::x86_64::layout::FW_KVM_TSS_ADDRESS) when a
+    /// firmware ROM of up to 16 MiB sits below 4 GiB).
+    pub fn new(cpus: u8, tss_page: u64) -> Result<Self, VmError> {
         let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
         let api = kvm.get_api_version();
         if api != 12 {
@@ -92,9 +98,9 @@ impl Vm {
             });
         }
         let fd = kvm.create_vm().map_err(VmError::CreateVm)?;
-        fd.set_tss_address(layout::KVM_TSS_ADDRESS as usize)
+        fd.set_tss_address(tss_page as usize)
             .map_err(VmError::SetTss)?;
-        fd.set_identity_map_address(layout::KVM_IDENTITY_MAP_ADDRESS)
+        fd.set_identity_map_address(tss_page - 0x1000)
             .map_err(VmError::SetIdentityMap)?;
         fd.create_irq_chip().map_err(VmError::CreateIrqchip)?;
         let pit = kvm_pit_config {
@@ -134,6 +140,33 @@ impl Vm {
             })?;
         }
         Ok(())
+    }
+
+    /// The guest's physical address width (CPUID 0x80000008 EAX[7:0] as KVM supports it;
+    /// 40 when KVM does not say).
+    pub fn phys_bits(&self) -> u8 {
+        self.supported_cpuid()
+            .ok()
+            .and_then(|c| {
+                c.as_slice()
+                    .iter()
+                    .find(|e| e.function == 0x8000_0008)
+                    .map(|e| e.eax as u8)
+            })
+            .filter(|b| *b >= 32)
+            .unwrap_or(40)
+    }
+
+    /// The handle that maps firmware ROM and shadow RAM into memory slots at run time.
+    pub fn slots(&self) -> Result<Arc<MemorySlots>, VmError> {
+        if !self.kvm.check_extension(Cap::ReadonlyMem) {
+            return Err(VmError::NoReadonlyMem);
+        }
+        Ok(Arc::new(MemorySlots {
+            fd: self.fd.clone(),
+            roms: Mutex::new(Vec::new()),
+            live: Mutex::default(),
+        }))
     }
 
     /// Connects `fd` to interrupt line `gsi`: writing the eventfd raises the interrupt.
@@ -215,6 +248,106 @@ impl Vm {
         self.fd
             .create_vcpu(index as u64)
             .map_err(|e| VmError::CreateVcpu(index, e))
+    }
+}
+
+/// Memory slots that change while the VM runs: firmware ROM (read-only, owned here) and
+/// pieces of guest RAM mapped read-write, read-only or not at all (the i440FX's PAM shadow
+/// RAM). A guest write to a read-only slot exits as MMIO.
+pub struct MemorySlots {
+    fd: Arc<VmFd>,
+    /// ROM images; kept alive as long as any slot may point into them.
+    roms: Mutex<Vec<Arc<vm_memory::mmap::MmapRegion>>>,
+    /// Slots that exist now (KVM refuses to delete one that does not).
+    live: Mutex<std::collections::BTreeSet<u32>>,
+}
+
+/// Where a slot's bytes come from.
+pub enum SlotSource<'a> {
+    /// Guest RAM at the slot's own guest address.
+    Ram(&'a GuestMemoryMmap),
+    /// A ROM from [`MemorySlots::add_rom`], from this offset.
+    Rom(&'a Arc<vm_memory::mmap::MmapRegion>, u64),
+}
+
+impl MemorySlots {
+    /// Copies `image` into a new host mapping that slots can show read-only.
+    pub fn add_rom(&self, image: &[u8]) -> Result<Arc<vm_memory::mmap::MmapRegion>, VmError> {
+        let rom = vm_memory::mmap::MmapRegion::new(image.len())
+            .map_err(|e| VmError::RomAlloc(image.len(), e))?;
+        // SAFETY: the region was just mapped with image.len() writable bytes and nothing else
+        // refers to it yet.
+        unsafe { std::ptr::copy_nonoverlapping(image.as_ptr(), rom.as_ptr(), image.len()) };
+        let rom = Arc::new(rom);
+        self.roms
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(rom.clone());
+        Ok(rom)
+    }
+
+    /// Points slot `slot` at `[gpa, gpa + len)` of `source` (replacing what it showed), or
+    /// removes it when `source` is None. A ROM slot is always read-only.
+    pub fn set(
+        &self,
+        slot: u32,
+        gpa: u64,
+        len: u64,
+        source: Option<SlotSource>,
+        readonly: bool,
+    ) -> Result<(), VmError> {
+        let err = |source| VmError::SetMemory {
+            start: gpa,
+            len,
+            source,
+        };
+        let host = match &source {
+            None => None,
+            Some(SlotSource::Ram(mem)) => Some(
+                mem.get_host_address(vm_memory::GuestAddress(gpa))
+                    .ok()
+                    .filter(|_| {
+                        GuestMemoryBackend::check_range(
+                            *mem,
+                            vm_memory::GuestAddress(gpa),
+                            len as usize,
+                        )
+                    })
+                    .ok_or_else(|| err(kvm_ioctls::Error::new(libc::EFAULT)))?
+                    as u64,
+            ),
+            Some(SlotSource::Rom(rom, off)) => {
+                if off.checked_add(len).is_none_or(|e| e > rom.size() as u64) {
+                    return Err(err(kvm_ioctls::Error::new(libc::EFAULT)));
+                }
+                Some(rom.as_ptr() as u64 + off)
+            }
+        };
+        let readonly = readonly || matches!(source, Some(SlotSource::Rom(..)));
+        // KVM cannot change a slot's flags in place: delete it first.
+        let mut live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+        if live.remove(&slot) {
+            let delete = kvm_userspace_memory_region {
+                slot,
+                guest_phys_addr: gpa,
+                ..Default::default()
+            };
+            // SAFETY: deleting a slot (size 0) makes KVM drop its reference to host memory.
+            unsafe { self.fd.set_user_memory_region(delete) }.map_err(err)?;
+        }
+        let Some(host) = host else { return Ok(()) };
+        let r = kvm_userspace_memory_region {
+            slot,
+            guest_phys_addr: gpa,
+            memory_size: len,
+            userspace_addr: host,
+            flags: if readonly { KVM_MEM_READONLY } else { 0 },
+        };
+        // SAFETY: `host..host + len` lies in guest RAM (kept alive by the VMM until the VM is
+        // dropped) or in a ROM held in `self.roms` for the VM's lifetime; checked above.
+        unsafe { self.fd.set_user_memory_region(r) }.map_err(err)?;
+        live.insert(slot);
+        Ok(())
     }
 }
 

@@ -92,6 +92,21 @@ pub const APIC_START: u64 = 0xfee0_0000;
 pub const KVM_TSS_ADDRESS: u64 = 0xfffb_d000;
 pub const KVM_IDENTITY_MAP_ADDRESS: u64 = 0xfffb_c000;
 
+/// Where KVM's TSS goes when a firmware ROM (up to 16 MiB) occupies the top of the 4 GiB
+/// space: 0xfeffc000..0xff000000 (identity map page first), as QEMU puts it. Reserved in e820.
+pub const FW_KVM_TSS_ADDRESS: u64 = 0xfeff_d000;
+pub const FW_KVM_RESERVED_START: u64 = 0xfeff_c000;
+pub const FW_KVM_RESERVED_LEN: u64 = 0x4000;
+/// Firmware boot: the legacy VGA window (no RAM, no device: reads as all-ones) and the
+/// shadow RAM the i440FX's PAM registers control (option ROMs 0xc0000.., the BIOS 0xe0000..).
+pub const VGA_WINDOW_START: u64 = 0xa_0000;
+pub const SHADOW_START: u64 = 0xc_0000;
+pub const SHADOW_END: u64 = 0x10_0000;
+/// Firmware boot: the PCI hole QEMU's PC gives firmware to place 32-bit BARs in, from the end
+/// of low RAM up to the IOAPIC, and the 64-bit window (32 GiB, 1 GiB-aligned above high RAM).
+pub const PCI_HOLE32_END: u64 = IOAPIC_START;
+pub const PCI_HOLE64_SIZE: u64 = 32 << 30;
+
 /// Legacy I/O ports.
 pub const COM1_PORT: u16 = 0x3f8;
 pub const COM1_IRQ: u32 = 4;
@@ -132,6 +147,12 @@ pub fn ram_regions(mem_size: u64) -> Vec<(u64, u64)> {
             (HIGH_RAM_START, mem_size - MMIO_HOLE_START),
         ]
     }
+}
+
+/// (RAM below the hole, RAM above 4 GiB) for a guest of `mem_size` bytes.
+pub fn ram_split(mem_size: u64) -> (u64, u64) {
+    let low = mem_size.min(MMIO_HOLE_START);
+    (low, mem_size - low)
 }
 
 #[cfg(test)]

@@ -204,6 +204,20 @@ impl PciConfig {
         Ok(off)
     }
 
+    /// Makes the bits of `mask` writable by the guest at `off..` (chipset registers).
+    pub fn set_wmask(&mut self, off: usize, mask: &[u8]) {
+        for (i, m) in mask.iter().enumerate() {
+            if let Some(w) = self.wmask.get_mut(off + i) {
+                *w = *m;
+            }
+        }
+    }
+
+    /// Marks function 0 of a multi-function device (header type bit 7).
+    pub fn set_multifunction(&mut self) {
+        self.regs[0x0e] |= 0x80;
+    }
+
     /// The raw registers (for devices that interpret their capabilities).
     pub fn regs(&self) -> &[u8; CONFIG_SIZE] {
         &self.regs

@@ -11,6 +11,7 @@ use std::io;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 pub mod config;
+pub mod i440fx;
 pub mod msix;
 pub mod root;
 

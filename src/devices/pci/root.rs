@@ -55,24 +55,33 @@ impl PciDevice for HostBridge {
 
 /// Bus 0 and the BAR allocator of the 32-bit MMIO window. Built before the vCPUs start; shared
 /// (`Arc`) afterwards. Each function locks itself; the root keeps a cache of where every BAR
-/// decodes, refreshed after each configuration write to that slot (the guest may move BARs),
-/// so an MMIO access finds its function without touching any other.
+/// decodes, refreshed after each configuration write to that function (the guest may move
+/// BARs), so an MMIO access finds its function without touching any other.
 pub struct PciRoot {
-    slots: Vec<Option<SharedPciDevice>>,
+    /// Indexed by devfn (slot << 3 | function).
+    functions: Vec<Option<SharedPciDevice>>,
     mmio_start: u64,
     mmio_end: u64,
     next_mmio: u64,
-    /// (slot, BAR) ranges that decode now.
+    /// (devfn, BAR) ranges that decode now.
     decode: RwLock<Vec<(u8, DecodedBar)>>,
 }
 
+/// Functions per slot.
+const FUNCTIONS: usize = 8;
+
 impl PciRoot {
-    /// A bus with the host bridge in slot 0; BARs are allocated in `[mmio_start, +mmio_size)`.
-    pub fn new(mmio_start: u64, mmio_size: u64) -> Self {
-        let mut slots: Vec<Option<SharedPciDevice>> = vec![None; NUM_SLOTS];
-        slots[0] = Some(Arc::new(Mutex::new(HostBridge::new())));
+    /// A bus with `host_bridge` in slot 0 (the generic one when None); BARs are allocated in
+    /// `[mmio_start, +mmio_size)`.
+    pub fn with_host_bridge(
+        mmio_start: u64,
+        mmio_size: u64,
+        host_bridge: Option<SharedPciDevice>,
+    ) -> Self {
+        let mut functions: Vec<Option<SharedPciDevice>> = vec![None; NUM_SLOTS * FUNCTIONS];
+        functions[0] = Some(host_bridge.unwrap_or_else(|| Arc::new(Mutex::new(HostBridge::new()))));
         Self {
-            slots,
+            functions,
             mmio_start,
             mmio_end: mmio_start.saturating_add(mmio_size),
             next_mmio: mmio_start,
@@ -80,20 +89,39 @@ impl PciRoot {
         }
     }
 
-    /// The first free slot.
+    /// A bus with the generic host bridge in slot 0.
+    pub fn new(mmio_start: u64, mmio_size: u64) -> Self {
+        Self::with_host_bridge(mmio_start, mmio_size, None)
+    }
+
+    /// The first slot none of whose functions is taken.
     pub fn free_slot(&self) -> Result<u8, PciError> {
-        self.slots
-            .iter()
-            .position(Option::is_none)
+        (0..NUM_SLOTS)
+            .find(|s| {
+                self.functions[s * FUNCTIONS..(s + 1) * FUNCTIONS]
+                    .iter()
+                    .all(Option::is_none)
+            })
             .map(|s| s as u8)
             .ok_or(PciError::NoSlot)
     }
 
-    /// Puts `dev` in `slot` and assigns its BARs, naturally aligned, from the MMIO window.
+    /// Puts `dev` in function 0 of `slot` and assigns its BARs from the MMIO window.
     pub fn insert(&mut self, slot: u8, dev: SharedPciDevice) -> Result<(), PciError> {
-        match self.slots.get(usize::from(slot)) {
-            Some(None) => {}
-            _ => return Err(PciError::SlotTaken(slot)),
+        self.insert_function(slot, 0, dev)
+    }
+
+    /// Puts `dev` at `slot`.`func` and assigns its BARs, naturally aligned, from the MMIO
+    /// window. (A multi-function slot's function 0 says so in its header type.)
+    pub fn insert_function(
+        &mut self,
+        slot: u8,
+        func: u8,
+        dev: SharedPciDevice,
+    ) -> Result<(), PciError> {
+        let devfn = usize::from(slot) * FUNCTIONS + usize::from(func);
+        if usize::from(func) >= FUNCTIONS || !matches!(self.functions.get(devfn), Some(None)) {
+            return Err(PciError::SlotTaken(slot));
         }
         let specs = dev.bar_specs();
         let mut next = self.next_mmio;
@@ -110,20 +138,20 @@ impl PciRoot {
             dev.assign_bar(i, addr);
         }
         self.next_mmio = next;
-        self.slots[usize::from(slot)] = Some(dev);
-        self.refresh_decode(slot);
+        self.functions[devfn] = Some(dev);
+        self.refresh_decode(devfn as u8);
         Ok(())
     }
 
-    /// Re-reads where the BARs of `slot` decode.
-    fn refresh_decode(&self, slot: u8) {
-        let now = match self.slots.get(usize::from(slot)) {
+    /// Re-reads where the BARs of function `devfn` decode.
+    fn refresh_decode(&self, devfn: u8) {
+        let now = match self.functions.get(usize::from(devfn)) {
             Some(Some(d)) => d.decoded_bars(),
             _ => Vec::new(),
         };
         let mut cache = self.decode.write().unwrap_or_else(|e| e.into_inner());
-        cache.retain(|(s, _)| *s != slot);
-        cache.extend(now.into_iter().map(|b| (slot, b)));
+        cache.retain(|(s, _)| *s != devfn);
+        cache.extend(now.into_iter().map(|b| (devfn, b)));
     }
 
     /// The window BARs are allocated from (for the ACPI description).
@@ -133,49 +161,56 @@ impl PciRoot {
 
     /// Occupied slots.
     pub fn slots(&self) -> impl Iterator<Item = u8> + '_ {
-        self.slots
-            .iter()
-            .enumerate()
-            .filter(|(_, s)| s.is_some())
-            .map(|(i, _)| i as u8)
+        (0..NUM_SLOTS)
+            .filter(|s| {
+                self.functions[s * FUNCTIONS..(s + 1) * FUNCTIONS]
+                    .iter()
+                    .any(Option::is_some)
+            })
+            .map(|s| s as u8)
     }
 
-    fn function(&self, bus: u8, dev: u8, func: u8) -> Option<&SharedPciDevice> {
-        if bus != 0 || func != 0 {
-            return None;
-        }
-        self.slots.get(usize::from(dev))?.as_ref()
+    fn devfn(bus: u8, dev: u8, func: u8) -> Option<u8> {
+        (bus == 0 && usize::from(dev) < NUM_SLOTS && usize::from(func) < FUNCTIONS)
+            .then_some(dev << 3 | func)
+    }
+
+    fn function(&self, devfn: u8) -> Option<&SharedPciDevice> {
+        self.functions.get(usize::from(devfn))?.as_ref()
     }
 
     /// Configuration read of bus/dev/func at `reg`; absent functions read all-ones.
     pub fn config_read(&self, bus: u8, dev: u8, func: u8, reg: u16, data: &mut [u8]) {
-        match self.function(bus, dev, func) {
+        let f = Self::devfn(bus, dev, func).and_then(|d| self.function(d));
+        match f {
             Some(d) if usize::from(reg) + data.len() <= EXT_CONFIG_SIZE => d.config_read(reg, data),
             _ => data.fill(0xff),
         }
     }
 
     pub fn config_write(&self, bus: u8, dev: u8, func: u8, reg: u16, data: &[u8]) {
-        if let Some(d) = self.function(bus, dev, func) {
+        let Some(devfn) = Self::devfn(bus, dev, func) else {
+            return;
+        };
+        if let Some(d) = self.function(devfn) {
             if usize::from(reg) + data.len() <= EXT_CONFIG_SIZE {
                 d.config_write(reg, data);
                 // BAR addresses and the command register may have changed.
-                self.refresh_decode(dev);
+                self.refresh_decode(devfn);
             }
         }
     }
 
     /// The function and (BAR, offset) decoding `addr`, from the cache.
     fn bar_device(&self, addr: u64) -> Option<(&SharedPciDevice, usize, u64)> {
-        let (slot, bar, off) = {
+        let (devfn, bar, off) = {
             let cache = self.decode.read().unwrap_or_else(|e| e.into_inner());
-            cache.iter().find_map(|(slot, b)| {
+            cache.iter().find_map(|(devfn, b)| {
                 let off = addr.checked_sub(b.addr).filter(|o| *o < b.len)?;
-                Some((*slot, b.bar, off))
+                Some((*devfn, b.bar, off))
             })?
         };
-        let d = self.slots.get(usize::from(slot))?.as_ref()?;
-        Some((d, bar, off))
+        Some((self.function(devfn)?, bar, off))
     }
 
     /// A guest access to `addr` in the MMIO window; unclaimed reads return all-ones.
@@ -300,15 +335,22 @@ impl BusDevice for PciEcam {
     }
 }
 
-/// The 32-bit MMIO window: accesses go to whichever BAR decodes them now.
+/// A PCI MMIO window: accesses go to whichever BAR decodes them now.
 pub struct PciMmioWindow {
     root: Arc<PciRoot>,
     base: u64,
 }
 
 impl PciMmioWindow {
+    /// The window at the root's allocation window.
     pub fn new(root: Arc<PciRoot>) -> Self {
         let base = root.mmio_window().0;
+        Self { root, base }
+    }
+
+    /// A window inserted on the MMIO bus at `base` (firmware may put BARs anywhere in the PCI
+    /// holes, not only where ferrovm allocates them).
+    pub fn at(root: Arc<PciRoot>, base: u64) -> Self {
         Self { root, base }
     }
 }

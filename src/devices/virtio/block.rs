@@ -51,8 +51,14 @@ pub const SECTOR_SIZE: u64 = crate::disk::SECTOR_SIZE;
 pub const QUEUE_SIZE: u16 = 256;
 /// Most data segments (descriptors) in one request.
 pub const SEG_MAX: u32 = 128;
-/// Largest data segment in bytes.
-pub const SIZE_MAX: u32 = 1 << 20;
+/// Largest data segment in bytes, as advertised (VIRTIO_BLK_F_SIZE_MAX). Kept so that
+/// SEG_MAX * SIZE_MAX / 512 fits 16 bits: SeaBIOS 1.16.2 (Debian's) truncates that quotient
+/// to a u16, and at 0 it loops forever on zero-length reads.
+pub const SIZE_MAX: u32 = 128 << 10;
+/// Largest data descriptor accepted: drivers that do not negotiate SIZE_MAX (OVMF's
+/// virtio-blk sends a whole transfer as one descriptor) may exceed it. With SEG_MAX + 2
+/// descriptors a request stays below 4 GiB.
+pub const DESC_LEN_MAX: u32 = 16 << 20;
 /// Largest discard, in sectors (1 GiB).
 pub const MAX_DISCARD_SECTORS: u32 = 1 << 21;
 /// Largest write-zeroes, in sectors (1 GiB).

@@ -21,7 +21,7 @@ use vm_memory::{Address, Bytes, GuestMemory, GuestMemoryMmap, Permissions, Volat
 use crate::disk::DiskBackend;
 
 use super::{
-    Counters, MAX_DISCARD_SECTORS, MAX_WRITE_ZEROES_SECTORS, SECTOR_SIZE, SEG_MAX, SIZE_MAX,
+    Counters, DESC_LEN_MAX, MAX_DISCARD_SECTORS, MAX_WRITE_ZEROES_SECTORS, SECTOR_SIZE, SEG_MAX,
 };
 
 /// Size of `struct virtio_blk_outhdr` (type, ioprio, sector).
@@ -279,7 +279,7 @@ impl QueueHandler {
         let (code, written) = match (res, &p.io) {
             (Ok(()), Io::Read { len, .. }) => {
                 s.bytes_read.fetch_add(*len, Ordering::Relaxed);
-                // len <= SEG_MAX * SIZE_MAX < 4 GiB (checked in parse).
+                // len <= (SEG_MAX + 2) * DESC_LEN_MAX < 4 GiB (checked in parse).
                 (VIRTIO_BLK_S_OK, u32::try_from(*len).unwrap_or(u32::MAX))
             }
             (Ok(()), Io::Write { len, .. }) => {
@@ -406,7 +406,7 @@ impl QueueHandler {
         let mut readable = Vec::with_capacity(descs.len());
         let mut writable = Vec::with_capacity(descs.len());
         for d in descs {
-            if d.len() > SIZE_MAX {
+            if d.len() > DESC_LEN_MAX {
                 return Err(Fail::Invalid);
             }
             let perm = if d.is_write_only() {

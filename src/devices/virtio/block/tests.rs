@@ -811,7 +811,7 @@ fn too_many_or_too_large_segments() {
         run(
             &blk,
             &mem,
-            &[r(HDR, 16), w(0x100000, SIZE_MAX + 512), w(STATUS, 1)]
+            &[r(HDR, 16), w(0x100000, DESC_LEN_MAX + 512), w(STATUS, 1)]
         ),
         (1, IOERR)
     );

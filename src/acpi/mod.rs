@@ -20,9 +20,11 @@ use acpi_tables::aml::{self, Path};
 use acpi_tables::fadt::{FADTBuilder, Flags, PmProfile};
 use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
 use acpi_tables::{Aml, AmlSink};
-use vm_memory::{Bytes, GuestAddress, GuestMemory};
+use vm_memory::{GuestAddress, GuestMemory};
 
 use crate::arch::x86_64::layout;
+
+pub mod loader;
 
 /// OEM ID in every table header and the RSDP.
 pub const OEM_ID: [u8; 6] = *b"FERROV";
@@ -67,16 +69,22 @@ pub struct AcpiConfig {
     pub num_cpus: u8,
     /// The PCI host bridge (PNP0A08 root bridge in the DSDT, MCFG table), if any.
     pub pci: Option<PciAcpi>,
+    /// Offer S3 (suspend to RAM; `\_S3`). A firmware boot does not: waking would have to go
+    /// through the firmware's resume path, which ferrovm does not drive.
+    pub s3: bool,
 }
 
 /// What the ACPI tables say about PCI bus 0.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PciAcpi {
-    /// ECAM base of bus 0 (1 MiB, segment 0).
-    pub ecam_base: u64,
+    /// ECAM base of bus 0 (1 MiB, segment 0); None on the i440FX (firmware boot), which has
+    /// none.
+    pub ecam_base: Option<u64>,
     /// The 32-bit MMIO window BARs live in.
     pub mmio_start: u64,
     pub mmio_size: u64,
+    /// The 64-bit MMIO window (start, size), where firmware may put 64-bit BARs.
+    pub mmio64: Option<(u64, u64)>,
 }
 
 /// Errors from building or writing the ACPI tables.
@@ -122,65 +130,72 @@ pub struct AcpiAddresses {
 /// The FACS's Firmware_Waking_Vector field (32-bit; real-mode entry at CS = vector >> 4).
 pub const FACS_WAKING_VECTOR_OFFSET: u64 = 12;
 
-/// Builds all ACPI tables for `cfg` and writes them to `mem` at [`layout::ACPI_START`].
-/// Nothing is written if the tables do not fit the ACPI area.
+/// Builds all ACPI tables for `cfg` and writes them to `mem` at [`layout::ACPI_START`] (a
+/// direct kernel boot). Nothing is written if the tables do not fit the ACPI area.
 pub fn create_acpi_tables<M: GuestMemory>(
     mem: &M,
     cfg: &AcpiConfig,
 ) -> Result<AcpiAddresses, AcpiError> {
+    build_tables(cfg)?.install(mem, layout::ACPI_START)
+}
+
+/// Bytes before the tables at [`layout::ACPI_START`]: the RSDP, padded so the FACS that
+/// follows can be 64-byte aligned.
+const RSDP_AREA: u64 = 64;
+
+/// Builds every table into one blob whose pointer fields hold offsets into it, plus the RSDP;
+/// [`loader::AcpiBlob`] says which fields to relocate and which checksums to fix, either
+/// itself (direct boot) or as QEMU's table-loader script for firmware.
+pub fn build_tables(cfg: &AcpiConfig) -> Result<loader::AcpiBlob, AcpiError> {
+    use loader::Field;
     if cfg.num_cpus == 0 {
         return Err(AcpiError::NoCpus);
     }
-
     let mut area = AreaAllocator::new(layout::ACPI_START, layout::ACPI_SIZE);
-    // The guest scans for the RSDP on 16-byte boundaries; we put it first.
-    let rsdp_addr = area.alloc(RSDP_LEN, 16)?;
+    area.alloc(RSDP_AREA as usize, 16)?;
+    let base = area.used();
+    let mut off = |len: usize, align: u64| {
+        area.alloc(len, align)
+            .map(|a| a - layout::ACPI_START - base)
+    };
 
     // Leaves first, so every pointer is known when the table holding it is built.
     let dsdt = build_dsdt(cfg);
-    let dsdt_addr = area.alloc(dsdt.len(), 16)?;
+    let dsdt_off = off(dsdt.len(), 16)?;
     let facs = build_facs();
-    let facs_addr = area.alloc(facs.len(), 64)?; // The FACS must be 64-byte aligned.
-    let fadt = build_fadt(dsdt_addr, facs_addr);
-    let fadt_addr = area.alloc(fadt.len(), 16)?;
+    let facs_off = off(facs.len(), 64)?; // The FACS must be 64-byte aligned.
+    let fadt = build_fadt(dsdt_off, facs_off);
+    let fadt_off = off(fadt.len(), 16)?;
     let madt = build_madt(cfg);
-    let madt_addr = area.alloc(madt.len(), 16)?;
-    let mut xsdt_entries = vec![fadt_addr, madt_addr];
-    let mcfg = cfg.pci.as_ref().map(build_mcfg);
-    if let Some(m) = &mcfg {
-        xsdt_entries.push(area.alloc(m.len(), 16)?);
-    }
-
-    let xsdt = build_xsdt(&xsdt_entries);
-    let xsdt_addr = area.alloc(xsdt.len(), 16)?;
-    let rsdp = build_rsdp(xsdt_addr);
-
-    let tables: [(&[u8], u64); 6] = [
-        (&rsdp, rsdp_addr),
-        (&dsdt, dsdt_addr),
-        (&facs, facs_addr),
-        (&fadt, fadt_addr),
-        (&madt, madt_addr),
-        (&xsdt, xsdt_addr),
+    let madt_off = off(madt.len(), 16)?;
+    let mut tables = vec![
+        (dsdt, dsdt_off),
+        (facs, facs_off),
+        (fadt, fadt_off),
+        (madt, madt_off),
     ];
-    let mcfg_table = mcfg.as_deref().zip(xsdt_entries.get(2).copied());
-    for (bytes, addr) in tables.into_iter().chain(mcfg_table) {
-        mem.write_slice(bytes, GuestAddress(addr))
-            .map_err(|source| AcpiError::GuestMemory {
-                table: String::from_utf8_lossy(&bytes[..4]).into_owned(),
-                addr,
-                source,
-            })?;
+    let mut xsdt_entries = vec![fadt_off, madt_off];
+    if let Some(m) = cfg.pci.as_ref().and_then(build_mcfg) {
+        let o = off(m.len(), 16)?;
+        xsdt_entries.push(o);
+        tables.push((m, o));
     }
-    log::debug!(
-        "ACPI: RSDP at {rsdp_addr:#x}, {} bytes used of {:#x}",
-        area.used(),
-        layout::ACPI_SIZE
-    );
-    Ok(AcpiAddresses {
-        rsdp: GuestAddress(rsdp_addr),
-        facs: GuestAddress(facs_addr),
-    })
+    let xsdt = build_xsdt(&xsdt_entries);
+    let xsdt_off = off(xsdt.len(), 16)?;
+    tables.push((xsdt, xsdt_off));
+
+    let mut blob = loader::AcpiBlob::new(build_rsdp(xsdt_off), facs_off);
+    for (bytes, at) in &tables {
+        blob.put_table(bytes, *at, &bytes[..4] != b"FACS");
+    }
+    blob.pointer(Field::Table(fadt_off + 36), 4); // FIRMWARE_CTRL
+    blob.pointer(Field::Table(fadt_off + 40), 4); // DSDT
+    blob.pointer(Field::Table(fadt_off + 140), 8); // X_DSDT
+    for i in 0..xsdt_entries.len() as u64 {
+        blob.pointer(Field::Table(xsdt_off + HEADER_LEN as u64 + 8 * i), 8);
+    }
+    blob.pointer(Field::Rsdp(24), 8); // XsdtAddress
+    Ok(blob)
 }
 
 /// Hands out aligned, non-overlapping ranges of the ACPI area.
@@ -437,11 +452,12 @@ fn build_madt(cfg: &AcpiConfig) -> Vec<u8> {
 }
 
 /// MCFG: one ECAM allocation, segment 0, buses 0..=0.
-fn build_mcfg(pci: &PciAcpi) -> Vec<u8> {
+fn build_mcfg(pci: &PciAcpi) -> Option<Vec<u8>> {
+    let ecam = pci.ecam_base?;
     let mut t = Sdt::new(b"MCFG", 1);
     t.u64(0); // reserved
-    t.u64(pci.ecam_base).u16(0).u8(0).u8(0).u32(0);
-    t.finish()
+    t.u64(ecam).u16(0).u8(0).u8(0).u32(0);
+    Some(t.finish())
 }
 
 /// The IOAPIC's ID: the first ID after the local APICs (0..num_cpus), so they never collide.
@@ -465,11 +481,13 @@ fn build_dsdt(cfg: &AcpiConfig) -> Vec<u8> {
 
     // \_S3 (suspend to RAM; the value QEMU's PC uses, which kvm-unit-tests' s3 writes) and
     // \_S5: SLP_TYPa, SLP_TYPb, reserved, reserved.
-    aml::Name::new(
-        Path::new("_S3_"),
-        &aml::Package::new(vec![&S3_SLP_TYP, &S3_SLP_TYP, &0u8, &0u8]),
-    )
-    .to_aml_bytes(&mut aml_bytes);
+    if cfg.s3 {
+        aml::Name::new(
+            Path::new("_S3_"),
+            &aml::Package::new(vec![&S3_SLP_TYP, &S3_SLP_TYP, &0u8, &0u8]),
+        )
+        .to_aml_bytes(&mut aml_bytes);
+    }
     aml::Name::new(
         Path::new("_S5_"),
         &aml::Package::new(vec![&S5_SLP_TYP, &S5_SLP_TYP, &0u8, &0u8]),
@@ -548,7 +566,8 @@ fn motherboard_aml(cfg: &AcpiConfig, out: &mut Vec<u8>) {
     let ecam = cfg
         .pci
         .as_ref()
-        .map(|p| aml::Memory32Fixed::new(true, p.ecam_base as u32, layout::PCI_ECAM_SIZE as u32));
+        .and_then(|p| p.ecam_base)
+        .map(|e| aml::Memory32Fixed::new(true, e as u32, layout::PCI_ECAM_SIZE as u32));
     let mut res: Vec<&dyn Aml> = vec![&pm, &reset, &debug_exit];
     if let Some(e) = &ecam {
         res.push(e);
@@ -578,7 +597,20 @@ fn pci_aml(cfg: &AcpiConfig, out: &mut Vec<u8>) {
         mmio_end as u32,
         None,
     );
-    let crs = aml::ResourceTemplate::new(vec![&bus, &cfg_ports, &mmio]);
+    let mmio64 = pci.mmio64.map(|(start, size)| {
+        aml::AddressSpace::<u64>::new_memory(
+            aml::AddressSpaceCacheable::NotCacheable,
+            true,
+            start,
+            start + size - 1,
+            None,
+        )
+    });
+    let mut resources: Vec<&dyn Aml> = vec![&bus, &cfg_ports, &mmio];
+    if let Some(m) = &mmio64 {
+        resources.push(m);
+    }
+    let crs = aml::ResourceTemplate::new(resources);
     let crs = aml::Name::new(Path::new("_CRS"), &crs);
     let mut prt = aml::PackageBuilder::new();
     for slot in 0..32u8 {
@@ -602,6 +634,7 @@ mod tests {
     use super::*;
     use std::path::{Path as FsPath, PathBuf};
     use std::process::Command;
+    use vm_memory::Bytes;
     use vm_memory::GuestMemoryMmap;
 
     fn guest_mem() -> GuestMemoryMmap {
@@ -709,6 +742,7 @@ mod tests {
             let cfg = AcpiConfig {
                 num_cpus,
                 pci: None,
+                s3: true,
             };
             let rsdp = create_acpi_tables(&mem, &cfg).unwrap().rsdp;
             let w = walk(&mem, rsdp);
@@ -788,7 +822,8 @@ mod tests {
 
     fn test_pci() -> PciAcpi {
         PciAcpi {
-            ecam_base: layout::PCI_ECAM_START,
+            ecam_base: Some(layout::PCI_ECAM_START),
+            mmio64: None,
             mmio_start: layout::PCI_MMIO32_START,
             mmio_size: layout::PCI_MMIO32_SIZE,
         }
@@ -800,6 +835,7 @@ mod tests {
         let cfg = AcpiConfig {
             num_cpus: 1,
             pci: Some(test_pci()),
+            s3: true,
         };
         let w = walk(&mem, create_acpi_tables(&mem, &cfg).unwrap().rsdp);
         let m = w.mcfg.unwrap();
@@ -818,6 +854,7 @@ mod tests {
             &AcpiConfig {
                 num_cpus: 0,
                 pci: None,
+                s3: true,
             },
         )
         .unwrap_err();
@@ -841,6 +878,7 @@ mod tests {
             &AcpiConfig {
                 num_cpus: 1,
                 pci: None,
+                s3: true,
             },
         )
         .unwrap_err();
@@ -901,6 +939,7 @@ mod tests {
         let cfg = AcpiConfig {
             num_cpus: 4,
             pci: Some(test_pci()),
+            s3: true,
         };
         let rsdp = create_acpi_tables(&mem, &cfg).unwrap().rsdp;
         let w = walk(&mem, rsdp);
