@@ -438,6 +438,7 @@ tail -c +$((base + 1)) initrd.img | "$BUSYBOX" cpio -t
         device_cases.extend(cases::blk::cases());
         device_cases.extend(cases::img::cases());
         device_cases.extend(cases::net::cases());
+        device_cases.extend(cases::fw::cases());
         if round > 1 {
             for c in &mut device_cases {
                 c.name = format!("{}.r{round}", c.name);
@@ -446,6 +447,7 @@ tail -c +$((base + 1)) initrd.img | "$BUSYBOX" cpio -t
         cases.extend(device_cases);
     }
     cfg.l1_extra.extend(extra_l1_files());
+    cfg.l1_extra.extend(cases::fw::l1_files(&cfg.images));
     // Disk cases copy the root image and check it with e2fsprogs (and image formats with
     // qemu-img); network cases make a namespace with a TAP (iproute2, the tun module).
     cfg.rootfs_in_initrd = true;

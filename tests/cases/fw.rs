@@ -1,0 +1,128 @@
+//! Firmware boots under a real guest (issue 10): Debian's SeaBIOS boots the GRUB ISO
+//! (guest-images/build-iso.sh) from a read-only virtio disk, the case picks the menu entry
+//! by typing its hotkey on the serial console, and the stock kernel prints what it sees
+//! (RAM, CPUs, disks) and powers off. A disk without a boot loader ends with SeaBIOS's
+//! "No bootable device." and ferrovm's status 6.
+
+use std::path::Path;
+use std::time::Duration;
+
+use super::status;
+use crate::harness::{expect_output, Case, CaseOutput};
+use crate::value;
+
+/// Where the ISO and SeaBIOS are in L1 (see [`l1_files`]).
+const PRELUDE: &str = r#"set -e
+trap 'rm -f in.fifo empty.img' EXIT
+# boot KEY FERROVM_ARGS...: runs ferrovm with the console on a FIFO, types KEY once GRUB's
+# menu is on the console, waits for ferrovm to end. Prints the console, the firmware log's
+# warning lines (FWLOG:) and FERROVM_STATUS=.
+boot() {
+    key=$1; shift
+    rm -f in.fifo; mkfifo in.fifo
+    "$FERROVM" run --firmware-log fw.log "$@" <in.fifo >out.log 2>&1 &
+    pid=$!
+    exec 3>in.fifo
+    i=0
+    while [ -n "$key" ] && ! grep -q "check and power off" out.log; do
+        i=$((i + 1))
+        if [ $i -gt 600 ]; then echo "NO_GRUB_MENU"; break; fi
+        sleep 0.5
+    done
+    [ -n "$key" ] && { echo "MENU_AFTER_HALF_SECONDS=$i"; printf "$key" >&3; }
+    set +e
+    wait $pid
+    echo "FERROVM_STATUS=$?"
+    set -e
+    exec 3>&-
+    grep -a -E 'FERROVM-|FW-CHECK|No bootable|ferrovm:' out.log | tr -d '\033\r' | sed 's/^/L2: /'
+    grep -a -i -E 'warning|not found|unsupported|fail' fw.log | sed 's/^/FWLOG: /' || true
+}
+"#;
+
+fn case(name: &str, body: &str) -> Case {
+    Case::new(name, &format!("{PRELUDE}{body}")).timeout(Duration::from_secs(360))
+}
+
+/// The guest's FW-CHECK line field `key` (`key=value`).
+fn check_field<'a>(o: &'a CaseOutput, key: &str) -> Result<&'a str, String> {
+    let line = o
+        .output
+        .lines()
+        .find(|l| l.contains("FW-CHECK "))
+        .ok_or("no FW-CHECK line from the guest")?;
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(&format!("{key}=")))
+        .ok_or_else(|| format!("FW-CHECK has no {key}="))
+}
+
+/// The guest booted through SeaBIOS and GRUB with `cpus` CPUs and about `mem_mib` of RAM.
+fn booted(o: &CaseOutput, cpus: u32, mem_mib: u64) -> Result<(), String> {
+    expect_output(o, "FERROVM-BOOT-OK")?;
+    expect_output(o, "FERROVM-TEST-EXIT status=0")?;
+    status(o, "FERROVM_STATUS", 0)?;
+    let got: u32 = check_field(o, "cpus")?.parse().map_err(|e| format!("cpus: {e}"))?;
+    if got != cpus {
+        return Err(format!("guest sees {got} CPUs, expected {cpus}"));
+    }
+    let kb: u64 = check_field(o, "mem_kb")?.parse().map_err(|e| format!("mem: {e}"))?;
+    // MemTotal excludes the kernel and firmware reservations: within 15 %.
+    if kb * 100 < mem_mib * 1024 * 85 || kb > mem_mib * 1024 {
+        return Err(format!("guest sees {kb} KiB, expected about {mem_mib} MiB"));
+    }
+    if !check_field(o, "disks")?.contains("vda") {
+        return Err("guest sees no vda".into());
+    }
+    let line = o.output.lines().find(|l| l.contains("FW-CHECK ")).unwrap_or("");
+    if !line.contains("ferrovm.test=/fw-check.sh") {
+        return Err("GRUB did not boot the entry whose hotkey was typed".into());
+    }
+    if value(o, "MENU_AFTER_HALF_SECONDS").is_err() {
+        return Err("GRUB's menu never appeared on the console".into());
+    }
+    Ok(())
+}
+
+pub fn cases() -> Vec<Case> {
+    vec![
+        case(
+            "fw_seabios_iso_grub_1cpu",
+            r#"boot p --firmware bios --disk path=/images/boot.iso,readonly=on --memory 512M"#,
+        )
+        .check(|o| booted(o, 1, 512)),
+        case(
+            "fw_seabios_iso_grub_2cpu_data_disk",
+            r#"truncate -s 64M empty.img
+boot p --disk path=/images/boot.iso,readonly=on --disk path=empty.img --cpus 2 --memory 1G"#,
+        )
+        .check(|o| {
+            booted(o, 2, 1024)?;
+            if !check_field(o, "disks")?.contains("vdb") {
+                return Err("guest sees no second disk".into());
+            }
+            Ok(())
+        }),
+        case(
+            "fw_seabios_no_bootable_disk",
+            r#"truncate -s 64M empty.img
+boot "" --firmware bios --disk path=empty.img"#,
+        )
+        .check(|o| {
+            expect_output(o, "No bootable device")?;
+            status(o, "FERROVM_STATUS", 6)
+        }),
+    ]
+}
+
+/// Host files the cases need in L1: the ISO and Debian's SeaBIOS at its package path.
+pub fn l1_files(images: &Path) -> Vec<(std::path::PathBuf, String)> {
+    const SEABIOS: &str = "/usr/share/seabios/bios-256k.bin";
+    [
+        (images.join("boot.iso"), "/images/boot.iso"),
+        (Path::new(SEABIOS).to_path_buf(), SEABIOS),
+    ]
+    .into_iter()
+    .filter(|(p, _)| p.exists())
+    .map(|(p, l1)| (p, l1.to_string()))
+    .collect()
+}
