@@ -26,7 +26,7 @@ boot() {
     i=0
     while [ -n "$key" ] && ! grep -q "check and power off" out.log; do
         i=$((i + 1))
-        if [ $i -gt 600 ]; then echo "NO_GRUB_MENU"; break; fi
+        if [ $i -gt ${MENU_WAIT:-400} ]; then echo "NO_GRUB_MENU"; kill -USR1 $pid; sleep 1; kill $pid; break; fi
         sleep 0.5
     done
     [ -n "$key" ] && { echo "MENU_AFTER_HALF_SECONDS=$i"; printf "$key" >&3; }
@@ -61,11 +61,15 @@ fn booted(o: &CaseOutput, cpus: u32, mem_mib: u64) -> Result<(), String> {
     expect_output(o, "FERROVM-BOOT-OK")?;
     expect_output(o, "FERROVM-TEST-EXIT status=0")?;
     status(o, "FERROVM_STATUS", 0)?;
-    let got: u32 = check_field(o, "cpus")?.parse().map_err(|e| format!("cpus: {e}"))?;
+    let got: u32 = check_field(o, "cpus")?
+        .parse()
+        .map_err(|e| format!("cpus: {e}"))?;
     if got != cpus {
         return Err(format!("guest sees {got} CPUs, expected {cpus}"));
     }
-    let kb: u64 = check_field(o, "mem_kb")?.parse().map_err(|e| format!("mem: {e}"))?;
+    let kb: u64 = check_field(o, "mem_kb")?
+        .parse()
+        .map_err(|e| format!("mem: {e}"))?;
     // MemTotal excludes the kernel and firmware reservations: within 15 %.
     if kb * 100 < mem_mib * 1024 * 85 || kb > mem_mib * 1024 {
         return Err(format!("guest sees {kb} KiB, expected about {mem_mib} MiB"));
@@ -73,7 +77,11 @@ fn booted(o: &CaseOutput, cpus: u32, mem_mib: u64) -> Result<(), String> {
     if !check_field(o, "disks")?.contains("vda") {
         return Err("guest sees no vda".into());
     }
-    let line = o.output.lines().find(|l| l.contains("FW-CHECK ")).unwrap_or("");
+    let line = o
+        .output
+        .lines()
+        .find(|l| l.contains("FW-CHECK "))
+        .unwrap_or("");
     if !line.contains("ferrovm.test=/fw-check.sh") {
         return Err("GRUB did not boot the entry whose hotkey was typed".into());
     }
@@ -103,6 +111,13 @@ boot p --disk path=/images/boot.iso,readonly=on --disk path=empty.img --cpus 2 -
             Ok(())
         }),
         case(
+            "fw_ovmf_iso_grub_1cpu",
+            r#"MENU_WAIT=120 boot p --firmware uefi --disk path=/images/boot.iso,readonly=on --memory 512M -v
+head -c 20000 fw.log | sed 's/^/OVMFLOG: /'
+grep -a -v 'ratelimit' out.log | tail -c 6000 | tr -d '\033' | sed 's/^/CONSOLE: /'"#,
+        )
+        .check(|o| booted(o, 1, 512)),
+        case(
             "fw_seabios_no_bootable_disk",
             r#"truncate -s 64M empty.img
 boot "" --firmware bios --disk path=empty.img"#,
@@ -117,9 +132,11 @@ boot "" --firmware bios --disk path=empty.img"#,
 /// Host files the cases need in L1: the ISO and Debian's SeaBIOS at its package path.
 pub fn l1_files(images: &Path) -> Vec<(std::path::PathBuf, String)> {
     const SEABIOS: &str = "/usr/share/seabios/bios-256k.bin";
+    const OVMF: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
     [
         (images.join("boot.iso"), "/images/boot.iso"),
         (Path::new(SEABIOS).to_path_buf(), SEABIOS),
+        (Path::new(OVMF).to_path_buf(), OVMF),
     ]
     .into_iter()
     .filter(|(p, _)| p.exists())
