@@ -78,12 +78,12 @@ fn ovmf_script() -> String {
 ISO=/images/boot.iso
 i=0
 while [ $i -lt {REPS} ]; do
-    measure ferrovm-ovmf p "$FERROVM" run --firmware uefi --disk path=$ISO,readonly=on --memory 512M
     cp {OVMF_VARS} vars.fd
     measure qemu-q35-ovmf p $QEMU -M q35 -accel kvm -cpu host -m 512M -smp 1 -nodefaults \
         -no-user-config -display none -serial stdio \
         -drive if=pflash,format=raw,readonly=on,file={OVMF_CODE} -drive if=pflash,format=raw,file=vars.fd \
         -drive file=$ISO,if=none,id=d0,format=raw,readonly=on -device virtio-blk-pci,drive=d0
+    measure ferrovm-ovmf p "$FERROVM" run --firmware uefi --disk path=$ISO,readonly=on --memory 512M
     i=$((i + 1))
 done
 "#
@@ -155,10 +155,14 @@ fn main() -> std::process::ExitCode {
         return std::process::ExitCode::SUCCESS;
     }
     let out: Arc<Mutex<String>> = Arc::default();
-    let cases = vec![
+    let mut cases = vec![
         case("bench_fwboot_seabios", seabios_script(), out.clone()),
         case("bench_fwboot_ovmf", ovmf_script(), out.clone()),
     ];
+    // FERROVM_BENCH_ONLY=seabios|ovmf runs one of the two.
+    if let Ok(only) = std::env::var("FERROVM_BENCH_ONLY") {
+        cases.retain(|c| c.name.ends_with(&only));
+    }
     let mut cfg = harness::Config::from_env();
     let images = cfg.images.clone();
     cfg.l1_extra.extend(
