@@ -11,6 +11,7 @@
 #   1  "ferrovm guest: check and power off" (key p) prints FW-CHECK mem_kb= cpus= disks= nics=
 #                                                   then powers off (ferrovm.test=/fw-check.sh)
 #   2  "power off" (key h)                          GRUB's halt
+#   3  "reboot" (key r)                             GRUB's reboot
 # Cached: rebuilt only when this script, the kernel, the initramfs or GRUB change.
 set -Eeuo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -58,6 +59,9 @@ menuentry "ferrovm guest: check and power off" --hotkey=p {
 }
 menuentry "power off" --hotkey=h {
     halt
+}
+menuentry "reboot" --hotkey=r {
+    reboot
 }
 CFG
 grub-mkrescue -o "$WORK/boot.iso" "$WORK/iso" -- -volid FERROVM_BOOT >"$WORK/mkrescue.log" 2>&1 \

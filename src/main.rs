@@ -93,6 +93,15 @@ struct RunArgs {
     /// OVMF) or an image PATH. The default without --kernel when a --disk is given: bios.
     #[arg(long, value_name = "bios|uefi|PATH")]
     firmware: Option<String>,
+    /// An ISO image on a read-only virtio disk after the --disk ones (a hybrid ISO boots from
+    /// it through the firmware; there is no CD-ROM device yet). Repeatable.
+    #[arg(long, value_name = "PATH")]
+    cdrom: Vec<PathBuf>,
+    /// What a guest reboot does: exit (ferrovm ends, status 0) or restart (the VM starts
+    /// again from its firmware or kernel, like a power cycle).
+    #[arg(long, value_name = "exit|restart", default_value = "exit",
+          value_parser = ["exit", "restart"])]
+    reboot: String,
     /// Write the firmware's debug console (port 0x402, QEMU's isa-debugcon) to PATH.
     #[arg(long, value_name = "PATH")]
     firmware_log: Option<PathBuf>,
@@ -171,7 +180,7 @@ fn build_config(a: RunArgs) -> Result<VmConfig, config::ConfigError> {
                 .ok_or_else(|| config::ConfigError::ExitStats(s.clone()))
         })
         .collect::<Result<_, _>>()?;
-    let disks = a
+    let mut disks: Vec<_> = a
         .disk
         .iter()
         .map(|s| {
@@ -179,6 +188,14 @@ fn build_config(a: RunArgs) -> Result<VmConfig, config::ConfigError> {
                 .map_err(|e| config::ConfigError::Disk(s.clone(), e.to_string()))
         })
         .collect::<Result<_, _>>()?;
+    disks.extend(
+        a.cdrom
+            .iter()
+            .map(|p| ferrovm::devices::virtio::block::DiskConfig {
+                readonly: true,
+                ..ferrovm::devices::virtio::block::DiskConfig::new(p)
+            }),
+    );
     let nets = a
         .net
         .iter()
@@ -188,7 +205,7 @@ fn build_config(a: RunArgs) -> Result<VmConfig, config::ConfigError> {
         })
         .collect::<Result<_, _>>()?;
     let cloud_init_seed = cloud_init_seed(&a)?;
-    let firmware = match (&a.kernel, &a.firmware, a.disk.is_empty()) {
+    let firmware = match (&a.kernel, &a.firmware, disks.is_empty()) {
         // (--kernel with --firmware, and neither without a disk, are usage errors: clap.)
         (Some(_), _, _) => None,
         (None, Some(f), _) => Some(f.as_str()),
@@ -314,7 +331,11 @@ fn main() -> ExitCode {
             }
         },
         Command::Run(args) => {
-            if args.kernel.is_none() && args.firmware.is_none() && args.disk.is_empty() {
+            if args.kernel.is_none()
+                && args.firmware.is_none()
+                && args.disk.is_empty()
+                && args.cdrom.is_empty()
+            {
                 use clap::CommandFactory;
                 Cli::command()
                     .error(
@@ -324,6 +345,7 @@ fn main() -> ExitCode {
                     .exit();
             }
             let verbose = args.verbose;
+            let restart = args.reboot == "restart";
             env_logger::Builder::from_env(
                 env_logger::Env::default().default_filter_or(if verbose {
                     "debug"
@@ -340,12 +362,17 @@ fn main() -> ExitCode {
                     return ExitCode::from(1);
                 }
             };
-            match vmm::run(cfg) {
-                Ok(outcome) => outcome_status(&outcome, verbose),
-                Err(e) => {
-                    ferrovm::console::restore_terminal();
-                    report(&e);
-                    ExitCode::from(1)
+            loop {
+                match vmm::run(cfg.clone()) {
+                    Ok(VmOutcome::Reset) if restart => {
+                        eprintln!("ferrovm: guest rebooted; restarting the VM (--reboot restart)");
+                    }
+                    Ok(outcome) => return outcome_status(&outcome, verbose),
+                    Err(e) => {
+                        ferrovm::console::restore_terminal();
+                        report(&e);
+                        return ExitCode::from(1);
+                    }
                 }
             }
         }

@@ -217,14 +217,12 @@ pub fn run(cfg: VmConfig) -> Result<VmOutcome, VmmError> {
     let mut disk_slots = Vec::new();
     for disk in &cfg.disks {
         let block = devices::virtio::block::Block::new(disk)?;
-        disk_slots.push(add_virtio_pci(
-            &mut pci,
-            &mut buses.claims,
-            &vm,
-            &mem,
-            Box::new(block),
-        )?);
+        let slot = add_virtio_pci(&mut pci, &mut buses.claims, &vm, &mem, Box::new(block))?;
+        disk_slots.push((disk.bootindex.unwrap_or(u32::MAX), slot));
     }
+    // The firmware's boot order: bootindex first, then --disk order (the sort is stable).
+    disk_slots.sort_by_key(|(index, _)| *index);
+    let disk_slots: Vec<u8> = disk_slots.into_iter().map(|(_, slot)| slot).collect();
     if let Some(seed) = &cfg.cloud_init_seed {
         let disk = crate::disk::mem::MemDisk::new("cloud-init seed", seed.clone());
         let block = devices::virtio::block::Block::with_disk(Box::new(disk), Some("cidata"))?;

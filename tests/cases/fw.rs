@@ -3,6 +3,11 @@
 //! by typing its hotkey on the serial console, and the stock kernel prints what it sees
 //! (RAM, CPUs, disks) and powers off. A disk without a boot loader ends with SeaBIOS's
 //! "No bootable device." and ferrovm's status 6.
+//!
+//! No OVMF case: QEMU 7.2's TCG, which runs L1 here, aborts (`tcg_handle_interrupt:
+//! assertion failed: (qemu_mutex_iothread_locked())`) while an L2 runs OVMF, whether
+//! ferrovm or QEMU runs it in L1 (tried with `cargo bench --bench fwboot`), and the abort
+//! takes the whole L1 with it.
 
 use std::path::Path;
 use std::time::Duration;
@@ -26,7 +31,7 @@ boot() {
     i=0
     while [ -n "$key" ] && ! grep -q "check and power off" out.log; do
         i=$((i + 1))
-        if [ $i -gt ${MENU_WAIT:-400} ]; then echo "NO_GRUB_MENU"; kill -USR1 $pid; sleep 1; kill $pid; break; fi
+        if [ $i -gt 400 ]; then echo "NO_GRUB_MENU"; kill -USR1 $pid; sleep 1; kill $pid; break; fi
         sleep 0.5
     done
     [ -n "$key" ] && { echo "MENU_AFTER_HALF_SECONDS=$i"; printf "$key" >&3; }
@@ -111,12 +116,39 @@ boot p --disk path=/images/boot.iso,readonly=on --disk path=empty.img --cpus 2 -
             Ok(())
         }),
         case(
-            "fw_ovmf_iso_grub_1cpu",
-            r#"MENU_WAIT=120 boot p --firmware uefi --disk path=/images/boot.iso,readonly=on --memory 512M -v
-head -c 20000 fw.log | sed 's/^/OVMFLOG: /'
-grep -a -v 'ratelimit' out.log | tail -c 6000 | tr -d '\033' | sed 's/^/CONSOLE: /'"#,
+            "fw_seabios_reboot_restart",
+            r#"rm -f in.fifo; mkfifo in.fifo
+"$FERROVM" run --reboot restart --disk path=/images/boot.iso,readonly=on <in.fifo >out.log 2>&1 &
+pid=$!
+exec 3>in.fifo
+menus() { grep -a -o "check and power off" out.log | wc -l; }
+wait_menus() {
+    i=0
+    while [ "$(menus)" -lt "$1" ]; do
+        i=$((i + 1)); [ $i -gt 400 ] && { echo "NO_MENU_$1"; kill $pid; return; }
+        sleep 0.5
+    done
+    echo "MENU_$1_SEEN"
+}
+wait_menus 1; printf r >&3
+wait_menus 2; printf p >&3
+set +e; wait $pid; echo "FERROVM_STATUS=$?"; set -e
+exec 3>&-
+echo "SEABIOS_BANNERS=$(grep -a -o 'SeaBIOS (version' out.log | wc -l)"
+grep -a -E 'FERROVM-|FW-CHECK|ferrovm:' out.log | tr -d '\033\r' | sed 's/^/L2: /'"#,
         )
-        .check(|o| booted(o, 1, 512)),
+        .check(|o| {
+            expect_output(o, "MENU_2_SEEN")?;
+            expect_output(o, "restarting the VM")?;
+            expect_output(o, "FERROVM-TEST-EXIT status=0")?;
+            status(o, "FERROVM_STATUS", 0)?;
+            match value(o, "SEABIOS_BANNERS")? {
+                n if n >= 2 => Ok(()),
+                n => Err(format!(
+                    "SeaBIOS ran {n} times, expected 2 (the restart goes through it)"
+                )),
+            }
+        }),
         case(
             "fw_seabios_no_bootable_disk",
             r#"truncate -s 64M empty.img
@@ -132,11 +164,9 @@ boot "" --firmware bios --disk path=empty.img"#,
 /// Host files the cases need in L1: the ISO and Debian's SeaBIOS at its package path.
 pub fn l1_files(images: &Path) -> Vec<(std::path::PathBuf, String)> {
     const SEABIOS: &str = "/usr/share/seabios/bios-256k.bin";
-    const OVMF: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
     [
         (images.join("boot.iso"), "/images/boot.iso"),
         (Path::new(SEABIOS).to_path_buf(), SEABIOS),
-        (Path::new(OVMF).to_path_buf(), OVMF),
     ]
     .into_iter()
     .filter(|(p, _)| p.exists())

@@ -84,6 +84,9 @@ pub struct DiskConfig {
     pub overlay: bool,
     /// `backing=BASE`: `path` is (or is created as) a qcow2 overlay of BASE.
     pub backing: Option<PathBuf>,
+    /// `bootindex=N`: the firmware's boot order (lowest first; disks without one follow in
+    /// `--disk` order).
+    pub bootindex: Option<u32>,
 }
 
 impl DiskConfig {
@@ -97,6 +100,7 @@ impl DiskConfig {
             format: None,
             overlay: false,
             backing: None,
+            bootindex: None,
         }
     }
 
@@ -132,7 +136,7 @@ pub enum DiskOptionError {
     Malformed { option: String, item: String },
     #[error(
         "disk option `{option}`: unknown key `{key}` (known: path, format, readonly, serial, \
-         direct, overlay, backing)"
+         direct, overlay, backing, bootindex)"
     )]
     UnknownKey { option: String, key: String },
     #[error("disk option `{option}`: `{key}` given twice")]
@@ -147,6 +151,8 @@ pub enum DiskOptionError {
     UnknownFormat { option: String, value: String },
     #[error("disk option `{option}`: {what}")]
     Conflict { option: String, what: &'static str },
+    #[error("disk option `{option}`: bootindex `{value}` is not a number from 0 to 65535")]
+    BadBootIndex { option: String, value: String },
     #[error("disk option `{option}`: serial `{serial}` is {len} bytes, at most 20 are allowed")]
     SerialTooLong {
         option: String,
@@ -156,13 +162,20 @@ pub enum DiskOptionError {
 }
 
 /// Parses `path=FILE[,format=raw|qcow2|vhd][,readonly=on|off][,serial=ID][,direct=on|off]
-/// [,overlay=on|off][,backing=BASE]`.
+/// [,overlay=on|off][,backing=BASE][,bootindex=N]`.
 pub fn parse_disk_option(s: &str) -> Result<DiskConfig, DiskOptionError> {
-    const KEYS: [&str; 7] = [
-        "path", "format", "readonly", "serial", "direct", "overlay", "backing",
+    const KEYS: [&str; 8] = [
+        "path",
+        "format",
+        "readonly",
+        "serial",
+        "direct",
+        "overlay",
+        "backing",
+        "bootindex",
     ];
     let option = s.to_string();
-    let mut values: [Option<&str>; 7] = [None; 7];
+    let mut values: [Option<&str>; 8] = [None; 8];
     for item in s.split(',') {
         let Some((key, value)) = item.split_once('=') else {
             return Err(DiskOptionError::Malformed {
@@ -183,7 +196,7 @@ pub fn parse_disk_option(s: &str) -> Result<DiskConfig, DiskOptionError> {
             });
         }
     }
-    let [path, format, readonly, serial, direct, overlay, backing] = values;
+    let [path, format, readonly, serial, direct, overlay, backing, bootindex] = values;
     let switch = |key: &str, value: Option<&str>| match value {
         None | Some("off") => Ok(false),
         Some("on") => Ok(true),
@@ -221,6 +234,16 @@ pub fn parse_disk_option(s: &str) -> Result<DiskConfig, DiskOptionError> {
         format,
         overlay: switch("overlay", overlay)?,
         backing: backing.filter(|b| !b.is_empty()).map(PathBuf::from),
+        bootindex: bootindex
+            .map(|v| {
+                v.parse::<u16>()
+                    .map(u32::from)
+                    .map_err(|_| DiskOptionError::BadBootIndex {
+                        option: option.clone(),
+                        value: v.to_string(),
+                    })
+            })
+            .transpose()?,
     };
     let conflict = |what| {
         Err(DiskOptionError::Conflict {

@@ -270,6 +270,10 @@ fn parse_full_option() {
     let c = parse_disk_option("path=x.img").unwrap();
     assert!(!c.readonly && !c.direct && c.serial.is_none());
     assert!(!parse_disk_option("readonly=off,path=x").unwrap().readonly);
+    assert_eq!(
+        parse_disk_option("path=x,bootindex=0").unwrap().bootindex,
+        Some(0)
+    );
 }
 
 #[test]
@@ -294,6 +298,13 @@ fn parse_rejects_bad_options() {
     assert!(long.to_string().contains("20"));
     assert!(parse_disk_option("path=a,serial=12345678901234567890").is_ok());
     assert!(e("path=a,bogus=1").to_string().contains("bogus"));
+    for bad in ["-1", "65536", "x", ""] {
+        let opt = format!("path=a,bootindex={bad}");
+        assert!(matches!(
+            parse_disk_option(&opt).unwrap_err(),
+            E::BadBootIndex { .. }
+        ));
+    }
 }
 
 // ---- device identity and config space ----
