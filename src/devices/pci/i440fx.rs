@@ -23,7 +23,7 @@
 use std::sync::Arc;
 
 use super::config::{PciConfig, PciHeader};
-use super::PciDevice;
+use super::{ConfigOnly, PciDevice};
 
 /// Maps the shadow segments of 0xc0000..0x100000 (implemented next to the KVM memory slots).
 pub trait ShadowRam: Send + Sync {
@@ -121,11 +121,9 @@ impl PciDevice for I440fxHost {
 }
 
 /// A chipset function whose device-specific registers (0x40..0x100) are plain storage.
-pub struct ChipsetFunction {
-    config: PciConfig,
-}
+pub type ChipsetFunction = ConfigOnly;
 
-impl ChipsetFunction {
+impl ConfigOnly {
     /// The PIIX3 PCI-to-ISA bridge (00:01.0), function 0 of a multi-function slot.
     pub fn piix3_isa() -> Self {
         let mut config = PciConfig::new(&header(0x7000, 0x00, 0x06_01_00, 0));
@@ -139,7 +137,7 @@ impl ChipsetFunction {
         config.set_regs(0x76, &[0x0c, 0x0c, 0x02]);
         config.set_regs(0xa0, &[0x08]);
         config.set_regs(0xa8, &[0x0f]);
-        Self { config }
+        Self::new(config)
     }
 
     /// The PIIX4 power-management function (00:01.3): SCI on INTA (line 9).
@@ -155,25 +153,8 @@ impl ChipsetFunction {
         config.set_regs(0x5b, &[0x02]);
         config.set_wmask(0x5b, &[0xfd]);
         config.set_regs(super::config::REG_INTERRUPT_LINE, &[9]);
-        Self { config }
+        Self::new(config)
     }
-}
-
-impl PciDevice for ChipsetFunction {
-    fn config(&self) -> &PciConfig {
-        &self.config
-    }
-    fn config_read(&mut self, reg: u16, data: &mut [u8]) {
-        self.config.read(reg.into(), data);
-    }
-    fn config_write(&mut self, reg: u16, data: &[u8]) {
-        self.config.write(reg.into(), data);
-    }
-    fn bar_read(&mut self, _bar: usize, _offset: u64, data: &mut [u8]) {
-        data.fill(0xff);
-    }
-    fn bar_write(&mut self, _bar: usize, _offset: u64, _data: &[u8]) {}
-    fn assign_bar(&mut self, _bar: usize, _addr: u64) {}
 }
 
 #[cfg(test)]

@@ -122,6 +122,35 @@ pub trait PciDevice: Send {
     fn assign_bar(&mut self, bar: usize, addr: u64);
 }
 
+/// A function that is nothing but its configuration space: no BARs decode, and writes go
+/// where the write masks allow (host bridges, chipset functions).
+pub struct ConfigOnly {
+    config: PciConfig,
+}
+
+impl ConfigOnly {
+    pub fn new(config: PciConfig) -> Self {
+        Self { config }
+    }
+}
+
+impl PciDevice for ConfigOnly {
+    fn config(&self) -> &PciConfig {
+        &self.config
+    }
+    fn config_read(&mut self, reg: u16, data: &mut [u8]) {
+        self.config.read(reg.into(), data);
+    }
+    fn config_write(&mut self, reg: u16, data: &[u8]) {
+        self.config.write(reg.into(), data);
+    }
+    fn bar_read(&mut self, _bar: usize, _offset: u64, data: &mut [u8]) {
+        data.fill(0xff);
+    }
+    fn bar_write(&mut self, _bar: usize, _offset: u64, _data: &[u8]) {}
+    fn assign_bar(&mut self, _bar: usize, _addr: u64) {}
+}
+
 /// One MSI vector: a GSI whose route the [`MsiRouter`] manages, and the irqfd that raises it.
 pub struct MsiVector {
     pub gsi: u32,

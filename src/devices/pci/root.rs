@@ -4,7 +4,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use super::config::{PciConfig, PciHeader, EXT_CONFIG_SIZE};
-use super::{DecodedBar, PciDevice, PciError, PciFunction};
+use super::{ConfigOnly, DecodedBar, PciError, PciFunction};
 use crate::bus::BusDevice;
 
 /// Slots on bus 0.
@@ -12,45 +12,15 @@ pub const NUM_SLOTS: usize = 32;
 
 pub type SharedPciDevice = Arc<dyn PciFunction>;
 
-/// The host bridge at 00:00.0 (Red Hat's "QEMU PCIe host bridge" ID, class 06/00).
-pub struct HostBridge {
-    config: PciConfig,
-}
-
-impl HostBridge {
-    pub fn new() -> Self {
-        Self {
-            config: PciConfig::new(&PciHeader {
-                vendor_id: 0x1b36,
-                device_id: 0x0008,
-                class: 0x06_00_00,
-                ..Default::default()
-            }),
-        }
-    }
-}
-
-impl Default for HostBridge {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl PciDevice for HostBridge {
-    fn config(&self) -> &PciConfig {
-        &self.config
-    }
-    fn config_read(&mut self, reg: u16, data: &mut [u8]) {
-        self.config.read(reg.into(), data);
-    }
-    fn config_write(&mut self, reg: u16, data: &[u8]) {
-        self.config.write(reg.into(), data);
-    }
-    fn bar_read(&mut self, _bar: usize, _offset: u64, data: &mut [u8]) {
-        data.fill(0xff);
-    }
-    fn bar_write(&mut self, _bar: usize, _offset: u64, _data: &[u8]) {}
-    fn assign_bar(&mut self, _bar: usize, _addr: u64) {}
+/// The host bridge at 00:00.0 of a direct boot (Red Hat's "QEMU PCIe host bridge" ID,
+/// class 06/00): configuration space only.
+pub fn generic_host_bridge() -> ConfigOnly {
+    ConfigOnly::new(PciConfig::new(&PciHeader {
+        vendor_id: 0x1b36,
+        device_id: 0x0008,
+        class: 0x06_00_00,
+        ..Default::default()
+    }))
 }
 
 /// Bus 0 and the BAR allocator of the 32-bit MMIO window. Built before the vCPUs start; shared
@@ -79,7 +49,8 @@ impl PciRoot {
         host_bridge: Option<SharedPciDevice>,
     ) -> Self {
         let mut functions: Vec<Option<SharedPciDevice>> = vec![None; NUM_SLOTS * FUNCTIONS];
-        functions[0] = Some(host_bridge.unwrap_or_else(|| Arc::new(Mutex::new(HostBridge::new()))));
+        functions[0] =
+            Some(host_bridge.unwrap_or_else(|| Arc::new(Mutex::new(generic_host_bridge()))));
         Self {
             functions,
             mmio_start,
@@ -369,6 +340,7 @@ impl BusDevice for PciMmioWindow {
 mod tests {
     use super::super::config::{BarKind, BarSpec, COMMAND_MEMORY, REG_COMMAND};
     use super::*;
+    use crate::devices::pci::PciDevice;
 
     /// A device with one 64-bit BAR that remembers the last BAR write.
     struct Dummy {
