@@ -144,6 +144,20 @@ pub fn run(cfg: VmConfig) -> Result<VmOutcome, VmmError> {
             .claim(Space::Mmio, rom.0, rom.1, "firmware ROM")
             .map_err(PlaceError::from)?;
     }
+    // Firmware probes a PS/2 keyboard (SeaBIOS waits a second for one); a direct boot has
+    // none, so Linux's atkbd probe finds nothing and costs nothing.
+    let i8042 = match &fw_memory {
+        Some(_) => {
+            let irq = IrqLine::new().map_err(VmmError::EventFd)?;
+            vm.register_irqfd(irq.eventfd(), layout::I8042_IRQ)?;
+            buses
+                .claims
+                .claim_gsi(layout::I8042_IRQ, "i8042 keyboard", Sharing::Exclusive)
+                .map_err(PlaceError::from)?;
+            shared(devices::i8042::I8042::with_keyboard(control.clone(), irq))
+        }
+        None => shared(devices::i8042::I8042::new(control.clone())),
+    };
     let fw_cfg = Arc::new(Mutex::new(devices::fw_cfg::FwCfg::new(
         cfg.mem_size,
         cfg.cpus.into(),
@@ -154,12 +168,7 @@ pub fn run(cfg: VmConfig) -> Result<VmOutcome, VmmError> {
     let acpi_pm = Arc::new(Mutex::new(devices::acpi_pm::AcpiPm::new(control.clone())));
     let pio_devices: [(u16, u64, &'static str, SharedDevice); 8] = [
         (layout::COM1_PORT, 8, "com1", serial.clone()),
-        (
-            layout::I8042_PORT,
-            5,
-            "i8042",
-            shared(devices::i8042::I8042::new(control.clone())),
-        ),
+        (layout::I8042_PORT, 5, "i8042", i8042),
         (layout::CMOS_PORT, 2, "cmos", cmos.clone()),
         (
             layout::ACPI_PM1A_EVT_PORT,

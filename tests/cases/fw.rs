@@ -1,7 +1,9 @@
 //! Firmware boots under a real guest (issue 10): Debian's SeaBIOS boots the GRUB ISO
 //! (guest-images/build-iso.sh) from a read-only virtio disk, the case picks the menu entry
 //! by typing its hotkey on the serial console, and the stock kernel prints what it sees
-//! (RAM, CPUs, disks) and powers off. A disk without a boot loader ends with SeaBIOS's
+//! (RAM, CPUs, disks) and powers off. SeaBIOS also boots the installed Debian system
+//! (guest-images/build-disk.sh, an L1 disk, through a throwaway overlay) to systemd's login
+//! prompt; the case logs in as root and powers off. A disk without a boot loader ends with SeaBIOS's
 //! "No bootable device." and ferrovm's status 6.
 //!
 //! No OVMF case: QEMU 7.2's TCG, which runs L1 here, aborts (`tcg_handle_interrupt:
@@ -35,6 +37,17 @@ boot() {
         sleep 0.5
     done
     [ -n "$key" ] && { echo "MENU_AFTER_HALF_SECONDS=$i"; printf "$key" >&3; }
+    # A VM that does not end: its exit statistics and console tail, then stop it.
+    i=0
+    while kill -0 $pid 2>/dev/null; do
+        i=$((i + 1))
+        if [ $i -gt ${VM_WAIT:-500} ]; then
+            echo "VM_DID_NOT_END"; kill -USR1 $pid; sleep 2; kill $pid
+            tail -c 4000 out.log | tr -d '\033\r' | sed 's/^/TAIL: /'
+            break
+        fi
+        sleep 0.5
+    done
     set +e
     wait $pid
     echo "FERROVM_STATUS=$?"
@@ -150,6 +163,41 @@ grep -a -E 'FERROVM-|FW-CHECK|ferrovm:' out.log | tr -d '\033\r' | sed 's/^/L2: 
             }
         }),
         case(
+            "fw_seabios_installed_debian_to_login",
+            r#"disk=; for d in $FERROVM_L1_DISKS; do disk=$d; done
+[ -b "$disk" ] || { echo "NO_DEBIAN_DISK (guest-images/build-disk.sh)"; exit 1; }
+rm -f in.fifo; mkfifo in.fifo
+# (L1 has no /var/tmp, where overlay=on puts its throwaway qcow2 by default.)
+TMPDIR=/tmp "$FERROVM" run --disk path=$disk,overlay=on --cpus 2 --memory 1G <in.fifo >out.log 2>&1 &
+pid=$!
+exec 3>in.fifo
+wait_for() { # wait_for TEXT SECONDS
+    i=0
+    while ! grep -a -q "$1" out.log; do
+        i=$((i + 1)); [ $i -gt $(($2 * 2)) ] && { echo "TIMEOUT_WAITING $1"; return 1; }
+        kill -0 $pid 2>/dev/null || { echo "EXITED_WAITING $1"; return 1; }
+        sleep 0.5
+    done
+    echo "SEEN $1"
+}
+if wait_for "ferrovm-debian login:" 280; then
+    printf 'root\r' >&3
+    wait_for "root@ferrovm-debian" 60 && printf 'nproc; systemctl poweroff\r' >&3
+fi
+i=0; while kill -0 $pid 2>/dev/null && [ $i -lt 120 ]; do sleep 0.5; i=$((i + 1)); done
+kill $pid 2>/dev/null || true
+set +e; wait $pid; echo "FERROVM_STATUS=$?"; set -e
+exec 3>&-
+grep -a -E 'Welcome to|Reached target|login:|FERROVM-|Failed|ferrovm:|^[0-9]+.$' out.log | tr -d '\033\r' | sed 's/^/L2: /'"#,
+        )
+        .check(|o| {
+            expect_output(o, "SEEN ferrovm-debian login:")?;
+            expect_output(o, "Welcome to")?;
+            expect_output(o, "Multi-User System")?;
+            expect_output(o, "SEEN root@ferrovm-debian")?;
+            status(o, "FERROVM_STATUS", 0)
+        }),
+        case(
             "fw_seabios_no_bootable_disk",
             r#"truncate -s 64M empty.img
 boot "" --firmware bios --disk path=empty.img"#,
@@ -159,6 +207,11 @@ boot "" --firmware bios --disk path=empty.img"#,
             status(o, "FERROVM_STATUS", 6)
         }),
     ]
+}
+
+/// The installed-system disk image, attached to L1 as a read-only virtio disk.
+pub fn l1_disk(images: &Path) -> Option<std::path::PathBuf> {
+    Some(images.join("debian-disk.img")).filter(|p| p.exists())
 }
 
 /// Host files the cases need in L1: the ISO and Debian's SeaBIOS at its package path.

@@ -111,6 +111,8 @@ pub const PCI_HOLE64_SIZE: u64 = 32 << 30;
 pub const COM1_PORT: u16 = 0x3f8;
 pub const COM1_IRQ: u32 = 4;
 pub const I8042_PORT: u16 = 0x60;
+/// The keyboard's ISA interrupt (firmware boots only).
+pub const I8042_IRQ: u32 = 1;
 pub const CMOS_PORT: u16 = 0x70;
 /// ACPI PM1a event and control blocks and the PM timer (the FADT points here).
 pub const ACPI_PM1A_EVT_PORT: u16 = 0x600;
