@@ -105,8 +105,10 @@ impl ShadowRam for FirmwareMemory {
             return;
         }
         if let Err(e) = self.map_segment(seg, read, write) {
-            // The guest keeps running with the segment as it was; say so once per change.
-            log::error!("PAM segment {:#x}: {e}", pam_segment(seg).0);
+            // The guest keeps running with the segment as it was or unmapped; the guest decides how often
+            // this is tried, so the message is rate-limited.
+            static LOG: crate::ratelimit::RateLimit = crate::ratelimit::RateLimit::new(10);
+            LOG.warn(|| format!("PAM segment {:#x}: {e}", pam_segment(seg).0));
         }
     }
 }
