@@ -9,8 +9,11 @@
 //! Then, on the host directly with a firmware guest: process start to first KVM_RUN and
 //! peak resident memory of `ferrovm run`.
 
+mod common;
 #[path = "../tests/harness/mod.rs"]
 mod harness;
+
+use common::median;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -73,16 +76,6 @@ struct Sample {
     ms: Vec<f64>,
     exits: Vec<f64>,
     overhead_kb: Vec<f64>,
-}
-
-fn median(v: &[f64]) -> f64 {
-    let mut v = v.to_vec();
-    v.sort_by(|a, b| a.total_cmp(b));
-    match v.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => v[n / 2],
-        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
-    }
 }
 
 fn parse(output: &str) -> BTreeMap<String, Sample> {

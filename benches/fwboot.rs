@@ -10,8 +10,11 @@
 //! gets the console on a FIFO; once GRUB's menu is on it the script types `p`, the entry
 //! that prints what the guest sees and powers off, so every VM ends by itself.
 
+mod common;
 #[path = "../tests/harness/mod.rs"]
 mod harness;
+
+use common::median;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -94,16 +97,6 @@ done
 struct Sample {
     ms: Vec<f64>,
     exits: Vec<f64>,
-}
-
-fn median(v: &[f64]) -> f64 {
-    let mut v = v.to_vec();
-    v.sort_by(|a, b| a.total_cmp(b));
-    match v.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => v[n / 2],
-        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
-    }
 }
 
 fn parse(output: &str, into: &mut BTreeMap<String, Sample>) {
