@@ -153,8 +153,10 @@ struct RunArgs {
     /// A password for the cloud image's default user, SSH password login on (a seed is made).
     #[arg(long, value_name = "PW")]
     password: Option<String>,
-    /// A virtio-net NIC on a TAP device: tap=NAME[,mac=MAC]. Repeatable.
-    #[arg(long, value_name = "tap=NAME[,mac=MAC]")]
+    /// A virtio-net NIC: on a TAP device (tap=NAME), or user-mode networking through passt
+    /// (user: DHCP, DNS, NAT, no root; hostfwd=tcp:[ADDR]:PORT-:GUESTPORT forwards a host
+    /// port, repeatable). Both take mac=MAC. Repeatable.
+    #[arg(long, value_name = "tap=NAME|user[,hostfwd=...][,mac=MAC]")]
     net: Vec<String>,
     /// CPU model and features in QEMU's spelling: host|max[,+FEATURE][,-FEATURE][,FEATURE=on|off].
     /// Both models are everything this host's KVM supports; adding a feature it cannot back is

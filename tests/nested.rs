@@ -458,10 +458,12 @@ tail -c +$((base + 1)) initrd.img | "$BUSYBOX" cpio -t
             "/usr/sbin/debugfs",
             "/usr/sbin/ip",
             "/usr/bin/qemu-img",
+            "/usr/bin/passt",
+            "/usr/bin/passt.avx2",
         ]
         .iter()
         .map(PathBuf::from),
     );
-    cfg.l1_modules.push("tun".into());
+    cfg.l1_modules.extend(["tun".into(), "dummy".into()]);
     harness::run_with(cases, cfg)
 }

@@ -152,6 +152,59 @@ finish_guest
             Ok(())
         }),
         case(
+            "net_user_dhcp_wget_hostfwd",
+            r#"
+# --net user: no TAP. The namespace only needs an interface with a default route for passt
+# to take its addresses from (a dummy one); the HTTP server is on the namespace's loopback,
+# which passt maps to the gateway address it gives the guest.
+inns $IP link add ext0 type dummy
+inns $IP addr add 10.77.0.15/24 dev ext0
+inns $IP link set ext0 up
+inns $IP route add default via 10.77.0.1
+mkdir -p www
+dd if=/dev/urandom of=www/h2g bs=1M count=16 2>/dev/null
+md5sum www/h2g | sed 's/ .*/ HOST_H2G_MD5/'
+inns busybox httpd -p 127.0.0.1:8080 -h "$PWD/www"
+cat > g.sh <<'GUEST_EOF'
+cat > /tmp/dhcp.sh <<'DHCP_EOF'
+#!/bin/sh
+[ "$1" = bound ] || exit 0
+ip addr add "$ip/$mask" dev "$interface"
+ip route add default via "${router%% *}"
+echo "${router%% *}" > /tmp/gw
+echo "GUEST_DHCP_IP=$ip/$mask GUEST_DHCP_ROUTER=$router"
+DHCP_EOF
+chmod +x /tmp/dhcp.sh
+ip link set eth0 up
+udhcpc -i eth0 -f -q -n -t 10 -T 3 -s /tmp/dhcp.sh 2>/dev/null || echo GUEST_DHCP_FAILED
+gw=$(cat /tmp/gw)
+wget -q -O /tmp/h2g "http://$gw:8080/h2g" && md5sum /tmp/h2g | sed 's/ .*/ GUEST_H2G_MD5/'
+nc -l -p 7000 > /tmp/got &
+# Ready once the listener is in /proc/net/tcp (port 7000 = 0x1B58, state 0A = LISTEN).
+n=0; until grep -q ':1B58 00000000:0000 0A' /proc/net/tcp || [ $n -gt 100 ]; do sleep 0.1; n=$((n+1)); done
+echo GUEST_READY
+wait
+sed 's/^/GUEST_GOT=/' /tmp/got
+GUEST_EOF
+start_guest g.sh --net user,hostfwd=tcp:127.0.0.1:2222-:7000
+wait_console GUEST_READY
+echo hello-through-hostfwd | inns busybox timeout 20 busybox nc 127.0.0.1 2222 || echo "HOSTFWD_NC_STATUS=$?"
+finish_guest
+# passt is gone with ferrovm.
+pgrep -x passt >/dev/null && echo PASST_LEFT_RUNNING || echo PASST_GONE
+"#,
+        )
+        .check(|o| {
+            status0(o)?;
+            expect_output(o, "GUEST_DHCP_IP=10.77.0.15/24 GUEST_DHCP_ROUTER=10.77.0.1")?;
+            let md5 = |tag: &str| super::tagged_md5(o, tag);
+            if md5("HOST_H2G_MD5")? != md5("GUEST_H2G_MD5")? {
+                return Err("HTTP download through passt corrupted".into());
+            }
+            expect_output(o, "GUEST_GOT=hello-through-hostfwd")?;
+            expect_output(o, "PASST_GONE")
+        }),
+        case(
             "net_bad_mac_is_a_clear_error",
             r#"
 set +e

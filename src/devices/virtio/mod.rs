@@ -10,6 +10,7 @@
 pub mod block;
 
 pub mod net;
+pub mod passt;
 pub mod pci;
 pub mod rng;
 pub mod tap;

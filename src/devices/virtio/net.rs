@@ -18,7 +18,12 @@ use virtio_bindings::virtio_net as vnet;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 
-use super::tap::{self, Tap, TapError, VNET_HDR_LEN};
+mod config;
+pub use config::*;
+
+use super::passt::Passt;
+pub use super::tap::VNET_HDR_LEN;
+use super::tap::{self, Tap, TapError};
 use super::{
     ActivateError, DeviceError, DrainGuard, VirtioDevice, VirtioHandler, WorkerCtx, TYPE_NET,
     VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_RING_INDIRECT_DESC, VIRTIO_F_VERSION_1,
@@ -62,128 +67,6 @@ const NUM_BUFFERS_OFFSET: usize = 10;
 const CONFIG_LEN: usize = 10;
 
 // ---------------------------------------------------------------------------------------------
-// Configuration
-// ---------------------------------------------------------------------------------------------
-
-/// `--net tap=NAME[,mac=MAC]`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NetConfig {
-    pub tap: String,
-    pub mac: Option<[u8; 6]>,
-}
-
-/// A malformed `--net` option.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum NetConfigError {
-    #[error("--net {input:?}: missing tap=NAME")]
-    MissingTap { input: String },
-    #[error("--net {input:?}: unknown key {key:?} (expected tap=NAME[,mac=MAC])")]
-    UnknownKey { input: String, key: String },
-    #[error("--net {input:?}: {key} given twice")]
-    Duplicate { input: String, key: &'static str },
-    #[error("--net {input:?}: invalid TAP name {name:?}: {reason}")]
-    BadTapName {
-        input: String,
-        name: String,
-        reason: String,
-    },
-    #[error("invalid MAC address {mac:?}: expected six hex bytes like 52:54:00:12:34:56")]
-    BadMac { mac: String },
-    #[error(
-        "MAC address {mac:?} is a multicast address; a NIC needs a unicast one (first byte even)"
-    )]
-    MulticastMac { mac: String },
-}
-
-/// Parses `aa:bb:cc:dd:ee:ff` (or with `-`), rejecting multicast addresses.
-pub fn parse_mac(s: &str) -> Result<[u8; 6], NetConfigError> {
-    let bad = || NetConfigError::BadMac { mac: s.to_string() };
-    let mut mac = [0u8; 6];
-    let mut parts = s.split([':', '-']);
-    for byte in mac.iter_mut() {
-        let p = parts.next().ok_or_else(bad)?;
-        if p.len() != 2 || !p.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Err(bad());
-        }
-        *byte = u8::from_str_radix(p, 16).map_err(|_| bad())?;
-    }
-    if parts.next().is_some() {
-        return Err(bad());
-    }
-    if mac[0] & 1 != 0 {
-        return Err(NetConfigError::MulticastMac { mac: s.to_string() });
-    }
-    Ok(mac)
-}
-
-/// Parses `tap=NAME[,mac=MAC]`.
-pub fn parse_net_option(s: &str) -> Result<NetConfig, NetConfigError> {
-    let mut tap_name = None;
-    let mut mac = None;
-    for item in s.split(',') {
-        let (key, value) = item.split_once('=').unwrap_or((item, ""));
-        match key {
-            "tap" => {
-                if tap_name.is_some() {
-                    return Err(NetConfigError::Duplicate {
-                        input: s.to_string(),
-                        key: "tap",
-                    });
-                }
-                tap::validate_ifname(value).map_err(|e| NetConfigError::BadTapName {
-                    input: s.to_string(),
-                    name: value.to_string(),
-                    reason: match e {
-                        TapError::InvalidName { reason, .. } => reason.to_string(),
-                        other => other.to_string(),
-                    },
-                })?;
-                tap_name = Some(value.to_string());
-            }
-            "mac" => {
-                if mac.is_some() {
-                    return Err(NetConfigError::Duplicate {
-                        input: s.to_string(),
-                        key: "mac",
-                    });
-                }
-                mac = Some(parse_mac(value)?);
-            }
-            _ => {
-                return Err(NetConfigError::UnknownKey {
-                    input: s.to_string(),
-                    key: key.to_string(),
-                })
-            }
-        }
-    }
-    let tap = tap_name.ok_or_else(|| NetConfigError::MissingTap {
-        input: s.to_string(),
-    })?;
-    Ok(NetConfig { tap, mac })
-}
-
-/// A stable, locally administered unicast MAC derived from the TAP name: 52:54:00 followed by
-/// three bytes of an FNV-1a hash of the name.
-pub fn mac_from_name(name: &str) -> [u8; 6] {
-    let mut h: u32 = 0x811c_9dc5;
-    for b in name.bytes() {
-        h ^= u32::from(b);
-        h = h.wrapping_mul(0x0100_0193);
-    }
-    let [a, b, c, _] = h.to_be_bytes();
-    [0x52, 0x54, 0x00, a, b, c]
-}
-
-/// Formats a MAC as `aa:bb:cc:dd:ee:ff`.
-pub fn format_mac(mac: &[u8; 6]) -> String {
-    mac.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
-}
-
-// ---------------------------------------------------------------------------------------------
 // Backend
 // ---------------------------------------------------------------------------------------------
 
@@ -201,6 +84,11 @@ pub trait NetBackend: AsRawFd + Send {
     fn set_offload(&mut self, _tun_flags: u32) -> io::Result<()> {
         Ok(())
     }
+    /// Whether frames may carry checksum and segmentation offloads in their virtio-net header
+    /// (the TAP does them); a backend without them gets complete, checksummed frames only.
+    fn accepts_tx_offloads(&self) -> bool {
+        false
+    }
 }
 
 impl NetBackend for Tap {
@@ -215,6 +103,9 @@ impl NetBackend for Tap {
     }
     fn set_offload(&mut self, tun_flags: u32) -> io::Result<()> {
         Tap::set_offload(self, tun_flags)
+    }
+    fn accepts_tx_offloads(&self) -> bool {
+        true
     }
 }
 
@@ -782,6 +673,8 @@ pub enum NetError {
     Tap(#[from] TapError),
     #[error(transparent)]
     Config(#[from] NetConfigError),
+    #[error(transparent)]
+    Passt(#[from] super::passt::PasstError),
 }
 
 /// A virtio-net device.
@@ -798,17 +691,24 @@ pub struct Net {
 const QUEUE_SIZES: [u16; 2] = [QUEUE_SIZE, QUEUE_SIZE];
 
 impl Net {
-    /// Opens (or creates) the TAP `cfg.tap` and builds the device.
+    /// Opens (or creates) the TAP, or starts passt, and builds the device.
     pub fn new(cfg: &NetConfig) -> Result<Net, NetError> {
-        let mac = cfg.mac.unwrap_or_else(|| mac_from_name(&cfg.tap));
+        let (name, default_mac) = match &cfg.attach {
+            NetAttach::Tap(name) => (name.as_str(), mac_from_name(name)),
+            NetAttach::User { .. } => ("user", USER_NET_DEFAULT_MAC),
+        };
+        let mac = cfg.mac.unwrap_or(default_mac);
         if mac[0] & 1 != 0 {
             return Err(NetConfigError::MulticastMac {
                 mac: format_mac(&mac),
             }
             .into());
         }
-        let tap = Tap::open(&cfg.tap)?;
-        Ok(Self::with_backend(&cfg.tap, mac, Box::new(tap)))
+        let backend: Box<dyn NetBackend> = match &cfg.attach {
+            NetAttach::Tap(name) => Box::new(Tap::open(name)?),
+            NetAttach::User { hostfwd } => Box::new(Passt::spawn(hostfwd)?),
+        };
+        Ok(Self::with_backend(name, mac, backend))
     }
 
     /// Builds the device on any backend (tests, other host back ends).
@@ -819,11 +719,13 @@ impl Net {
             | VIRTIO_F_RING_INDIRECT_DESC
             | VIRTIO_NET_F_MAC
             | VIRTIO_NET_F_STATUS
-            | VIRTIO_NET_F_MRG_RXBUF
-            | VIRTIO_NET_F_CSUM
-            | VIRTIO_NET_F_HOST_TSO4
-            | VIRTIO_NET_F_HOST_TSO6
-            | VIRTIO_NET_F_HOST_ECN;
+            | VIRTIO_NET_F_MRG_RXBUF;
+        if backend.accepts_tx_offloads() {
+            features |= VIRTIO_NET_F_CSUM
+                | VIRTIO_NET_F_HOST_TSO4
+                | VIRTIO_NET_F_HOST_TSO6
+                | VIRTIO_NET_F_HOST_ECN;
+        }
         if off & tap::TUN_F_CSUM != 0 {
             features |= VIRTIO_NET_F_GUEST_CSUM;
             if off & tap::TUN_F_TSO4 != 0 {

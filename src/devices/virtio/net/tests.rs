@@ -91,6 +91,9 @@ impl NetBackend for Fake {
         self.tx.lock().unwrap().push(f);
         Ok(n)
     }
+    fn accepts_tx_offloads(&self) -> bool {
+        true
+    }
 }
 
 /// Writes a chain of (addr, len, device-writable) descriptors at table index `start` and
@@ -162,18 +165,94 @@ const BASE: u64 = VIRTIO_F_VERSION_1 | VIRTIO_F_RING_EVENT_IDX;
 // ---- configuration ------------------------------------------------------------------
 
 #[test]
+fn parses_user_net_options() {
+    let c = parse_net_option("user").unwrap();
+    assert_eq!(c.attach, NetAttach::User { hostfwd: vec![] });
+    let c = parse_net_option(
+        "user,hostfwd=tcp:127.0.0.1:2222-:22,hostfwd=udp::53-:5353,mac=02:00:00:00:00:07",
+    )
+    .unwrap();
+    let NetAttach::User { hostfwd } = c.attach else {
+        panic!("not user")
+    };
+    assert_eq!(
+        hostfwd,
+        vec![
+            HostFwd {
+                proto: FwdProto::Tcp,
+                addr: Some("127.0.0.1".parse().unwrap()),
+                host_port: 2222,
+                guest_port: 22
+            },
+            HostFwd {
+                proto: FwdProto::Udp,
+                addr: None,
+                host_port: 53,
+                guest_port: 5353
+            }
+        ]
+    );
+    assert_eq!(c.mac, Some([2, 0, 0, 0, 0, 7]));
+    assert_eq!(
+        parse_hostfwd("::8080-:80").unwrap().proto,
+        FwdProto::Tcp,
+        "an empty protocol is tcp, as in QEMU"
+    );
+    for (bad, words) in [
+        ("user,tap=t", "exclude"),
+        ("user,user", "twice"),
+        ("tap=t,hostfwd=tcp::1-:2", "needs user"),
+        ("user=1", "unknown key"),
+        ("user,hostfwd=sctp::1-:2", "sctp"),
+        ("user,hostfwd=tcp::1:2", "no '-'"),
+        ("user,hostfwd=tcp::0-:2", "host port 0"),
+        ("user,hostfwd=tcp::70000-:2", "70000"),
+        ("user,hostfwd=tcp::1-10.0.2.15:2", "guest address"),
+        ("user,hostfwd=tcp:localhost:1-:2", "not an IP address"),
+        ("user,hostfwd=tcp:[::1:1-:2", "unclosed"),
+        ("user,hostfwd=tcp::1-:", "guest port"),
+        ("mac=02:00:00:00:00:01", "tap=NAME or user"),
+    ] {
+        let e = parse_net_option(bad).expect_err(bad).to_string();
+        assert!(e.contains(words), "{bad:?}: {e}");
+        assert!(!e.contains('\n'), "{e}");
+    }
+}
+
+#[test]
+fn user_net_offers_no_offloads_it_cannot_do() {
+    // The passt stream carries plain frames: the device must not let the guest hand it
+    // partial checksums or GSO frames.
+    let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+    let stream = crate::devices::virtio::passt::FrameStream::new(a).unwrap();
+    let net = Net::with_backend("user", USER_NET_DEFAULT_MAC, Box::new(stream));
+    let f = net.features();
+    for bit in [
+        VIRTIO_NET_F_CSUM,
+        VIRTIO_NET_F_HOST_TSO4,
+        VIRTIO_NET_F_HOST_TSO6,
+        VIRTIO_NET_F_HOST_ECN,
+        VIRTIO_NET_F_GUEST_CSUM,
+        VIRTIO_NET_F_GUEST_TSO4,
+    ] {
+        assert_eq!(f & bit, 0, "feature {bit:#x} offered");
+    }
+    assert_ne!(f & VIRTIO_NET_F_MRG_RXBUF, 0);
+}
+
+#[test]
 fn parses_net_options() {
     assert_eq!(
         parse_net_option("tap=tap0").unwrap(),
         NetConfig {
-            tap: "tap0".into(),
+            attach: NetAttach::Tap("tap0".into()),
             mac: None
         }
     );
     assert_eq!(
         parse_net_option("tap=tap0,mac=52:54:00:AB:cd:0f").unwrap(),
         NetConfig {
-            tap: "tap0".into(),
+            attach: NetAttach::Tap("tap0".into()),
             mac: Some([0x52, 0x54, 0, 0xab, 0xcd, 0x0f])
         }
     );
@@ -200,7 +279,7 @@ fn parses_net_options() {
     assert!(matches!(e, NetConfigError::MulticastMac { .. }), "{e}");
     assert!(e.to_string().contains("01:00:5e:00:00:01"));
     let e = Net::new(&NetConfig {
-        tap: "t".into(),
+        attach: NetAttach::Tap("t".into()),
         mac: Some([1, 0, 0, 0, 0, 1]),
     })
     .err()
@@ -210,7 +289,7 @@ fn parses_net_options() {
         "{e}"
     );
     let e = Net::new(&NetConfig {
-        tap: "0123456789abcdefg".into(),
+        attach: NetAttach::Tap("0123456789abcdefg".into()),
         mac: None,
     })
     .err()
