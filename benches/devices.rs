@@ -18,8 +18,11 @@
 //! 11): fio only, the data disk as raw through ferrovm, and as a fully allocated qcow2 through
 //! ferrovm and through QEMU.
 
+mod common;
 #[path = "../tests/harness/mod.rs"]
 mod harness;
+
+use common::{fmt, list, mean, parse, per_round, Results};
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -199,79 +202,6 @@ run_qemu_qcow2() {{ run_qemu $1 qemu_qcow2 data.qcow2 qcow2; }}
         fio_only = u8::from(qcow2_mode()),
         data_mb = if qcow2_mode() { 256 } else { 512 }
     )
-}
-
-/// (vmm, test) -> round -> key -> value
-type Results = BTreeMap<(String, String), BTreeMap<u32, BTreeMap<String, f64>>>;
-
-fn parse(output: &str) -> Results {
-    let mut r: Results = BTreeMap::new();
-    for line in output.lines() {
-        let Some(rest) = line.trim().strip_prefix("BENCH ") else {
-            continue;
-        };
-        let mut it = rest.split_whitespace();
-        let (Some(vmm), Some(test)) = (it.next(), it.next()) else {
-            continue;
-        };
-        let kv: BTreeMap<String, String> = it
-            .filter_map(|s| s.split_once('='))
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        let Some(round) = kv.get("round").and_then(|v| v.parse::<u32>().ok()) else {
-            continue;
-        };
-        let e = r
-            .entry((vmm.to_string(), test.to_string()))
-            .or_default()
-            .entry(round)
-            .or_default();
-        for (k, v) in kv {
-            if let Ok(v) = v.parse::<f64>() {
-                e.insert(k, v);
-            }
-        }
-    }
-    r
-}
-
-/// Values of `key` for each round (rounds in order), derived by `f` from the round's map.
-fn per_round(
-    r: &Results,
-    vmm: &str,
-    test: &str,
-    f: &dyn Fn(&BTreeMap<String, f64>) -> Option<f64>,
-) -> Vec<f64> {
-    r.get(&(vmm.to_string(), test.to_string()))
-        .map(|m| m.values().filter_map(f).collect())
-        .unwrap_or_default()
-}
-
-fn mean(v: &[f64]) -> f64 {
-    if v.is_empty() {
-        f64::NAN
-    } else {
-        v.iter().sum::<f64>() / v.len() as f64
-    }
-}
-
-fn fmt(v: f64) -> String {
-    if v.is_nan() {
-        "-".into()
-    } else if v >= 100.0 {
-        format!("{v:.0}")
-    } else if v >= 10.0 {
-        format!("{v:.1}")
-    } else {
-        format!("{v:.3}")
-    }
-}
-
-fn list(v: &[f64]) -> String {
-    if v.is_empty() {
-        return "-".into();
-    }
-    v.iter().map(|x| fmt(*x)).collect::<Vec<_>>().join(" / ")
 }
 
 struct Metric {

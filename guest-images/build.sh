@@ -16,10 +16,13 @@ DEFAULT_KERNEL_PKG=linux-image-cloud-amd64
 APT_OPTS=(-q -o APT::Sandbox::User=root)
 # Virtio modules wanted in the L2 initramfs; their dependencies are added from
 # the module metadata and the load order is computed (never hand-kept).
-# vfat and its code pages read the cloud-init seed (--cloud-init, --ssh-key).
+# vfat and its code pages read the cloud-init seed (--cloud-init, --ssh-key); virtiofs (fuse)
+# mounts --fs shares, overlay lays a tmpfs over a read-only one, the vsock transport is --vsock.
 VIRTIO_MODULES=(virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci
                 virtio_mmio virtio_blk failover net_failover virtio_net
-                fat vfat nls_cp437 nls_utf8 nls_ascii)
+                fat vfat nls_cp437 nls_utf8 nls_ascii
+                fuse virtiofs overlay vsock vmw_vsock_virtio_transport_common
+                vmw_vsock_virtio_transport)
 # Userland for the rootfs; their shared-library packages are resolved from apt.
 USERLAND_ROOTS=(fio iperf3 libiperf0 libc6)
 USERLAND_BINS=(usr/bin/fio usr/bin/iperf3)

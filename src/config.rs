@@ -24,6 +24,8 @@ pub enum ConfigError {
     Disk(String, String),
     #[error("invalid --net '{0}': {1}")]
     Net(String, String),
+    #[error("{0}")]
+    Fs(String),
     #[error("invalid --serial '{0}': expected stdio, off or file=PATH")]
     Serial(String),
     #[error("invalid --exit-stats '{0}': expected --exit-stats or --exit-stats=json:PATH")]
@@ -75,6 +77,8 @@ pub struct VmConfig {
     pub disks: Vec<crate::devices::virtio::block::DiskConfig>,
     /// `--net`: virtio-net NICs on TAP devices, in PCI slot order after the disks.
     pub nets: Vec<crate::devices::virtio::net::NetConfig>,
+    /// `--fs`: virtio-fs shares (vhost-user, virtiofsd), in PCI slot order after the NICs.
+    pub fs: Vec<crate::devices::virtio::fs::FsConfig>,
     /// `--test-devices`: QEMU's pc-testdev (kvm-unit-tests); never in an ordinary VM.
     pub test_devices: bool,
     /// `--cpu`: CPUID feature changes over what KVM supports.
@@ -105,6 +109,7 @@ impl VmConfig {
             rng: false,
             disks: Vec::new(),
             nets: Vec::new(),
+            fs: Vec::new(),
             cpu: Default::default(),
             test_devices: false,
             cloud_init_seed: None,

@@ -21,6 +21,7 @@ pub mod exit_stats;
 pub mod firmware;
 pub mod fwboot;
 pub mod kvm;
+pub mod memory;
 pub mod ratelimit;
 pub mod resources;
 pub mod sleep;

@@ -158,6 +158,11 @@ struct RunArgs {
     /// port, repeatable). Both take mac=MAC. Repeatable.
     #[arg(long, value_name = "tap=NAME|user[,hostfwd=...][,mac=MAC]")]
     net: Vec<String>,
+    /// A host folder in the guest over virtio-fs: tag=NAME,path=DIR[,readonly=on] (ferrovm
+    /// runs virtiofsd) or tag=NAME,socket=PATH (a running vhost-user-fs daemon). The guest
+    /// mounts it with `mount -t virtiofs NAME /mnt`. Repeatable.
+    #[arg(long, value_name = "tag=NAME,path=DIR[,readonly=on]")]
+    fs: Vec<String>,
     /// CPU model and features in QEMU's spelling: host|max[,+FEATURE][,-FEATURE][,FEATURE=on|off].
     /// Both models are everything this host's KVM supports; adding a feature it cannot back is
     /// an error.
@@ -206,6 +211,13 @@ fn build_config(a: RunArgs) -> Result<VmConfig, config::ConfigError> {
                 .map_err(|e| config::ConfigError::Net(s.clone(), e.to_string()))
         })
         .collect::<Result<_, _>>()?;
+    let fs: Vec<_> =
+        a.fs.iter()
+            .map(|s| ferrovm::devices::virtio::fs::parse_fs_option(s))
+            .collect::<Result<_, _>>()
+            .map_err(|e| config::ConfigError::Fs(e.to_string()))?;
+    ferrovm::devices::virtio::fs::check_fs_list(&fs)
+        .map_err(|e| config::ConfigError::Fs(e.to_string()))?;
     let cloud_init_seed = cloud_init_seed(&a)?;
     let firmware = match (&a.kernel, &a.firmware, disks.is_empty()) {
         // (--kernel with --firmware, and neither without a disk, are usage errors: clap.)
@@ -237,6 +249,7 @@ fn build_config(a: RunArgs) -> Result<VmConfig, config::ConfigError> {
         test_devices: a.test_devices,
         disks,
         nets,
+        fs,
         cpu: ferrovm::arch::x86_64::cpu_features::CpuFeatures::parse(&a.cpu)?,
         ..VmConfig::with_kernel(a.kernel.unwrap_or_default())
     })

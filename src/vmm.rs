@@ -55,8 +55,8 @@ pub enum VmmError {
     Vcpu(#[from] crate::kvm::vcpu::VcpuError),
     #[error(transparent)]
     Boot(#[from] boot::BootError),
-    #[error("cannot allocate {0} bytes of guest memory")]
-    Memory(u64, #[source] vm_memory::mmap::FromRangesError),
+    #[error(transparent)]
+    Memory(#[from] crate::memory::MemoryError),
     #[error("cannot write the boot page tables and GDT")]
     BootTables(#[source] vm_memory::GuestMemoryError),
     #[error("cannot write the ACPI tables")]
@@ -82,6 +82,8 @@ pub enum VmmError {
     #[error(transparent)]
     Net(#[from] devices::virtio::net::NetError),
     #[error(transparent)]
+    Fs(#[from] devices::virtio::fs::FsError),
+    #[error(transparent)]
     Firmware(#[from] crate::fwboot::FirmwareError),
     #[error("cannot create the firmware log {0}")]
     FirmwareLog(std::path::PathBuf, #[source] std::io::Error),
@@ -101,13 +103,13 @@ pub fn run(cfg: VmConfig) -> Result<VmOutcome, VmmError> {
     };
     let vm = Vm::new(cfg.cpus, tss)?;
 
-    // 2. Guest RAM, mapped lazily (MAP_NORESERVE), split around the 32-bit MMIO hole.
+    // 2. Guest RAM, mapped lazily (MAP_NORESERVE), split around the 32-bit MMIO hole; shared
+    //    (memfd) when a vhost-user backend must map it too.
     let ranges: Vec<(GuestAddress, usize)> = layout::ram_regions(cfg.mem_size)
         .into_iter()
         .map(|(start, len)| (GuestAddress(start), len as usize))
         .collect();
-    let mem = GuestMemoryMmap::<()>::from_ranges(&ranges)
-        .map_err(|e| VmmError::Memory(cfg.mem_size, e))?;
+    let mem = crate::memory::guest_ram(&ranges, cfg.mem_size, !cfg.fs.is_empty())?;
     let (below_4g, above_4g) = layout::ram_split(cfg.mem_size);
     // Firmware: RAM around the legacy holes, the ROM below 4 GiB, PAM shadow segments.
     let fw_memory = match &firmware {
@@ -240,6 +242,10 @@ pub fn run(cfg: VmConfig) -> Result<VmOutcome, VmmError> {
     for nic in &cfg.nets {
         let net = devices::virtio::net::Net::new(nic)?;
         add_virtio_pci(&mut pci, &mut buses.claims, &vm, &mem, Box::new(net))?;
+    }
+    for share in &cfg.fs {
+        let fs = devices::virtio::fs::Fs::new(share)?;
+        add_virtio_pci(&mut pci, &mut buses.claims, &vm, &mem, Box::new(fs))?;
     }
     if cfg.rng {
         add_virtio_pci(

@@ -438,6 +438,7 @@ tail -c +$((base + 1)) initrd.img | "$BUSYBOX" cpio -t
         device_cases.extend(cases::blk::cases());
         device_cases.extend(cases::img::cases());
         device_cases.extend(cases::net::cases());
+        device_cases.extend(cases::fs::cases());
         device_cases.extend(cases::fw::cases());
         if round > 1 {
             for c in &mut device_cases {
@@ -460,6 +461,7 @@ tail -c +$((base + 1)) initrd.img | "$BUSYBOX" cpio -t
             "/usr/bin/qemu-img",
             "/usr/bin/passt",
             "/usr/bin/passt.avx2",
+            "/usr/local/bin/virtiofsd",
         ]
         .iter()
         .map(PathBuf::from),

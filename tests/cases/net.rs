@@ -191,7 +191,9 @@ wait_console GUEST_READY
 echo hello-through-hostfwd | inns busybox timeout 20 busybox nc 127.0.0.1 2222 || echo "HOSTFWD_NC_STATUS=$?"
 finish_guest
 # passt is gone with ferrovm.
-pgrep -x passt >/dev/null && echo PASST_LEFT_RUNNING || echo PASST_GONE
+pids_matching "passt --foreground" >/dev/null && echo PASST_LEFT_RUNNING || echo PASST_GONE
+# (the check itself must be able to fail: a running passt is found)
+sleep 37 & sp=$!; pids_matching "sleep 37" >/dev/null && echo PIDS_MATCHING_WORKS; kill $sp
 "#,
         )
         .check(|o| {
@@ -202,6 +204,7 @@ pgrep -x passt >/dev/null && echo PASST_LEFT_RUNNING || echo PASST_GONE
                 return Err("HTTP download through passt corrupted".into());
             }
             expect_output(o, "GUEST_GOT=hello-through-hostfwd")?;
+            expect_output(o, "PIDS_MATCHING_WORKS")?;
             expect_output(o, "PASST_GONE")
         }),
         case(

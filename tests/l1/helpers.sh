@@ -49,3 +49,17 @@ skip_case() {
 	echo "SKIPPED: $*"
 	exit 77
 }
+
+# pids_matching STRING
+#   Prints the PIDs (one per line) of processes whose command line contains STRING (busybox
+#   has no pgrep). Fails when there is none.
+pids_matching() {
+	_pm_found=1
+	for _pm_d in /proc/[0-9]*; do
+		_pm_cmd=$(tr '\0' ' ' 2>/dev/null < "$_pm_d/cmdline") 2>/dev/null || continue
+		case "$_pm_cmd" in
+		*"$1"*) [ "${_pm_d#/proc/}" = "$$" ] || { echo "${_pm_d#/proc/}"; _pm_found=0; } ;;
+		esac
+	done
+	return $_pm_found
+}

@@ -8,12 +8,15 @@
 //! own worker thread, off the vCPU threads. On reset the transport takes everything back.
 
 pub mod block;
+pub mod daemon;
+pub mod fs;
 
 pub mod net;
 pub mod passt;
 pub mod pci;
 pub mod rng;
 pub mod tap;
+pub mod vhost_user;
 pub mod worker;
 
 pub use worker::{DeviceError, Runner, VirtioHandler, WorkerCtx};

@@ -18,16 +18,15 @@ use std::fs::{self, File};
 use std::io::{self, IoSlice, Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
-use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
+
+use super::daemon::{find_program, log_message, Daemon, PrivateDir, CHILD_FD};
 
 use super::net::{FwdProto, HostFwd, NetBackend, MAX_FRAME_LEN};
 use super::tap::VNET_HDR_LEN;
 
-/// The fd number passt is given its end of the socket pair on.
-const PASST_FD: RawFd = 3;
 /// How long passt may take to start (it is quick, but L1 of the nested harness is emulated).
 const START_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a transmit may wait for passt to make room before frames start being dropped.
@@ -86,7 +85,7 @@ enum RxState {
 /// A running passt and ferrovm's end of its socket.
 pub struct Passt {
     stream: FrameStream,
-    child: Child,
+    daemon: Daemon,
 }
 
 /// Ethernet frames over a stream socket in QEMU's length-prefixed framing.
@@ -99,89 +98,39 @@ pub struct FrameStream {
     tx_rest: Vec<u8>,
 }
 
-/// A private directory for passt's PID file and log, removed when dropped.
-struct StartDir(PathBuf);
-
-impl StartDir {
-    fn create() -> Result<StartDir, PasstError> {
-        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let dir = std::env::temp_dir().join(format!("ferrovm-passt-{}-{n}", std::process::id()));
-        fs::create_dir(&dir).map_err(io_err(format!("cannot create {}", dir.display())))?;
-        Ok(StartDir(dir))
-    }
-}
-
-impl Drop for StartDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
-
-/// passt's meaningful stderr lines (it also reports that it cannot reach syslog).
-fn passt_message(log: &Path) -> String {
-    let text = fs::read(log).unwrap_or_default();
-    let text = String::from_utf8_lossy(&text[..text.len().min(4096)]).into_owned();
-    let lines: Vec<&str> = text
-        .lines()
-        .map(str::trim)
-        .filter(|l| {
-            !l.is_empty() && !l.starts_with("Failed to send") && !l.starts_with("Don't run as root")
-        })
-        .collect();
-    if lines.is_empty() {
-        "no message".into()
-    } else {
-        lines.join("; ")
-    }
-}
+/// What passt says on stderr that is not an error: it cannot reach syslog, it drops root.
+const PASST_NOISE: &[&str] = &["Failed to send", "Don't run as root"];
 
 impl Passt {
     /// Starts passt with the given port forwards and waits until it is ready.
     pub fn spawn(hostfwd: &[HostFwd]) -> Result<Passt, PasstError> {
-        let prog = find_in_path("passt").ok_or(PasstError::NotInstalled)?;
-        let dir = StartDir::create()?;
-        let pid_file = dir.0.join("pid");
-        let log_file = dir.0.join("log");
+        let prog = find_program("passt", &[]).ok_or(PasstError::NotInstalled)?;
+        let dir =
+            PrivateDir::create("passt").map_err(io_err("cannot create a temporary directory"))?;
+        let pid_file = dir.path().join("pid");
+        let log_file = dir.path().join("log");
         let (ours, theirs) = UnixStream::pair().map_err(io_err("socketpair"))?;
         let log = File::create(&log_file).map_err(io_err(format!("{}", log_file.display())))?;
         let mut cmd = Command::new(&prog);
         cmd.args(["--foreground", "--quiet", "--one-off"])
-            .args(["--fd", &PASST_FD.to_string()])
+            .args(["--fd", &CHILD_FD.to_string()])
             .arg("--pid")
             .arg(&pid_file);
         // SAFETY: geteuid has no preconditions and cannot fail.
         if unsafe { libc::geteuid() } == 0 {
-            std::os::unix::fs::chown(&dir.0, Some(NOBODY), Some(NOBODY))
-                .map_err(io_err(format!("chown {}", dir.0.display())))?;
+            std::os::unix::fs::chown(dir.path(), Some(NOBODY), Some(NOBODY))
+                .map_err(io_err(format!("chown {}", dir.path().display())))?;
             cmd.args(["--runas", &format!("{NOBODY}:{NOBODY}")]);
         }
         for f in hostfwd {
             cmd.args(passt_forward_args(f));
         }
-        cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(log);
-        let fd = theirs.as_raw_fd();
-        // SAFETY: the closure runs in the child between fork and exec and calls only dup2 and
-        // fcntl, which are async-signal-safe; `fd` stays open in the parent until spawn returns.
-        unsafe {
-            cmd.pre_exec(move || {
-                if fd == PASST_FD {
-                    if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
-                        return Err(io::Error::last_os_error());
-                    }
-                } else if libc::dup2(fd, PASST_FD) < 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        let child = cmd
-            .spawn()
+        let daemon = Daemon::spawn(cmd, theirs.as_raw_fd(), log)
             .map_err(io_err(format!("cannot run {}", prog.display())))?;
         drop(theirs);
         let mut passt = Passt {
             stream: FrameStream::new(ours).map_err(io_err("non-blocking socket"))?,
-            child,
+            daemon,
         };
         passt.wait_ready(&pid_file, &log_file)?;
         Ok(passt)
@@ -190,10 +139,10 @@ impl Passt {
     fn wait_ready(&mut self, pid_file: &Path, log_file: &Path) -> Result<(), PasstError> {
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
-            if let Some(status) = self.child.try_wait().map_err(io_err("waitpid passt"))? {
+            if let Some(status) = self.daemon.exited().map_err(io_err("waitpid passt"))? {
                 return Err(PasstError::Failed {
                     status: status.to_string(),
-                    message: passt_message(log_file),
+                    message: log_message(log_file, PASST_NOISE),
                 });
             }
             if fs::metadata(pid_file).is_ok_and(|m| m.len() > 0) {
@@ -356,22 +305,6 @@ impl NetBackend for FrameStream {
         }
         Ok(data.len())
     }
-}
-
-impl Drop for Passt {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// The first executable `name` in `$PATH`.
-fn find_in_path(name: &str) -> Option<PathBuf> {
-    use std::os::unix::fs::PermissionsExt;
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|d| d.join(name))
-        .find(|p| fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0))
 }
 
 #[cfg(test)]

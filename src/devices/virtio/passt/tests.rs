@@ -157,7 +157,7 @@ fn forward_arguments() {
 
 fn passt_installed() {
     assert!(
-        find_in_path("passt").is_some(),
+        find_program("passt", &[]).is_some(),
         "passt is not installed: run scripts/setup-host (Debian package passt)"
     );
 }
@@ -166,7 +166,7 @@ fn passt_installed() {
 fn real_passt_starts_and_stops_with_its_device() {
     passt_installed();
     let p = Passt::spawn(&[]).unwrap_or_else(|e| panic!("{e}"));
-    let pid = p.child.id();
+    let pid = p.daemon.child.id();
     assert!(Path::new(&format!("/proc/{pid}")).exists());
     drop(p);
     assert!(

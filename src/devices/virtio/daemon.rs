@@ -1,0 +1,106 @@
+//! Host helper processes a device backend runs on (passt, virtiofsd): found in `$PATH`, given
+//! one inherited fd, their stderr kept in a private directory for the error message, and
+//! killed and reaped with the device.
+
+use std::fs::{self, File};
+use std::io;
+use std::os::fd::RawFd;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+/// The fd number a helper gets its socket on.
+pub const CHILD_FD: RawFd = 3;
+
+/// The first executable `name` in `$PATH`, then in `extra` directories.
+pub fn find_program(name: &str, extra: &[&str]) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(extra.iter().map(PathBuf::from))
+        .map(|d| d.join(name))
+        .find(|p| fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0))
+}
+
+/// A private directory for a helper's files (socket, PID file, log), removed when dropped.
+pub struct PrivateDir(PathBuf);
+
+impl PrivateDir {
+    pub fn create(kind: &str) -> io::Result<PrivateDir> {
+        use std::os::unix::fs::DirBuilderExt;
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("ferrovm-{kind}-{}-{n}", std::process::id()));
+        fs::DirBuilder::new().mode(0o700).create(&dir)?;
+        Ok(PrivateDir(dir))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for PrivateDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A helper's meaningful stderr lines, joined into one (at most 4 KiB read; lines starting
+/// with one of `noise` dropped).
+pub fn log_message(log: &Path, noise: &[&str]) -> String {
+    let text = fs::read(log).unwrap_or_default();
+    let text = String::from_utf8_lossy(&text[..text.len().min(4096)]).into_owned();
+    let lines: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !noise.iter().any(|n| l.starts_with(n)))
+        .collect();
+    if lines.is_empty() {
+        "no message".into()
+    } else {
+        lines.join("; ")
+    }
+}
+
+/// A running helper, killed (SIGKILL) and reaped when dropped.
+pub struct Daemon {
+    pub child: Child,
+}
+
+impl Daemon {
+    /// Starts `cmd` with stdin/stdout on /dev/null, stderr into `log`, and `fd` as
+    /// [`CHILD_FD`] (the only fd it inherits besides those three).
+    pub fn spawn(mut cmd: Command, fd: RawFd, log: File) -> io::Result<Daemon> {
+        cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(log);
+        // SAFETY: the closure runs in the child between fork and exec and calls only dup2 and
+        // fcntl, which are async-signal-safe; `fd` stays open in the parent until spawn returns.
+        unsafe {
+            cmd.pre_exec(move || {
+                if fd == CHILD_FD {
+                    if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                } else if libc::dup2(fd, CHILD_FD) < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        Ok(Daemon {
+            child: cmd.spawn()?,
+        })
+    }
+
+    /// The exit status if the helper has exited.
+    pub fn exited(&mut self) -> io::Result<Option<std::process::ExitStatus>> {
+        self.child.try_wait()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
