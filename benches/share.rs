@@ -37,6 +37,7 @@ cat > /tmp/dhcp.sh <<'EOF'
 #!/bin/sh
 [ "$1" = bound ] || exit 0
 ip addr add "$ip/$mask" dev "$interface"
+[ -z "$mtu" ] || ip link set dev "$interface" mtu "$mtu"
 ip route add default via "${{router%% *}}"
 echo "${{router%% *}}" > /tmp/gw
 EOF
@@ -89,7 +90,7 @@ CR=$(printf '\r')
 NS=ferrovm-share-$$
 SRV=
 $IP netns add $NS
-cleanup() {{ [ -z "$SRV" ] || kill $SRV 2>/dev/null; $IP netns del $NS 2>/dev/null; rm -rf disk.img share; }}
+cleanup() {{ [ -z "$SRV" ] || kill $SRV 2>/dev/null; $IP netns del $NS 2>/dev/null; rm -rf disk.img share psock; }}
 trap cleanup EXIT
 inns() {{ $IP netns exec $NS "$@"; }}
 inns $IP link set lo up
@@ -128,22 +129,32 @@ run_ferrovm() {{
         --initramfs "$IMAGES/initramfs.cpio.gz" --memory 512M --cpus 1 --cmdline "$CMDLINE" \
         --disk path=disk.img --fs tag=share,path="$PWD/share" --net user,mac=$MAC --serial stdio
 }}
-wait_sock() {{ n=0; while [ ! -S "$1" ] && [ $n -lt 300 ]; do sleep 0.1; n=$((n + 1)); done; }}
+wait_sock() {{
+    n=0; while [ ! -S "$1" ] && [ $n -lt 300 ]; do sleep 0.1; n=$((n + 1)); done
+    [ -S "$1" ] || {{ echo "qemu round: SOCKET-FAILED $1"; cat virtiofsd.log passt.log; }}
+}}
 run_qemu() {{
-    rm -f vfs.sock passt.sock
+    # passt drops root to nobody (by number: L1 has no /etc/passwd) before it binds its
+    # socket: give it a folder it may write.
+    rm -rf vfs.sock psock; mkdir psock; chown 65534:65534 psock
     inns $VIRTIOFSD --socket-path=vfs.sock --shared-dir "$PWD/share" --log-level=error \
         --thread-pool-size=0 --cache=auto 2>virtiofsd.log &
-    inns passt --foreground --quiet --one-off --socket "$PWD/passt.sock" 2>passt.log &
-    wait_sock vfs.sock; wait_sock passt.sock
+    vpid=$!
+    inns passt --foreground --quiet --one-off --runas 65534:65534 --socket "$PWD/psock/passt.sock" \
+        2>passt.log &
+    ppid=$!
+    wait_sock vfs.sock; wait_sock psock/passt.sock
     run_vm qemu $1 inns $QEMU -L /qemu/share -M q35 -accel kvm -cpu host -m 512M -smp 1 \
         -nodefaults -no-user-config -display none -serial stdio \
         -object memory-backend-memfd,id=mem,size=512M,share=on -numa node,memdev=mem \
         -kernel "$IMAGES/bzImage" -initrd "$IMAGES/initramfs.cpio.gz" -append "$CMDLINE" \
         -drive if=none,id=root,format=raw,file=disk.img -device virtio-blk-pci,drive=root \
         -chardev socket,id=vfs,path=vfs.sock -device vhost-user-fs-pci,chardev=vfs,tag=share \
-        -netdev stream,id=n0,server=off,addr.type=unix,addr.path=passt.sock \
+        -netdev stream,id=n0,server=off,addr.type=unix,addr.path=psock/passt.sock \
         -device virtio-net-pci,netdev=n0,mac=$MAC,romfile=
-    wait
+    # Both end with their one client; do not leave them behind if they do not.
+    kill $vpid $ppid 2>/dev/null || true
+    wait $vpid $ppid 2>/dev/null || true
 }}
 {order}
 "#,

@@ -170,6 +170,7 @@ cat > /tmp/dhcp.sh <<'DHCP_EOF'
 #!/bin/sh
 [ "$1" = bound ] || exit 0
 ip addr add "$ip/$mask" dev "$interface"
+[ -z "$mtu" ] || ip link set dev "$interface" mtu "$mtu"
 ip route add default via "${router%% *}"
 echo "${router%% *}" > /tmp/gw
 echo "GUEST_DHCP_IP=$ip/$mask GUEST_DHCP_ROUTER=$router"
