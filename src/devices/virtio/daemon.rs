@@ -1,16 +1,12 @@
 //! Host helper processes a device backend runs on (passt, virtiofsd): found in `$PATH`, given
-//! one inherited fd, their stderr kept in a private directory for the error message, and
+//! one inherited fd (a socket), their stderr kept in a private directory for the error message, and
 //! killed and reaped with the device.
 
 use std::fs::{self, File};
 use std::io;
 use std::os::fd::RawFd;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-
-/// The fd number a helper gets its socket on.
-pub const CHILD_FD: RawFd = 3;
 
 /// The first executable `name` in `$PATH`, then in `extra` directories.
 pub fn find_program(name: &str, extra: &[&str]) -> Option<PathBuf> {
@@ -69,23 +65,15 @@ pub struct Daemon {
 }
 
 impl Daemon {
-    /// Starts `cmd` with stdin/stdout on /dev/null, stderr into `log`, and `fd` as
-    /// [`CHILD_FD`] (the only fd it inherits besides those three).
+    /// Starts `cmd` with stdin/stdout on /dev/null, stderr into `log`, and `fd` inherited
+    /// under its own number (the caller names it in `cmd`'s arguments). No code runs between
+    /// fork and exec, so std spawns with posix_spawn: a forked copy of every other fd of this
+    /// process (disk images and their locks) lives only until the exec.
     pub fn spawn(mut cmd: Command, fd: RawFd, log: File) -> io::Result<Daemon> {
         cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(log);
-        // SAFETY: the closure runs in the child between fork and exec and calls only dup2 and
-        // fcntl, which are async-signal-safe; `fd` stays open in the parent until spawn returns.
-        unsafe {
-            cmd.pre_exec(move || {
-                if fd == CHILD_FD {
-                    if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
-                        return Err(io::Error::last_os_error());
-                    }
-                } else if libc::dup2(fd, CHILD_FD) < 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                Ok(())
-            });
+        // SAFETY: F_SETFD on an fd the caller owns and keeps open; it only clears FD_CLOEXEC.
+        if unsafe { libc::fcntl(fd, libc::F_SETFD, 0) } < 0 {
+            return Err(io::Error::last_os_error());
         }
         Ok(Daemon {
             child: cmd.spawn()?,

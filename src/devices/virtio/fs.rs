@@ -17,7 +17,7 @@ use std::process::Command;
 use virtio_queue::{DescriptorChain, Queue};
 use vm_memory::{Bytes, GuestMemoryMmap};
 
-use super::daemon::{find_program, log_message, Daemon, PrivateDir, CHILD_FD};
+use super::daemon::{find_program, log_message, Daemon, PrivateDir};
 use super::vhost_user::{OrphanedRequests, VhostUserBackend, VhostUserError, VhostUserRelay};
 use super::{ActivateError, VirtioDevice, VirtioHandler};
 
@@ -204,7 +204,7 @@ fn start_virtiofsd(tag: &str, dir: &Path, readonly: bool) -> Result<Started, FsE
     let stream = UnixStream::connect(&sock_path).map_err(io("vhost-user socket"))?;
     let log = File::create(tmp.path().join("log")).map_err(io("virtiofsd log"))?;
     let mut cmd = Command::new(&prog);
-    cmd.arg(format!("--fd={CHILD_FD}"))
+    cmd.arg(format!("--fd={}", listener.as_raw_fd()))
         .arg("--shared-dir")
         .arg(dir)
         .args(["--log-level=error", "--thread-pool-size=0", "--cache=auto"]);
@@ -357,14 +357,7 @@ impl VirtioDevice for Fs {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = usize::try_from(offset)
-                .ok()
-                .and_then(|o| o.checked_add(i))
-                .and_then(|o| self.config.get(o))
-                .copied()
-                .unwrap_or(0);
-        }
+        super::read_config_bytes(&self.config, offset, data);
     }
 
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {

@@ -61,6 +61,19 @@ impl DrainGuard {
     }
 }
 
+/// Copies `data.len()` bytes of a device's configuration space from `offset`; bytes past its
+/// end read as 0 (what a driver reading a wider field than exists gets).
+pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    for (i, b) in data.iter_mut().enumerate() {
+        *b = usize::try_from(offset)
+            .ok()
+            .and_then(|o| o.checked_add(i))
+            .and_then(|o| config.get(o))
+            .copied()
+            .unwrap_or(0);
+    }
+}
+
 /// Which interrupt a device raises.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum VirtioInterruptType {
@@ -90,6 +103,32 @@ pub struct ActiveQueue {
     pub queue: virtio_queue::Queue,
     /// Written by KVM when the guest writes this queue's notify address.
     pub kick: EventFd,
+}
+
+/// Descriptor chains for device unit tests.
+#[cfg(test)]
+pub mod test_chains {
+    use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+    use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::GuestMemoryMmap;
+
+    /// Writes a chain of (addr, len, device-writable) descriptors at table index `start` and
+    /// makes it available.
+    pub fn add_chain(q: &MockSplitQueue<GuestMemoryMmap>, start: u16, descs: &[(u64, u32, bool)]) {
+        let raw: Vec<RawDescriptor> = descs
+            .iter()
+            .enumerate()
+            .map(|(i, &(addr, len, w))| {
+                let mut flags = if w { VRING_DESC_F_WRITE as u16 } else { 0 };
+                if i + 1 < descs.len() {
+                    flags |= VRING_DESC_F_NEXT as u16;
+                }
+                RawDescriptor::from(SplitDescriptor::new(addr, len, flags, start + i as u16 + 1))
+            })
+            .collect();
+        q.add_desc_chains(&raw, start).unwrap();
+    }
 }
 
 #[cfg(test)]

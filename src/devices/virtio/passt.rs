@@ -22,7 +22,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use super::daemon::{find_program, log_message, Daemon, PrivateDir, CHILD_FD};
+use super::daemon::{find_program, log_message, Daemon, PrivateDir};
 
 use super::net::{FwdProto, HostFwd, NetBackend, MAX_FRAME_LEN};
 use super::tap::VNET_HDR_LEN;
@@ -113,7 +113,7 @@ impl Passt {
         let log = File::create(&log_file).map_err(io_err(format!("{}", log_file.display())))?;
         let mut cmd = Command::new(&prog);
         cmd.args(["--foreground", "--quiet", "--one-off"])
-            .args(["--fd", &CHILD_FD.to_string()])
+            .args(["--fd", &theirs.as_raw_fd().to_string()])
             .arg("--pid")
             .arg(&pid_file);
         // SAFETY: geteuid has no preconditions and cannot fail.

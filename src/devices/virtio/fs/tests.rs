@@ -95,26 +95,10 @@ fn real_virtiofsd_negotiates_and_stops_with_the_device() {
 
 mod orphaned {
     use super::super::*;
-    use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
-    use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+    use crate::devices::virtio::test_chains::add_chain as chain;
     use virtio_queue::mock::MockSplitQueue;
     use virtio_queue::QueueT;
     use vm_memory::{GuestAddress, GuestMemoryMmap};
-
-    fn chain(q: &MockSplitQueue<GuestMemoryMmap>, start: u16, descs: &[(u64, u32, bool)]) {
-        let raw: Vec<RawDescriptor> = descs
-            .iter()
-            .enumerate()
-            .map(|(i, &(addr, len, w))| {
-                let mut flags = if w { VRING_DESC_F_WRITE as u16 } else { 0 };
-                if i + 1 < descs.len() {
-                    flags |= VRING_DESC_F_NEXT as u16;
-                }
-                RawDescriptor::from(SplitDescriptor::new(addr, len, flags, start + i as u16 + 1))
-            })
-            .collect();
-        q.add_desc_chains(&raw, start).unwrap();
-    }
 
     /// Requests of a dead daemon get `fuse_out_header { 16, -EIO, unique }`; a FORGET (no
     /// reply buffer) and a header split over descriptors are handled; nothing panics on a

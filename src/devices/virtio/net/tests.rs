@@ -2,8 +2,6 @@ use std::collections::VecDeque;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
-use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
 
 use super::*;
@@ -96,22 +94,7 @@ impl NetBackend for Fake {
     }
 }
 
-/// Writes a chain of (addr, len, device-writable) descriptors at table index `start` and
-/// makes it available.
-fn add_chain(q: &MockSplitQueue<GuestMemoryMmap>, start: u16, descs: &[(u64, u32, bool)]) {
-    let raw: Vec<RawDescriptor> = descs
-        .iter()
-        .enumerate()
-        .map(|(i, &(addr, len, w))| {
-            let mut flags = if w { VRING_DESC_F_WRITE as u16 } else { 0 };
-            if i + 1 < descs.len() {
-                flags |= VRING_DESC_F_NEXT as u16;
-            }
-            RawDescriptor::from(SplitDescriptor::new(addr, len, flags, start + i as u16 + 1))
-        })
-        .collect();
-    q.add_desc_chains(&raw, start).unwrap();
-}
+use crate::devices::virtio::test_chains::add_chain;
 
 fn used(q: &MockSplitQueue<GuestMemoryMmap>) -> Vec<(u32, u32)> {
     let n = q.used().idx().load();
