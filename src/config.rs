@@ -26,6 +26,8 @@ pub enum ConfigError {
     Net(String, String),
     #[error("{0}")]
     Fs(String),
+    #[error("{0}")]
+    Vsock(String),
     #[error("invalid --serial '{0}': expected stdio, off or file=PATH")]
     Serial(String),
     #[error("invalid --exit-stats '{0}': expected --exit-stats or --exit-stats=json:PATH")]
@@ -79,6 +81,8 @@ pub struct VmConfig {
     pub nets: Vec<crate::devices::virtio::net::NetConfig>,
     /// `--fs`: virtio-fs shares (vhost-user, virtiofsd), in PCI slot order after the NICs.
     pub fs: Vec<crate::devices::virtio::fs::FsConfig>,
+    /// `--vsock`: a virtio-vsock device (hybrid vsock over Unix sockets), after the shares.
+    pub vsock: Option<crate::devices::virtio::vsock::VsockConfig>,
     /// `--test-devices`: QEMU's pc-testdev (kvm-unit-tests); never in an ordinary VM.
     pub test_devices: bool,
     /// `--cpu`: CPUID feature changes over what KVM supports.
@@ -110,6 +114,7 @@ impl VmConfig {
             disks: Vec::new(),
             nets: Vec::new(),
             fs: Vec::new(),
+            vsock: None,
             cpu: Default::default(),
             test_devices: false,
             cloud_init_seed: None,

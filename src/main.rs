@@ -163,6 +163,12 @@ struct RunArgs {
     /// mounts it with `mount -t virtiofs NAME /mnt`. Repeatable.
     #[arg(long, value_name = "tag=NAME,path=DIR[,readonly=on]")]
     fs: Vec<String>,
+    /// A virtio-vsock device with guest CID N (3 or more). Host programs reach guest port P by
+    /// connecting to the Unix socket PATH and writing "CONNECT P\n" (answered "OK <port>\n");
+    /// guest connections to CID 2 port P go to the Unix socket PATH_P (Firecracker's and
+    /// Cloud Hypervisor's hybrid vsock).
+    #[arg(long, value_name = "cid=N,socket=PATH")]
+    vsock: Option<String>,
     /// CPU model and features in QEMU's spelling: host|max[,+FEATURE][,-FEATURE][,FEATURE=on|off].
     /// Both models are everything this host's KVM supports; adding a feature it cannot back is
     /// an error.
@@ -218,6 +224,12 @@ fn build_config(a: RunArgs) -> Result<VmConfig, config::ConfigError> {
             .map_err(|e| config::ConfigError::Fs(e.to_string()))?;
     ferrovm::devices::virtio::fs::check_fs_list(&fs)
         .map_err(|e| config::ConfigError::Fs(e.to_string()))?;
+    let vsock = a
+        .vsock
+        .as_deref()
+        .map(ferrovm::devices::virtio::vsock::parse_vsock_option)
+        .transpose()
+        .map_err(|e| config::ConfigError::Vsock(e.to_string()))?;
     let cloud_init_seed = cloud_init_seed(&a)?;
     let firmware = match (&a.kernel, &a.firmware, disks.is_empty()) {
         // (--kernel with --firmware, and neither without a disk, are usage errors: clap.)
@@ -250,6 +262,7 @@ fn build_config(a: RunArgs) -> Result<VmConfig, config::ConfigError> {
         disks,
         nets,
         fs,
+        vsock,
         cpu: ferrovm::arch::x86_64::cpu_features::CpuFeatures::parse(&a.cpu)?,
         ..VmConfig::with_kernel(a.kernel.unwrap_or_default())
     })

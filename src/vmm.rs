@@ -84,6 +84,8 @@ pub enum VmmError {
     #[error(transparent)]
     Fs(#[from] devices::virtio::fs::FsError),
     #[error(transparent)]
+    Vsock(#[from] devices::virtio::vsock::VsockError),
+    #[error(transparent)]
     Firmware(#[from] crate::fwboot::FirmwareError),
     #[error("cannot create the firmware log {0}")]
     FirmwareLog(std::path::PathBuf, #[source] std::io::Error),
@@ -246,6 +248,10 @@ pub fn run(cfg: VmConfig) -> Result<VmOutcome, VmmError> {
     for share in &cfg.fs {
         let fs = devices::virtio::fs::Fs::new(share)?;
         add_virtio_pci(&mut pci, &mut buses.claims, &vm, &mem, Box::new(fs))?;
+    }
+    if let Some(v) = &cfg.vsock {
+        let vsock = devices::virtio::vsock::Vsock::new(v)?;
+        add_virtio_pci(&mut pci, &mut buses.claims, &vm, &mem, Box::new(vsock))?;
     }
     if cfg.rng {
         add_virtio_pci(

@@ -17,6 +17,7 @@ pub mod pci;
 pub mod rng;
 pub mod tap;
 pub mod vhost_user;
+pub mod vsock;
 pub mod worker;
 
 pub use worker::{DeviceError, Runner, VirtioHandler, WorkerCtx};
