@@ -439,6 +439,7 @@ tail -c +$((base + 1)) initrd.img | "$BUSYBOX" cpio -t
         device_cases.extend(cases::img::cases());
         device_cases.extend(cases::net::cases());
         device_cases.extend(cases::fs::cases());
+        device_cases.extend(cases::vsock::cases());
         device_cases.extend(cases::fw::cases());
         if round > 1 {
             for c in &mut device_cases {
@@ -462,6 +463,7 @@ tail -c +$((base + 1)) initrd.img | "$BUSYBOX" cpio -t
             "/usr/bin/passt",
             "/usr/bin/passt.avx2",
             "/usr/local/bin/virtiofsd",
+            "/usr/bin/socat",
         ]
         .iter()
         .map(PathBuf::from),

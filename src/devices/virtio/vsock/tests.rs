@@ -576,3 +576,87 @@ fn device_reports_its_cid_and_three_queues() {
     dev.read_config(4, &mut hi);
     assert_eq!(hi, [0; 4]);
 }
+
+#[test]
+fn half_closes_in_both_orders_end_in_one_reset() {
+    let dir = Dir::new("halfclose");
+    let mem = guest_mem();
+    let mut g = Guest::new(&mem);
+    let mut m = Muxer::new(GUEST_CID, &dir.sock()).unwrap();
+    g.post(64, BIG);
+    // The guest sends, then shuts down sending; the host reads to EOF and closes.
+    let mut host = established(&mut m, &mut g, &dir, 11, 65536);
+    m.guest_packet(&from_guest(5000, 11, op::RW, 0, 65536), b"data");
+    m.guest_packet(
+        &from_guest(5000, 11, op::SHUTDOWN, SHUTDOWN_SEND, 65536),
+        &[],
+    );
+    let mut got = Vec::new();
+    host.read_to_end(&mut got).unwrap();
+    assert_eq!(got, b"data");
+    drop(host);
+    let p = pump_until(&mut m, &mut g, |p| {
+        p.iter().any(|(h, _)| h.op == op::SHUTDOWN)
+    });
+    assert_eq!(p.last().unwrap().0.flags, SHUTDOWN_SEND);
+    m.guest_packet(
+        &from_guest(5000, 11, op::SHUTDOWN, SHUTDOWN_RCV | SHUTDOWN_SEND, 65536),
+        &[],
+    );
+    pump_until(&mut m, &mut g, |p| p.iter().any(|(h, _)| h.op == op::RST));
+    assert_eq!(m.connections(), 0);
+}
+
+#[test]
+fn a_large_guest_stream_to_a_slow_host_closes_cleanly() {
+    let dir = Dir::new("bigclose");
+    let mem = guest_mem();
+    let mut g = Guest::new(&mem);
+    let mut m = Muxer::new(GUEST_CID, &dir.sock()).unwrap();
+    g.post(200, BIG);
+    let host = established(&mut m, &mut g, &dir, 12, 65536);
+    let reader = std::thread::spawn(move || {
+        let mut host = host;
+        let mut total = 0usize;
+        let mut buf = [0u8; 4096];
+        loop {
+            match host.read(&mut buf) {
+                Ok(0) => return total,
+                Ok(n) => total += n,
+                Err(e) => panic!("{e}"),
+            }
+            std::thread::sleep(Duration::from_micros(50));
+        }
+    });
+    // The guest sends within its credit, as a Linux guest does.
+    let chunk = vec![5u8; MAX_PAYLOAD];
+    let (mut sent, mut fwd) = (0u32, 0u32);
+    while sent < 4 << 20 {
+        if sent - fwd + chunk.len() as u32 <= CONN_BUF {
+            m.guest_packet(&from_guest(5000, 12, op::RW, 0, 65536), &chunk);
+            sent += chunk.len() as u32;
+        }
+        pump(&mut m, &mut g);
+        for (h, _) in g.take() {
+            fwd = h.fwd_cnt;
+        }
+        if g.posted.wrapping_sub(g.seen) < 100 {
+            g.post(100, BIG);
+        }
+    }
+    m.guest_packet(
+        &from_guest(5000, 12, op::SHUTDOWN, SHUTDOWN_SEND, 65536),
+        &[],
+    );
+    let got = pump_until(&mut m, &mut g, |p| {
+        p.iter().any(|(h, _)| h.op == op::SHUTDOWN)
+    });
+    assert!(got.iter().all(|(h, _)| h.op != op::RST), "{got:?}");
+    assert_eq!(reader.join().unwrap(), 4 << 20);
+    m.guest_packet(
+        &from_guest(5000, 12, op::SHUTDOWN, SHUTDOWN_RCV | SHUTDOWN_SEND, 65536),
+        &[],
+    );
+    pump_until(&mut m, &mut g, |p| p.iter().any(|(h, _)| h.op == op::RST));
+    assert_eq!(m.connections(), 0);
+}
