@@ -1,4 +1,5 @@
-//! Assembles the firmware/ guest programs with GNU as + ld into ELF files in OUT_DIR.
+//! Assembles the firmware/ guest programs with GNU as + ld into ELF files in OUT_DIR, and
+//! builds the static guest init of `ferrovm run -- CMD` (src/oneshot/init.c).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -10,8 +11,30 @@ fn run(cmd: &mut Command, what: &str) {
     assert!(status.success(), "firmware: {what} failed: {cmd:?}");
 }
 
+/// Builds the guest init of `ferrovm run -- CMD` (static C). A host without a static C
+/// library still builds ferrovm: the init is then empty and command mode says what is missing.
+fn guest_init(out: &Path) {
+    let src = Path::new("src/oneshot/init.c");
+    println!("cargo:rerun-if-changed={}", src.display());
+    let bin = out.join("ferrovm-init");
+    let built = Command::new("cc")
+        .args(["-static", "-Os", "-s", "-Wall", "-o"])
+        .arg(&bin)
+        .arg(src)
+        .status();
+    if !matches!(built, Ok(s) if s.success()) {
+        println!(
+            "cargo:warning=cannot build the guest init ({}) statically: `ferrovm run -- CMD` \
+             will not work; install gcc and libc6-dev",
+            src.display()
+        );
+        std::fs::write(&bin, b"").expect("write an empty guest init");
+    }
+}
+
 fn main() {
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR is set by cargo"));
+    guest_init(&out);
     let dir = Path::new("firmware");
     println!("cargo:rerun-if-changed=firmware");
     let mut names = Vec::new();

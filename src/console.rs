@@ -256,11 +256,23 @@ fn stop_registered_vms() -> AfterSignal {
     }
 }
 
+/// The last stop signal received (0: none).
+static LAST_STOP_SIGNAL: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+
+/// The signal that stopped the VM, if one did (a command run exits with 128 + it).
+pub fn stop_signal() -> Option<i32> {
+    match LAST_STOP_SIGNAL.load(Ordering::SeqCst) {
+        0 => None,
+        s => Some(s),
+    }
+}
+
 /// The handler for [`STOP_SIGNALS`]: see [`StopSignals`].
 extern "C" fn on_stop_signal(sig: libc::c_int) {
     // SAFETY: __errno_location returns this thread's errno slot; saving it keeps the
     // interrupted code's errno intact.
     let saved_errno = unsafe { *libc::__errno_location() };
+    LAST_STOP_SIGNAL.store(sig, Ordering::SeqCst);
     if stop_registered_vms() == AfterSignal::Exit {
         restore_terminal();
         // SAFETY: _exit is async-signal-safe and does not return.

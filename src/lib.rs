@@ -22,6 +22,7 @@ pub mod firmware;
 pub mod fwboot;
 pub mod kvm;
 pub mod memory;
+pub mod oneshot;
 pub mod ratelimit;
 pub mod resources;
 pub mod sleep;
@@ -29,6 +30,17 @@ pub mod vmm;
 
 /// When the process started (set first thing in `main`); start-up timings are measured from here.
 pub static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+
+/// An error and its whole chain of causes on one line ("what: why: why").
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut msg = err.to_string();
+    let mut src = err.source();
+    while let Some(s) = src {
+        msg += &format!(": {s}");
+        src = s.source();
+    }
+    msg
+}
 
 /// Helpers shared by unit tests.
 #[cfg(test)]

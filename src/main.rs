@@ -182,6 +182,15 @@ struct RunArgs {
     /// `bench-exits` and the exit-statistics test guests talk to. Never in an ordinary VM.
     #[arg(long)]
     bench_device: bool,
+    /// With a command: the guest's root is the host's / (read-only, with a tmpfs overlay for
+    /// writes). The default when neither --disk nor --initramfs is given.
+    #[arg(long)]
+    share_host: bool,
+    /// Run CMD in a throwaway VM (after `--`): its stdout, stderr and exit status are
+    /// ferrovm's, stdin is passed on unless it is a terminal, the working directory is shared
+    /// read-write. The kernel defaults to /boot/vmlinuz-$(uname -r), else guest-images'.
+    #[arg(last = true, value_name = "CMD")]
+    command: Vec<String>,
 }
 
 fn build_config(a: RunArgs) -> Result<VmConfig, config::ConfigError> {
@@ -296,13 +305,7 @@ fn cloud_init_seed(a: &RunArgs) -> Result<Option<Vec<u8>>, config::ConfigError> 
 
 /// Prints an error and its whole chain of causes on one line.
 fn report(err: &dyn std::error::Error) {
-    let mut msg = err.to_string();
-    let mut src = err.source();
-    while let Some(s) = src {
-        msg += &format!(": {s}");
-        src = s.source();
-    }
-    eprintln!("ferrovm: error: {msg}");
+    eprintln!("ferrovm: error: {}", ferrovm::error_chain(err));
 }
 
 fn main() -> ExitCode {
@@ -358,6 +361,7 @@ fn main() -> ExitCode {
                 ExitCode::from(1)
             }
         },
+        Command::Run(args) if !args.command.is_empty() => run_command(args),
         Command::Run(args) => {
             if args.kernel.is_none()
                 && args.firmware.is_none()
@@ -374,15 +378,7 @@ fn main() -> ExitCode {
             }
             let verbose = args.verbose;
             let restart = args.reboot == "restart";
-            env_logger::Builder::from_env(
-                env_logger::Env::default().default_filter_or(if verbose {
-                    "debug"
-                } else {
-                    "warn"
-                }),
-            )
-            .format_timestamp(None)
-            .init();
+            init_logger(verbose);
             let cfg = match build_config(*args) {
                 Ok(c) => c,
                 Err(e) => {
@@ -405,6 +401,66 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+fn init_logger(verbose: bool) {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(if verbose {
+        "debug"
+    } else {
+        "warn"
+    }))
+    .format_timestamp(None)
+    .init();
+}
+
+/// `ferrovm run [OPTIONS] -- CMD [ARGS...]` (see `ferrovm::oneshot` for the exit statuses).
+fn run_command(mut args: Box<RunArgs>) -> ExitCode {
+    use ferrovm::oneshot::{self, CommandOptions, STATUS_CANNOT_RUN};
+    init_logger(args.verbose);
+    let fail = |msg: String| {
+        eprintln!("ferrovm: error: {msg}");
+        ExitCode::from(STATUS_CANNOT_RUN)
+    };
+    if args.firmware.is_some() {
+        return fail(
+            "a command runs on a kernel ferrovm boots directly: --firmware does not apply".into(),
+        );
+    }
+    if args.kernel.is_none() {
+        args.kernel = oneshot::default_kernel();
+        if args.kernel.is_none() {
+            return fail(
+                "no kernel: /boot/vmlinuz-$(uname -r) is not readable and guest-images/out/default/bzImage \
+                 is not built; give --kernel PATH"
+                    .into(),
+            );
+        }
+    }
+    let share_host = args.share_host
+        || (args.disk.is_empty() && args.cdrom.is_empty() && args.initramfs.is_none());
+    // The kernel's console is not the command's output: off, or on stderr with -v.
+    if args.serial == "stdio" {
+        args.serial = if args.verbose {
+            "file=/dev/stderr"
+        } else {
+            "off"
+        }
+        .into();
+    }
+    let opts = CommandOptions {
+        argv: std::mem::take(&mut args.command),
+        share_host,
+    };
+    let mut cfg = match build_config(*args) {
+        Ok(c) => c,
+        Err(e) => return fail(ferrovm::error_chain(&e)),
+    };
+    let prepared = match oneshot::prepare(&opts, &mut cfg) {
+        Ok(p) => p,
+        Err(e) => return fail(ferrovm::error_chain(&e)),
+    };
+    let outcome = vmm::run(cfg);
+    ExitCode::from(oneshot::finish(prepared, &outcome))
 }
 
 fn img(c: ImgCommand) -> Result<(), Box<dyn std::error::Error>> {

@@ -440,6 +440,7 @@ tail -c +$((base + 1)) initrd.img | "$BUSYBOX" cpio -t
         device_cases.extend(cases::net::cases());
         device_cases.extend(cases::fs::cases());
         device_cases.extend(cases::vsock::cases());
+        device_cases.extend(cases::run::cases());
         device_cases.extend(cases::fw::cases());
         if round > 1 {
             for c in &mut device_cases {
@@ -450,6 +451,7 @@ tail -c +$((base + 1)) initrd.img | "$BUSYBOX" cpio -t
     }
     cfg.l1_extra.extend(extra_l1_files());
     cfg.l1_extra.extend(cases::fw::l1_files(&cfg.images));
+    cfg.l1_extra.extend(cases::run::l1_files(&cfg.images));
     cfg.l1_disks.extend(cases::fw::l1_disk(&cfg.images));
     // Disk cases copy the root image and check it with e2fsprogs (and image formats with
     // qemu-img); network cases make a namespace with a TAP (iproute2, the tun module).

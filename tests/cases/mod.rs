@@ -4,6 +4,7 @@ pub mod fs;
 pub mod fw;
 pub mod img;
 pub mod net;
+pub mod run;
 pub mod vsock;
 
 use crate::harness::CaseOutput;

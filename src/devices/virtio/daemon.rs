@@ -69,8 +69,14 @@ impl Daemon {
     /// under its own number (the caller names it in `cmd`'s arguments). No code runs between
     /// fork and exec, so std spawns with posix_spawn: a forked copy of every other fd of this
     /// process (disk images and their locks) lives only until the exec.
+    /// The helper gets a process group of its own, so Ctrl-C in ferrovm's terminal stops the
+    /// VM (ferrovm's handler) without killing the daemons under it first.
     pub fn spawn(mut cmd: Command, fd: RawFd, log: File) -> io::Result<Daemon> {
-        cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(log);
+        use std::os::unix::process::CommandExt;
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .process_group(0);
         // SAFETY: F_SETFD on an fd the caller owns and keeps open; it only clears FD_CLOEXEC.
         if unsafe { libc::fcntl(fd, libc::F_SETFD, 0) } < 0 {
             return Err(io::Error::last_os_error());

@@ -38,8 +38,14 @@ pub struct FsConfig {
 /// Who serves the share.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FsSource {
-    /// ferrovm starts virtiofsd for this folder.
-    Dir { path: PathBuf, readonly: bool },
+    /// ferrovm starts virtiofsd for this folder. `submounts`: tell the guest which folders
+    /// are mount points (virtiofsd's default); off for a share that becomes an overlayfs
+    /// lower layer, which refuses the automount points the guest would make of them.
+    Dir {
+        path: PathBuf,
+        readonly: bool,
+        submounts: bool,
+    },
     /// A vhost-user-fs daemon already listening on this socket.
     Socket(PathBuf),
 }
@@ -114,6 +120,7 @@ pub fn parse_fs_option(s: &str) -> Result<FsConfig, FsConfigError> {
         (Some(p), None) => FsSource::Dir {
             path: p.into(),
             readonly,
+            submounts: true,
         },
         (None, Some(_)) if readonly => return Err(FsConfigError::ReadonlyWithSocket(s.into())),
         (None, Some(p)) => FsSource::Socket(p.into()),
@@ -188,7 +195,12 @@ fn check_dir(tag: &str, dir: &Path) -> Result<(), FsError> {
 }
 
 /// Starts virtiofsd for `dir` on a socket ferrovm is already connected to.
-fn start_virtiofsd(tag: &str, dir: &Path, readonly: bool) -> Result<Started, FsError> {
+fn start_virtiofsd(
+    tag: &str,
+    dir: &Path,
+    readonly: bool,
+    submounts: bool,
+) -> Result<Started, FsError> {
     let io = |what: &str| {
         let (tag, what) = (tag.to_string(), what.to_string());
         move |source| FsError::Io { tag, what, source }
@@ -210,6 +222,9 @@ fn start_virtiofsd(tag: &str, dir: &Path, readonly: bool) -> Result<Started, FsE
         .args(["--log-level=error", "--thread-pool-size=0", "--cache=auto"]);
     if readonly {
         cmd.arg("--readonly");
+    }
+    if !submounts {
+        cmd.arg("--no-announce-submounts");
     }
     let daemon = Daemon::spawn(cmd, listener.as_raw_fd(), log)
         .map_err(io(&format!("cannot run {}", prog.display())))?;
@@ -239,8 +254,12 @@ fn open_backend(cfg: &FsConfig) -> Result<(Option<Daemon>, VhostUserBackend), Fs
                 })?;
             Ok((None, backend))
         }
-        FsSource::Dir { path, readonly } => {
-            let mut s = start_virtiofsd(tag, path, *readonly)?;
+        FsSource::Dir {
+            path,
+            readonly,
+            submounts,
+        } => {
+            let mut s = start_virtiofsd(tag, path, *readonly, *submounts)?;
             match VhostUserBackend::connect(s.stream, queues) {
                 Ok(backend) => Ok((Some(s.daemon), backend)),
                 Err(source) => {

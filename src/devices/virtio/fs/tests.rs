@@ -8,7 +8,8 @@ fn parses_fs_options() {
             tag: "share".into(),
             source: FsSource::Dir {
                 path: "/srv/x".into(),
-                readonly: false
+                readonly: false,
+                submounts: true
             }
         }
     );
@@ -18,7 +19,8 @@ fn parses_fs_options() {
             .source,
         FsSource::Dir {
             path: "/srv/x".into(),
-            readonly: true
+            readonly: true,
+            submounts: true
         }
     );
     assert_eq!(

@@ -1,0 +1,290 @@
+//! `ferrovm run [OPTIONS] -- CMD [ARGS...]`: one command in a throwaway VM.
+//!
+//! ferrovm makes an initramfs holding its own guest init (`init.c`, built static by build.rs),
+//! the kernel modules that init needs and the command; shares the host's `/` read-only and
+//! the working directory read-write over virtio-fs (`--share-host`, the default without
+//! `--disk`/`--initramfs`); and adds a vsock device whose ports 1-4 carry the command's
+//! stdout, stderr, exit status and stdin ([`relay`]). The VM is an ordinary ferrovm VM: every
+//! option still applies.
+//!
+//! Exit statuses: the command's own; 128+N when a signal N killed it (as a shell reports
+//! it); 128+N when signal N (Ctrl-C: 130) stopped ferrovm; 124 when the guest kernel panicked
+//! or crashed before the command ended; 125 when ferrovm or its guest init could not run the
+//! command (one line on stderr says why); 126/127 when the command could not be executed or
+//! was not found.
+
+pub mod initramfs;
+pub mod relay;
+
+use std::path::{Path, PathBuf};
+
+use crate::config::{VmConfig, DEFAULT_CMDLINE};
+use crate::devices::virtio::daemon::PrivateDir;
+use crate::devices::virtio::fs::{check_fs_list, FsConfig, FsSource};
+use crate::devices::virtio::vsock::VsockConfig;
+use crate::vmm::{VmOutcome, VmmError};
+use initramfs::{find_modules, Cpio, ModuleTree};
+
+/// The guest init, built by build.rs (empty when the host had no static C library).
+static INIT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/ferrovm-init"));
+
+/// virtio-fs tags of the two shares (the guest init mounts them by these names).
+pub const ROOT_TAG: &str = "ferrovm-root";
+pub const CWD_TAG: &str = "ferrovm-cwd";
+/// The guest's vsock CID.
+const GUEST_CID: u64 = 3;
+/// The kernel command line of a command run (unless `--cmdline` is given).
+pub const COMMAND_CMDLINE: &str = "console=ttyS0 quiet panic=-1 reboot=k";
+
+/// Exit statuses of their own (see the module documentation).
+pub const STATUS_GUEST_DIED: u8 = 124;
+pub const STATUS_CANNOT_RUN: u8 = 125;
+
+/// What to run and how.
+#[derive(Debug, Clone)]
+pub struct CommandOptions {
+    pub argv: Vec<String>,
+    /// `--share-host`, or the default (no `--disk`/`--initramfs`).
+    pub share_host: bool,
+}
+
+/// Why the command cannot be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum OneshotError {
+    #[error("this ferrovm was built without its guest init (the static C build failed): install gcc and libc6-dev and rebuild")]
+    NoInit,
+    #[error("--vsock cannot be combined with a command: ferrovm uses the vsock device for the command's streams")]
+    VsockTaken,
+    #[error("--fs tag {0:?} is reserved for the command's shares")]
+    TagTaken(String),
+    #[error("kernel {kernel}: module {module} is neither built in nor in {dir}/modules.dep")]
+    MissingModule {
+        kernel: PathBuf,
+        module: String,
+        dir: PathBuf,
+    },
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> OneshotError {
+    let what = what.into();
+    move |source| OneshotError::Io { what, source }
+}
+
+/// Where the command's root comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Root {
+    Host,
+    Initramfs,
+    Disk,
+}
+
+impl Root {
+    fn name(self) -> &'static str {
+        match self {
+            Root::Host => "host",
+            Root::Initramfs => "initramfs",
+            Root::Disk => "disk",
+        }
+    }
+}
+
+/// The kernel a command run boots when none is given: the host's own if readable, else the
+/// guest-images default of this source tree.
+pub fn default_kernel() -> Option<PathBuf> {
+    // SAFETY: utsname is plain data; uname fills it.
+    let mut u: libc::utsname = unsafe { std::mem::zeroed() };
+    // SAFETY: `u` is a valid utsname for the call.
+    if unsafe { libc::uname(&mut u) } == 0 {
+        // SAFETY: uname NUL-terminates `release`.
+        let release = unsafe { std::ffi::CStr::from_ptr(u.release.as_ptr()) };
+        let host = PathBuf::from(format!("/boot/vmlinuz-{}", release.to_string_lossy()));
+        if std::fs::File::open(&host).is_ok() {
+            return Some(host);
+        }
+    }
+    let ours = Path::new(env!("CARGO_MANIFEST_DIR")).join("guest-images/out/default/bzImage");
+    ours.exists().then_some(ours)
+}
+
+/// A command run being set up or running: its private folder and the relay of its streams.
+pub struct Prepared {
+    relay: relay::Relay,
+    _dir: PrivateDir,
+}
+
+/// Turns `cfg` into the VM of a command run and starts the relay of its streams.
+pub fn prepare(opts: &CommandOptions, cfg: &mut VmConfig) -> Result<Prepared, OneshotError> {
+    if INIT.is_empty() {
+        return Err(OneshotError::NoInit);
+    }
+    if cfg.vsock.is_some() {
+        return Err(OneshotError::VsockTaken);
+    }
+    if let Some(f) = cfg
+        .fs
+        .iter()
+        .find(|f| f.tag == ROOT_TAG || f.tag == CWD_TAG)
+    {
+        return Err(OneshotError::TagTaken(f.tag.clone()));
+    }
+    let root = match (opts.share_host, &cfg.initramfs, cfg.disks.is_empty()) {
+        (true, _, _) => Root::Host,
+        (false, Some(_), _) => Root::Initramfs,
+        (false, None, false) => Root::Disk,
+        (false, None, true) => Root::Host,
+    };
+    let cwd = std::env::current_dir().map_err(io_err("the current directory"))?;
+    let dir = PrivateDir::create("run").map_err(io_err("a temporary directory"))?;
+    let image = build_initramfs(opts, cfg, root, &cwd)?;
+    let path = dir.path().join("initramfs.cpio");
+    std::fs::write(&path, image).map_err(io_err(format!("writing {}", path.display())))?;
+    cfg.initramfs = Some(path);
+    if root == Root::Host {
+        cfg.fs.push(share(ROOT_TAG, Path::new("/"), true));
+    }
+    cfg.fs.push(share(CWD_TAG, &cwd, false));
+    check_fs_list(&cfg.fs).map_err(|e| OneshotError::TagTaken(e.to_string()))?;
+    let socket = dir.path().join("vsock");
+    cfg.vsock = Some(VsockConfig {
+        cid: GUEST_CID,
+        socket: socket.clone(),
+    });
+    if cfg.cmdline == DEFAULT_CMDLINE {
+        cfg.cmdline = COMMAND_CMDLINE.into();
+    }
+    cfg.cmdline.push_str(" rdinit=/init");
+    let relay = relay::Relay::start(&socket).map_err(io_err("the command's stream sockets"))?;
+    Ok(Prepared { relay, _dir: dir })
+}
+
+/// A share ferrovm starts virtiofsd for; the read-only root is an overlay's lower layer.
+fn share(tag: &str, path: &Path, readonly: bool) -> FsConfig {
+    FsConfig {
+        tag: tag.into(),
+        source: FsSource::Dir {
+            path: path.into(),
+            readonly,
+            submounts: !readonly,
+        },
+    }
+}
+
+/// The modules the guest init needs for `root`: (name, required).
+fn wanted_modules(root: Root) -> Vec<(&'static str, bool)> {
+    let mut w = vec![
+        ("virtio_pci", true),
+        ("vmw_vsock_virtio_transport", true),
+        ("virtiofs", true),
+    ];
+    match root {
+        Root::Host => w.push(("overlay", true)),
+        Root::Disk => w.extend([("virtio_blk", true), ("ext4", false)]),
+        Root::Initramfs => {}
+    }
+    w
+}
+
+fn build_initramfs(
+    opts: &CommandOptions,
+    cfg: &VmConfig,
+    root: Root,
+    cwd: &Path,
+) -> Result<Vec<u8>, OneshotError> {
+    let mut c = Cpio::default();
+    for d in [
+        "dev", "proc", "sys", "tmp", "run", "lower", "upper", "newroot", "ferrovm",
+    ] {
+        c.dir(d);
+    }
+    c.dir("ferrovm/modules.d");
+    c.char_dev("dev/console", 5, 1);
+    c.file("init", 0o755, INIT);
+    let nul_list = |items: &mut dyn Iterator<Item = String>| -> Vec<u8> {
+        items
+            .flat_map(|s| s.into_bytes().into_iter().chain([0]))
+            .collect()
+    };
+    c.file(
+        "ferrovm/argv",
+        0o644,
+        &nul_list(&mut opts.argv.iter().cloned()),
+    );
+    let env = std::env::vars_os().map(|(k, v)| {
+        let mut kv = k;
+        kv.push("=");
+        kv.push(v);
+        kv.to_string_lossy().into_owned()
+    });
+    c.file("ferrovm/env", 0o644, &nul_list(&mut env.into_iter()));
+    c.file("ferrovm/cwd", 0o644, cwd.to_string_lossy().as_bytes());
+    c.file("ferrovm/root", 0o644, root.name().as_bytes());
+    let mut list = String::new();
+    if let Some(tree) = find_modules(&cfg.kernel) {
+        let tree = ModuleTree::open(&tree.clone()).map_err(io_err(tree.display().to_string()))?;
+        let paths =
+            tree.resolve(&wanted_modules(root))
+                .map_err(|module| OneshotError::MissingModule {
+                    kernel: cfg.kernel.clone(),
+                    module,
+                    dir: tree.dir.clone(),
+                })?;
+        for (i, rel) in paths.iter().enumerate() {
+            let src = tree.dir.join(rel);
+            let data = std::fs::read(&src).map_err(io_err(src.display().to_string()))?;
+            let base = rel.rsplit('/').next().unwrap_or(rel);
+            let name = format!("ferrovm/modules.d/{i:02}-{base}");
+            c.file(&name, 0o644, &data);
+            list += &format!("/{name}\n");
+        }
+    }
+    c.file("ferrovm/modules", 0o644, list.as_bytes());
+    let ours = c.finish();
+    let Some(user) = cfg.initramfs.as_ref().filter(|_| root == Root::Initramfs) else {
+        return Ok(ours);
+    };
+    // The user's initramfs first, then ours (the kernel unpacks both; later files win).
+    let mut image = std::fs::read(user).map_err(io_err(user.display().to_string()))?;
+    while image.len() % 4 != 0 {
+        image.push(0);
+    }
+    image.extend(ours);
+    Ok(image)
+}
+
+/// The exit status of a command run, from what the guest init reported and how the VM ended.
+pub fn finish(p: Prepared, outcome: &Result<VmOutcome, VmmError>) -> u8 {
+    let status = p.relay.finish();
+    let words: Vec<&str> = status.as_deref().unwrap_or("").splitn(2, ' ').collect();
+    match words.as_slice() {
+        ["exit", n] => return n.trim().parse().unwrap_or(STATUS_CANNOT_RUN),
+        ["signal", n] => return 128u8.saturating_add(n.trim().parse().unwrap_or(0)),
+        ["error", msg] => {
+            eprintln!("ferrovm: the guest could not run the command: {msg}");
+            return STATUS_CANNOT_RUN;
+        }
+        _ => {}
+    }
+    let (code, why) = match outcome {
+        Err(e) => (STATUS_CANNOT_RUN, crate::error_chain(e)),
+        Ok(VmOutcome::Stopped(why)) => match crate::console::stop_signal() {
+            Some(sig) => (128u8.saturating_add(sig as u8), format!("stopped by signal {sig}")),
+            None => (STATUS_CANNOT_RUN, format!("stopped: {why}")),
+        },
+        Ok(VmOutcome::GuestPanic) => (STATUS_GUEST_DIED, "the guest kernel panicked".into()),
+        Ok(VmOutcome::Crash { reason, .. }) => {
+            (STATUS_GUEST_DIED, format!("the guest crashed: {reason}"))
+        }
+        Ok(other) => (
+            STATUS_CANNOT_RUN,
+            format!("the guest ended ({other:?}) before its init reported; --serial file=PATH shows its console"),
+        ),
+    };
+    eprintln!("ferrovm: {why}");
+    code
+}
