@@ -191,6 +191,10 @@ struct RunArgs {
     /// read-write. The kernel defaults to /boot/vmlinuz-$(uname -r), else guest-images'.
     #[arg(last = true, value_name = "CMD")]
     command: Vec<String>,
+    /// With a command: also write the initramfs ferrovm made for it to PATH (to boot the same
+    /// guest init under another VMM, or to look inside).
+    #[arg(long, value_name = "PATH")]
+    save_initramfs: Option<PathBuf>,
 }
 
 fn build_config(a: RunArgs) -> Result<VmConfig, config::ConfigError> {
@@ -430,7 +434,7 @@ fn run_command(mut args: Box<RunArgs>) -> ExitCode {
         args.kernel = oneshot::default_kernel();
         if args.kernel.is_none() {
             return fail(
-                "no kernel: /boot/vmlinuz-$(uname -r) is not readable and guest-images/out/default/bzImage \
+                "no kernel: /boot/vmlinuz-$(uname -r) is not readable and guest-images/out/default/vmlinux \
                  is not built; give --kernel PATH"
                     .into(),
             );
@@ -450,6 +454,7 @@ fn run_command(mut args: Box<RunArgs>) -> ExitCode {
     let opts = CommandOptions {
         argv: std::mem::take(&mut args.command),
         share_host,
+        save_initramfs: args.save_initramfs.take(),
     };
     let mut cfg = match build_config(*args) {
         Ok(c) => c,

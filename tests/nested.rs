@@ -451,7 +451,8 @@ tail -c +$((base + 1)) initrd.img | "$BUSYBOX" cpio -t
     }
     cfg.l1_extra.extend(extra_l1_files());
     cfg.l1_extra.extend(cases::fw::l1_files(&cfg.images));
-    cfg.l1_extra.extend(cases::run::l1_files(&cfg.images));
+    cfg.l1_extra
+        .extend(harness::command_run_modules(&cfg.images));
     cfg.l1_disks.extend(cases::fw::l1_disk(&cfg.images));
     // Disk cases copy the root image and check it with e2fsprogs (and image formats with
     // qemu-img); network cases make a namespace with a TAP (iproute2, the tun module).

@@ -38,9 +38,22 @@
 #define MODULE_INIT_COMPRESSED_FILE 4
 
 static int status_sock = -1;
+static int tracing;
+
+/* With ferrovm.trace on the kernel command line (ferrovm -v adds it): each step on the
+ * console, with the time since boot. */
+static void trace(const char *what)
+{
+	struct timespec t;
+	if (!tracing)
+		return;
+	clock_gettime(CLOCK_BOOTTIME, &t);
+	dprintf(2, "ferrovm-init: %ld.%03ld %s\n", (long)t.tv_sec, t.tv_nsec / 1000000, what);
+}
 
 static void power_off(void)
 {
+	trace("power off");
 	sync();
 	reboot(RB_POWER_OFF);
 	for (;;)
@@ -99,6 +112,7 @@ static void finish(const char *fmt, ...)
 			shutdown(status_sock, SHUT_WR);
 			wait_closed(status_sock, 5000);
 		}
+		trace("status sent");
 	} else {
 		/* No channel to the host: the console is all there is. */
 		fprintf(stderr, "ferrovm-init: %.*s", n, line);
@@ -271,7 +285,12 @@ int main(void)
 	mount("devtmpfs", "/dev", "devtmpfs", 0, NULL);
 	mount("proc", "/proc", "proc", 0, NULL);
 	mount("sysfs", "/sys", "sysfs", 0, NULL);
+	char *cmdline = slurp("/proc/cmdline", NULL);
+	tracing = cmdline && strstr(cmdline, "ferrovm.trace") != NULL;
+	free(cmdline);
+	trace("start");
 	load_modules();
+	trace("modules loaded");
 	int out = vsock_connect(PORT_STDOUT);
 	int err = vsock_connect(PORT_STDERR);
 	int in = vsock_connect(PORT_STDIN);
@@ -290,7 +309,9 @@ int main(void)
 		fail("out of memory reading", "/ferrovm");
 	sethostname("ferrovm", 7);
 
+	trace("connected");
 	const char *top = setup_root(cwd);
+	trace("root mounted");
 	if (strcmp(top, "/") != 0 && (chdir(top) != 0 || chroot(".") != 0))
 		fail("cannot enter the root", top);
 
@@ -309,10 +330,12 @@ int main(void)
 			break;
 	}
 	/* The command is done: end its streams, and wait until the host has read them. */
+	trace("command ended");
 	shutdown(out, SHUT_WR);
 	shutdown(err, SHUT_WR);
 	wait_closed(out, 10000);
 	wait_closed(err, 10000);
+	trace("streams closed");
 	if (WIFSIGNALED(st))
 		finish("signal %d", WTERMSIG(st));
 	finish("exit %d", WIFEXITED(st) ? WEXITSTATUS(st) : 125);

@@ -46,6 +46,8 @@ pub struct CommandOptions {
     pub argv: Vec<String>,
     /// `--share-host`, or the default (no `--disk`/`--initramfs`).
     pub share_host: bool,
+    /// `--save-initramfs`: a copy of the initramfs made.
+    pub save_initramfs: Option<PathBuf>,
 }
 
 /// Why the command cannot be set up.
@@ -95,7 +97,7 @@ impl Root {
 }
 
 /// The kernel a command run boots when none is given: the host's own if readable, else the
-/// guest-images default of this source tree.
+/// guest-images default of this source tree (its PVH vmlinux: no decompression in the guest).
 pub fn default_kernel() -> Option<PathBuf> {
     // SAFETY: utsname is plain data; uname fills it.
     let mut u: libc::utsname = unsafe { std::mem::zeroed() };
@@ -108,8 +110,11 @@ pub fn default_kernel() -> Option<PathBuf> {
             return Some(host);
         }
     }
-    let ours = Path::new(env!("CARGO_MANIFEST_DIR")).join("guest-images/out/default/bzImage");
-    ours.exists().then_some(ours)
+    let ours = Path::new(env!("CARGO_MANIFEST_DIR")).join("guest-images/out/default");
+    ["vmlinux", "bzImage"]
+        .iter()
+        .map(|k| ours.join(k))
+        .find(|k| k.exists())
 }
 
 /// A command run being set up or running: its private folder and the relay of its streams.
@@ -143,7 +148,12 @@ pub fn prepare(opts: &CommandOptions, cfg: &mut VmConfig) -> Result<Prepared, On
     let dir = PrivateDir::create("run").map_err(io_err("a temporary directory"))?;
     let image = build_initramfs(opts, cfg, root, &cwd)?;
     let path = dir.path().join("initramfs.cpio");
-    std::fs::write(&path, image).map_err(io_err(format!("writing {}", path.display())))?;
+    for p in [Some(&path), opts.save_initramfs.as_ref()]
+        .into_iter()
+        .flatten()
+    {
+        std::fs::write(p, &image).map_err(io_err(format!("writing {}", p.display())))?;
+    }
     cfg.initramfs = Some(path);
     if root == Root::Host {
         cfg.fs.push(share(ROOT_TAG, Path::new("/"), true));
@@ -159,6 +169,9 @@ pub fn prepare(opts: &CommandOptions, cfg: &mut VmConfig) -> Result<Prepared, On
         cfg.cmdline = COMMAND_CMDLINE.into();
     }
     cfg.cmdline.push_str(" rdinit=/init");
+    if cfg.verbose {
+        cfg.cmdline.push_str(" ferrovm.trace");
+    }
     let relay = relay::Relay::start(&socket).map_err(io_err("the command's stream sockets"))?;
     Ok(Prepared { relay, _dir: dir })
 }
@@ -257,18 +270,28 @@ fn build_initramfs(
     Ok(image)
 }
 
+/// The exit status the guest init's status line gives ("exit N", "signal N", "error MSG").
+fn reported_status(line: &str) -> Option<u8> {
+    let (word, rest) = line.split_once(' ')?;
+    match word {
+        "exit" => Some(rest.trim().parse().unwrap_or(STATUS_CANNOT_RUN)),
+        "signal" => Some(128u8.saturating_add(rest.trim().parse().unwrap_or(0))),
+        "error" => {
+            eprintln!("ferrovm: the guest could not run the command: {rest}");
+            Some(STATUS_CANNOT_RUN)
+        }
+        _ => None,
+    }
+}
+
 /// The exit status of a command run, from what the guest init reported and how the VM ended.
 pub fn finish(p: Prepared, outcome: &Result<VmOutcome, VmmError>) -> u8 {
-    let status = p.relay.finish();
-    let words: Vec<&str> = status.as_deref().unwrap_or("").splitn(2, ' ').collect();
-    match words.as_slice() {
-        ["exit", n] => return n.trim().parse().unwrap_or(STATUS_CANNOT_RUN),
-        ["signal", n] => return 128u8.saturating_add(n.trim().parse().unwrap_or(0)),
-        ["error", msg] => {
-            eprintln!("ferrovm: the guest could not run the command: {msg}");
-            return STATUS_CANNOT_RUN;
-        }
-        _ => {}
+    let since_start = || crate::START.get().map_or(0, |s| s.elapsed().as_millis());
+    log::debug!("command run: the VM ended {} ms after start", since_start());
+    let reported = p.relay.finish();
+    log::debug!("command run: streams done {} ms after start", since_start());
+    if let Some(code) = reported.as_deref().and_then(reported_status) {
+        return code;
     }
     let (code, why) = match outcome {
         Err(e) => (STATUS_CANNOT_RUN, crate::error_chain(e)),
@@ -287,4 +310,86 @@ pub fn finish(p: Prepared, outcome: &Result<VmOutcome, VmmError>) -> u8 {
     };
     eprintln!("ferrovm: {why}");
     code
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_lines_map_to_exit_statuses() {
+        assert_eq!(reported_status("exit 7"), Some(7));
+        assert_eq!(reported_status("exit 0"), Some(0));
+        assert_eq!(reported_status("signal 9"), Some(137));
+        assert_eq!(reported_status("signal 200"), Some(255), "saturates");
+        assert_eq!(reported_status("exit 999"), Some(STATUS_CANNOT_RUN));
+        assert_eq!(
+            reported_status("error cannot mount x"),
+            Some(STATUS_CANNOT_RUN)
+        );
+        assert_eq!(reported_status("garbage"), None);
+        assert_eq!(reported_status("hello world"), None);
+    }
+
+    fn opts(argv: &[&str]) -> CommandOptions {
+        CommandOptions {
+            argv: argv.iter().map(|s| s.to_string()).collect(),
+            share_host: true,
+            save_initramfs: None,
+        }
+    }
+
+    #[test]
+    fn a_command_run_gets_its_shares_vsock_and_initramfs() {
+        if INIT.is_empty() {
+            return crate::test_support::skipped(
+                "a_command_run_gets_its_shares_vsock_and_initramfs",
+                "built without the guest init",
+            );
+        }
+        let mut cfg = VmConfig::with_kernel("/nonexistent/bzImage".into());
+        let p = prepare(&opts(&["sh", "-c", "echo hi"]), &mut cfg).unwrap();
+        let tags: Vec<&str> = cfg.fs.iter().map(|f| f.tag.as_str()).collect();
+        assert_eq!(tags, [ROOT_TAG, CWD_TAG]);
+        assert!(cfg.cmdline.ends_with(" rdinit=/init"));
+        assert!(cfg.cmdline.starts_with(COMMAND_CMDLINE));
+        let image = std::fs::read(cfg.initramfs.as_ref().unwrap()).unwrap();
+        let needle = b"sh\0-c\0echo hi\0";
+        assert!(image.windows(needle.len()).any(|w| w == needle));
+        let mut stdout_port = cfg.vsock.as_ref().unwrap().socket.clone().into_os_string();
+        stdout_port.push("_1");
+        assert!(
+            Path::new(&stdout_port).exists(),
+            "the relay listens for stdout"
+        );
+        drop(p);
+        assert!(
+            !cfg.initramfs.as_ref().unwrap().exists(),
+            "the private folder goes"
+        );
+    }
+
+    #[test]
+    fn conflicting_options_are_refused() {
+        let mut cfg = VmConfig::with_kernel("/nonexistent/bzImage".into());
+        cfg.vsock = Some(VsockConfig {
+            cid: 3,
+            socket: "/tmp/x".into(),
+        });
+        let e = prepare(&opts(&["true"]), &mut cfg)
+            .err()
+            .unwrap()
+            .to_string();
+        if INIT.is_empty() {
+            return;
+        }
+        assert!(e.contains("--vsock"), "{e}");
+        let mut cfg = VmConfig::with_kernel("/nonexistent/bzImage".into());
+        cfg.fs.push(share(CWD_TAG, Path::new("/tmp"), false));
+        let e = prepare(&opts(&["true"]), &mut cfg)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("reserved"), "{e}");
+    }
 }

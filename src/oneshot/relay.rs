@@ -27,7 +27,7 @@ const DRAIN_AFTER_STOP: Duration = Duration::from_secs(2);
 /// The running relay.
 pub struct Relay {
     stop: EventFd,
-    thread: JoinHandle<Option<String>>,
+    thread: Option<JoinHandle<Option<String>>>,
 }
 
 #[derive(Default)]
@@ -55,13 +55,26 @@ impl Relay {
         let thread = std::thread::Builder::new()
             .name("run-relay".into())
             .spawn(move || run(chans, &stop2, relay_stdin))?;
-        Ok(Relay { stop, thread })
+        Ok(Relay {
+            stop,
+            thread: Some(thread),
+        })
     }
 
     /// Called once the VM has ended: lets the streams drain, returns the status line.
-    pub fn finish(self) -> Option<String> {
+    pub fn finish(mut self) -> Option<String> {
         let _ = self.stop.write(1);
-        self.thread.join().ok().flatten()
+        self.thread.take()?.join().ok().flatten()
+    }
+}
+
+impl Drop for Relay {
+    /// A relay dropped without [`Relay::finish`] (setup failed later) still ends its thread.
+    fn drop(&mut self) {
+        let _ = self.stop.write(1);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
 }
 
@@ -123,7 +136,16 @@ fn run(chans: [Chan; 4], stop: &EventFd, relay_stdin: bool) -> Option<String> {
                 continue;
             }
             if what == Watch::Stop {
-                deadline = Some(Instant::now() + DRAIN_AFTER_STOP);
+                // A guest that never connected has nothing to drain.
+                let connected = s.chans.iter().any(|c| c.stream.is_some() || c.eof);
+                deadline = Some(
+                    Instant::now()
+                        + if connected {
+                            DRAIN_AFTER_STOP
+                        } else {
+                            Duration::ZERO
+                        },
+                );
             } else {
                 s.serve(what, &mut buf);
             }

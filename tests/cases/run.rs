@@ -1,35 +1,10 @@
 //! `ferrovm run -- CMD` (issue 12): one command in a throwaway VM whose root is L1's own `/`
 //! over virtio-fs, its streams and exit status passed back.
 
-use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::status;
 use crate::harness::{expect_output, Case, CaseOutput};
-
-/// The guest kernel's modules that command runs load, for L1's /images/modules (ferrovm finds
-/// a kernel's modules in a `modules/` folder beside it).
-pub fn l1_files(images: &Path) -> Vec<(PathBuf, String)> {
-    let dir = images.join("modules");
-    let Ok(tree) = ferrovm::oneshot::initramfs::ModuleTree::open(&dir) else {
-        return Vec::new(); // the case then fails: the guest has no vsock
-    };
-    let wanted = [
-        ("virtio_pci", true),
-        ("vmw_vsock_virtio_transport", true),
-        ("virtiofs", true),
-        ("overlay", true),
-        ("virtio_blk", false),
-        ("ext4", false),
-    ];
-    let mut files: Vec<String> = tree.resolve(&wanted).unwrap_or_default();
-    files.extend(["modules.dep".to_string(), "modules.builtin".to_string()]);
-    files
-        .into_iter()
-        .map(|rel| (dir.join(&rel), format!("/images/modules/{rel}")))
-        .filter(|(p, _)| p.exists())
-        .collect()
-}
 
 const SCRIPT: &str = r#"set -e
 echo l1-hostname-for-ferrovm > /etc/hostname

@@ -1,36 +1,11 @@
 //! virtio-vsock (issue 12): hybrid vsock between the stock kernel's guest and L1 programs
 //! (socat on the host side, tests/guest/vsock-nc.c in the guest).
 
-use std::path::PathBuf;
-use std::process::Command;
 use std::time::Duration;
 
 use super::{status, tagged_md5};
 use crate::harness::{expect_output, Case, CaseOutput};
 use crate::value;
-
-/// The guest's AF_VSOCK netcat, built static (busybox nc has no vsock). If gcc fails the file
-/// is missing and the case reports SKIPPED with the reason (which CI counts as a failure).
-fn vsock_nc() -> PathBuf {
-    let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/guest/vsock-nc.c");
-    let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("vsock-nc");
-    let fresh = match (std::fs::metadata(&src), std::fs::metadata(&out)) {
-        (Ok(s), Ok(o)) => o.modified().ok() >= s.modified().ok(),
-        _ => false,
-    };
-    if !fresh {
-        let _ = std::fs::remove_file(&out);
-        let built = Command::new("gcc")
-            .args(["-static", "-Os", "-Wall", "-o"])
-            .arg(&out)
-            .arg(&src)
-            .status();
-        if !matches!(built, Ok(s) if s.success()) {
-            let _ = std::fs::remove_file(&out);
-        }
-    }
-    out
-}
 
 const SCRIPT: &str = r#"set -e
 command -v socat >/dev/null || { echo "socat missing in L1"; exit 1; }
@@ -146,7 +121,7 @@ fn check(o: &CaseOutput) -> Result<(), String> {
 }
 
 pub fn cases() -> Vec<Case> {
-    let nc = vsock_nc();
+    let nc = crate::harness::vsock_nc();
     vec![Case::new(
         "vsock_streams_both_ways_200_connections_bounded_memory",
         SCRIPT,

@@ -6,6 +6,8 @@
  *   vsock-nc -l PORT -i           accept one connection and never read from it
  *   vsock-nc -p COUNT CID PORT    COUNT connections one after another, each sending
  *                                 "ping N\n" and expecting it echoed; prints PINGS_OK=N
+ *   vsock-nc -t IPV4 PORT         the relay over TCP instead (the same code path, for
+ *                                 benchmarks that compare vsock with a TCP stream)
  *
  * Listening modes print "vsock-nc: listening on PORT" to stderr once the socket listens.
  * Exit status: 0 on success, 1 on any error (with a message on stderr).
@@ -17,6 +19,8 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <unistd.h>
+#include <arpa/inet.h>
+#include <netinet/in.h>
 #include <linux/vm_sockets.h>
 
 static int fail(const char *what)
@@ -167,8 +171,26 @@ static int pings(unsigned count, unsigned cid, unsigned port)
 	return ok == count ? 0 : 1;
 }
 
+static int tcp_relay(const char *ip, unsigned port)
+{
+	struct sockaddr_in a;
+	memset(&a, 0, sizeof(a));
+	a.sin_family = AF_INET;
+	a.sin_port = htons((unsigned short)port);
+	if (inet_pton(AF_INET, ip, &a.sin_addr) != 1) {
+		fprintf(stderr, "vsock-nc: not an IPv4 address: %s\n", ip);
+		return 1;
+	}
+	int s = socket(AF_INET, SOCK_STREAM, 0);
+	if (s < 0 || connect(s, (struct sockaddr *)&a, sizeof(a)) < 0)
+		return fail("connect");
+	return relay(s);
+}
+
 int main(int argc, char **argv)
 {
+	if (argc == 4 && strcmp(argv[1], "-t") == 0)
+		return tcp_relay(argv[2], parse_u32(argv[3]));
 	if (argc >= 3 && strcmp(argv[1], "-l") == 0)
 		return listen_on(parse_u32(argv[2]), argc == 4 && strcmp(argv[3], "-i") == 0);
 	if (argc == 5 && strcmp(argv[1], "-p") == 0)
@@ -179,6 +201,6 @@ int main(int argc, char **argv)
 			return fail("connect");
 		return relay(s);
 	}
-	fprintf(stderr, "usage: vsock-nc CID PORT | -l PORT [-i] | -p COUNT CID PORT\n");
+	fprintf(stderr, "usage: vsock-nc CID PORT | -l PORT [-i] | -p COUNT CID PORT | -t IPV4 PORT\n");
 	return 1;
 }

@@ -250,6 +250,53 @@ impl Config {
     }
 }
 
+/// The guest kernel modules `ferrovm run -- CMD` loads, for `Config::l1_extra`: at
+/// /images/modules in L1, the `modules/` folder beside /images/bzImage where ferrovm looks.
+pub fn command_run_modules(images: &Path) -> Vec<(PathBuf, String)> {
+    let dir = images.join("modules");
+    let Ok(tree) = ferrovm::oneshot::initramfs::ModuleTree::open(&dir) else {
+        return Vec::new(); // command runs then fail: the guest has no vsock
+    };
+    let wanted = [
+        ("virtio_pci", true),
+        ("vmw_vsock_virtio_transport", true),
+        ("virtiofs", true),
+        ("overlay", true),
+        ("virtio_blk", false),
+        ("ext4", false),
+    ];
+    let mut files = tree.resolve(&wanted).unwrap_or_default();
+    files.extend(["modules.dep".to_string(), "modules.builtin".to_string()]);
+    files
+        .into_iter()
+        .map(|rel| (dir.join(&rel), format!("/images/modules/{rel}")))
+        .filter(|(p, _)| p.exists())
+        .collect()
+}
+
+/// The guest's AF_VSOCK netcat, built static (busybox nc has no vsock). If gcc fails the file
+/// is missing and the case reports SKIPPED with the reason (which CI counts as a failure).
+pub fn vsock_nc() -> PathBuf {
+    let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/guest/vsock-nc.c");
+    let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("vsock-nc");
+    let fresh = match (std::fs::metadata(&src), std::fs::metadata(&out)) {
+        (Ok(s), Ok(o)) => o.modified().ok() >= s.modified().ok(),
+        _ => false,
+    };
+    if !fresh {
+        let _ = std::fs::remove_file(&out);
+        let built = std::process::Command::new("gcc")
+            .args(["-static", "-Os", "-Wall", "-o"])
+            .arg(&out)
+            .arg(&src)
+            .status();
+        if !matches!(built, Ok(s) if s.success()) {
+            let _ = std::fs::remove_file(&out);
+        }
+    }
+    out
+}
+
 /// svm or vmx in /proc/cpuinfo => direct, else nested.
 /// QEMU firmware images by file name, for `Config::l1_extra`: each found one goes to
 /// `/qemu/share/<name>` in L1 (use `qemu-system-x86_64 -L /qemu/share`). Debian keeps the

@@ -408,7 +408,20 @@ impl Muxer {
             });
             return self.close(key, true);
         }
-        c.to_host.extend(payload);
+        // Nothing queued: straight to the socket, buffering only what it does not take.
+        let mut rest = payload;
+        if c.to_host.is_empty() {
+            match c.stream.write(payload) {
+                Ok(n) => {
+                    c.fwd_cnt = c.fwd_cnt.wrapping_add(n as u32);
+                    rest = &payload[n..];
+                }
+                Err(e)
+                    if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::Interrupted => {}
+                Err(_) => return self.close(key, true),
+            }
+        }
+        c.to_host.extend(rest);
         self.flush(key);
     }
 
