@@ -79,8 +79,11 @@ static int vsock_connect(unsigned port)
 	a.svm_family = AF_VSOCK;
 	a.svm_cid = VMADDR_CID_HOST;
 	a.svm_port = port;
-	/* The transport may still be probing: retry for about five seconds. */
-	for (int i = 0; i < 500; i++) {
+	/* The transport may still be probing: retry for ten seconds in all. */
+	struct timespec now, end;
+	clock_gettime(CLOCK_MONOTONIC, &end);
+	end.tv_sec += 10;
+	do {
 		int s = socket(AF_VSOCK, SOCK_STREAM | SOCK_CLOEXEC, 0);
 		if (s >= 0 && connect(s, (struct sockaddr *)&a, sizeof(a)) == 0)
 			return s;
@@ -88,7 +91,8 @@ static int vsock_connect(unsigned port)
 			close(s);
 		struct timespec t = { 0, 10 * 1000 * 1000 };
 		nanosleep(&t, NULL);
-	}
+		clock_gettime(CLOCK_MONOTONIC, &now);
+	} while (now.tv_sec < end.tv_sec || (now.tv_sec == end.tv_sec && now.tv_nsec < end.tv_nsec));
 	return -1;
 }
 
@@ -333,8 +337,9 @@ int main(void)
 	trace("command ended");
 	shutdown(out, SHUT_WR);
 	shutdown(err, SHUT_WR);
-	wait_closed(out, 10000);
-	wait_closed(err, 10000);
+	/* No deadline: a slow reader of ferrovm's output must not lose the end of it. */
+	wait_closed(out, -1);
+	wait_closed(err, -1);
 	trace("streams closed");
 	if (WIFSIGNALED(st))
 		finish("signal %d", WTERMSIG(st));

@@ -158,7 +158,10 @@ pub fn prepare(opts: &CommandOptions, cfg: &mut VmConfig) -> Result<Prepared, On
     if root == Root::Host {
         cfg.fs.push(share(ROOT_TAG, Path::new("/"), true));
     }
-    cfg.fs.push(share(CWD_TAG, &cwd, false));
+    // From `/` the working directory is the root: it stays the read-only overlay.
+    if cwd != Path::new("/") {
+        cfg.fs.push(share(CWD_TAG, &cwd, false));
+    }
     check_fs_list(&cfg.fs).map_err(|e| OneshotError::TagTaken(e.to_string()))?;
     let socket = dir.path().join("vsock");
     cfg.vsock = Some(VsockConfig {
@@ -235,7 +238,9 @@ fn build_initramfs(
         kv.to_string_lossy().into_owned()
     });
     c.file("ferrovm/env", 0o644, &nul_list(&mut env.into_iter()));
-    c.file("ferrovm/cwd", 0o644, cwd.to_string_lossy().as_bytes());
+    if cwd != Path::new("/") {
+        c.file("ferrovm/cwd", 0o644, cwd.to_string_lossy().as_bytes());
+    }
     c.file("ferrovm/root", 0o644, root.name().as_bytes());
     let mut list = String::new();
     if let Some(tree) = find_modules(&cfg.kernel) {

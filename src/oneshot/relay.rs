@@ -260,19 +260,24 @@ impl State {
             return;
         }
         let data = &buf[..n];
-        // A closed stdout or stderr (EPIPE) drops the output; the command still runs.
-        match i {
+        let written = match i {
             OUT => {
                 let mut o = io::stdout().lock();
-                let _ = o.write_all(data).and_then(|_| o.flush());
+                o.write_all(data).and_then(|_| o.flush())
             }
-            ERR => {
-                let _ = io::stderr().lock().write_all(data);
-            }
+            ERR => io::stderr().lock().write_all(data),
             _ => {
                 let room = STATUS_MAX.saturating_sub(self.status.len());
                 self.status.extend_from_slice(&data[..data.len().min(room)]);
+                Ok(())
             }
+        };
+        // A closed stdout or stderr (`ferrovm run -- yes | head -1`): the stream is closed
+        // towards the guest too, whose writer then gets EPIPE, as it would on the host.
+        if written.is_err() {
+            let c = &mut self.chans[i];
+            c.eof = true;
+            c.stream = None;
         }
     }
 }

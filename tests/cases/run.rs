@@ -21,6 +21,8 @@ R -- md5sum < in.bin > out2 2>err2
 echo "STATUS_STDIN=$?"
 echo "GUEST_STDIN_MD5=$(cut -d' ' -f1 out2)"
 echo "HOST_STDIN_MD5=$(md5sum < in.bin | cut -d' ' -f1)"
+( R -- yes 2>/dev/null; echo $? > pipe.status ) | head -n 1 > pipe.out
+echo "STATUS_PIPE=$(cat pipe.status) PIPE_OUT=$(cat pipe.out)"
 R -- sh -c 'kill -9 $$' >/dev/null 2>&1
 echo "STATUS_KILLED=$?"
 R -- /no/such/program >/dev/null 2>err4
@@ -67,6 +69,8 @@ fn check(o: &CaseOutput) -> Result<(), String> {
     if md5("GUEST_STDIN_MD5=")? != md5("HOST_STDIN_MD5=")? {
         return Err("stdin did not reach the command intact".into());
     }
+    // stdout closed by the reader: the guest's writer gets SIGPIPE.
+    expect_output(o, "STATUS_PIPE=141 PIPE_OUT=y")?;
     status(o, "STATUS_KILLED", 137)?;
     status(o, "STATUS_NOT_FOUND", 127)?;
     expect_output(

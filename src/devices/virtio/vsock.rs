@@ -218,6 +218,12 @@ impl VsockHandler {
         if notify {
             ctx.signal_used(self.rx.0).map_err(DeviceError::new)?;
         }
+        // The backlog that stopped TX went out: serve TX again (the guest will not kick for
+        // chains it already published).
+        if self.tx_gated && self.muxer.ctrl_backlog() < CTRL_GATE {
+            self.tx_gated = false;
+            ctx.rerun(SLOT_TX);
+        }
         Ok(())
     }
 
@@ -276,13 +282,7 @@ impl VsockHandler {
 impl VirtioHandler for VsockHandler {
     fn queue_event(&mut self, slot: usize, ctx: &mut WorkerCtx) -> Result<(), DeviceError> {
         match slot {
-            SLOT_RX => {
-                self.fill(ctx)?;
-                if self.tx_gated && self.muxer.ctrl_backlog() < CTRL_GATE {
-                    self.serve_tx(ctx)?;
-                }
-                Ok(())
-            }
+            SLOT_RX => self.fill(ctx),
             SLOT_TX => self.serve_tx(ctx),
             // The event queue: buffers for transport resets, which are never sent.
             _ => Ok(()),

@@ -45,6 +45,8 @@ const MAX_LINE: usize = 32;
 pub const CTRL_GATE: usize = 256;
 /// A credit update goes to the guest once this many bytes were forwarded since the last one.
 const CREDIT_UPDATE_AFTER: u32 = CONN_BUF / 4;
+/// How long a host-initiated connection waits for the guest's answer (Firecracker's 2 s).
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 /// First host port of host-initiated connections (Firecracker's choice).
 const LOCAL_PORT_BASE: u32 = 1 << 30;
 /// Packets read from one host socket per event (fairness between connections).
@@ -101,6 +103,8 @@ struct Conn {
     credit_update_queued: bool,
     in_rx: bool,
     in_tx: bool,
+    /// When the REQUEST of a host-initiated connection was queued.
+    since: std::time::Instant,
 }
 
 impl Conn {
@@ -121,6 +125,7 @@ impl Conn {
             credit_update_queued: false,
             in_rx: false,
             in_tx: false,
+            since: std::time::Instant::now(),
         }
     }
 
@@ -494,7 +499,22 @@ impl Muxer {
         Ok(())
     }
 
+    /// Resets host-initiated connections the guest has not answered in time (their clients
+    /// may be gone; nothing else would free their slots).
+    fn expire_connecting(&mut self) {
+        let stale: Vec<Key> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.state == State::Connecting && c.since.elapsed() > CONNECT_TIMEOUT)
+            .map(|(k, _)| *k)
+            .collect();
+        for key in stale {
+            self.close(key, true);
+        }
+    }
+
     fn accept(&mut self) {
+        self.expire_connecting();
         for _ in 0..8 {
             let stream = match self.listener.accept() {
                 Ok((s, _)) => s,
@@ -731,8 +751,13 @@ fn bind(path: &Path) -> Result<UnixListener, ListenError> {
         if !meta.file_type().is_socket() {
             return Err(ListenError::NotASocket(path.to_path_buf()));
         }
-        if UnixStream::connect(path).is_ok() {
-            return Err(ListenError::InUse(path.to_path_buf()));
+        // Without blocking: a listener whose backlog is full is in use too.
+        match connect_nonblocking(path) {
+            Ok(_) => return Err(ListenError::InUse(path.to_path_buf())),
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                return Err(ListenError::InUse(path.to_path_buf()))
+            }
+            Err(_) => {}
         }
         std::fs::remove_file(path).map_err(io)?;
     }

@@ -660,3 +660,24 @@ fn a_large_guest_stream_to_a_slow_host_closes_cleanly() {
     pump_until(&mut m, &mut g, |p| p.iter().any(|(h, _)| h.op == op::RST));
     assert_eq!(m.connections(), 0);
 }
+
+#[test]
+fn unanswered_host_connections_expire() {
+    let dir = Dir::new("expire");
+    let mem = guest_mem();
+    let mut g = Guest::new(&mem);
+    let mut m = Muxer::new(GUEST_CID, &dir.sock()).unwrap();
+    g.post(16, BIG);
+    let mut client = UnixStream::connect(dir.sock()).unwrap();
+    client.write_all(b"CONNECT 77\n").unwrap();
+    let got = pump_until(&mut m, &mut g, |p| !p.is_empty());
+    assert_eq!(got[0].0.op, op::REQUEST);
+    assert_eq!(m.connections(), 1);
+    // The guest never answers; the client is gone; a later client's arrival sweeps it.
+    drop(client);
+    std::thread::sleep(Duration::from_millis(2100));
+    let _next = UnixStream::connect(dir.sock()).unwrap();
+    let got = pump_until(&mut m, &mut g, |p| p.iter().any(|(h, _)| h.op == op::RST));
+    assert_eq!(got.last().unwrap().0.dst_port, 77);
+    assert_eq!(m.connections(), 0);
+}
