@@ -227,8 +227,17 @@ impl State {
         let Some(l) = &c.listener else {
             return;
         };
-        let Ok((st, _)) = l.accept() else {
-            return;
+        let st = match l.accept() {
+            Ok((st, _)) => st,
+            Err(e) if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::Interrupted => {
+                return
+            }
+            // (EMFILE): a listener that stays readable would spin the loop; the channel is lost.
+            Err(_) => {
+                c.listener = None;
+                c.eof = true;
+                return;
+            }
         };
         // One connection per channel.
         c.listener = None;

@@ -163,6 +163,9 @@ pub struct Muxer {
     guest_cid: u64,
     path: PathBuf,
     listener: UnixListener,
+    /// The listener is out of rx_epoll: accept failed for want of fds (EMFILE), and a
+    /// readable listener nobody can accept from would wake the worker forever.
+    listener_paused: bool,
     rx_epoll: Epoll,
     tx_epoll: Epoll,
     pending: VecDeque<Pending>,
@@ -198,6 +201,7 @@ impl Muxer {
             guest_cid,
             path: path.to_path_buf(),
             listener,
+            listener_paused: false,
             rx_epoll,
             tx_epoll,
             pending: VecDeque::new(),
@@ -250,8 +254,24 @@ impl Muxer {
         self.ctrl.push_back(Ctrl { key, op, flags });
     }
 
+    /// Watches the listener again after an fd was freed.
+    fn resume_listener(&mut self) {
+        if !self.listener_paused {
+            return;
+        }
+        let ev = EpollEvent::new(EventSet::IN, TOKEN_LISTENER);
+        if self
+            .rx_epoll
+            .ctl(ControlOperation::Add, self.listener.as_raw_fd(), ev)
+            .is_ok()
+        {
+            self.listener_paused = false;
+        }
+    }
+
     /// Closes a connection; with `rst` the guest is told.
     fn close(&mut self, key: Key, rst: bool) {
+        self.resume_listener();
         if let Some(c) = self.conns.remove(&key) {
             self.tokens.remove(&c.token);
             if rst {
@@ -519,6 +539,20 @@ impl Muxer {
             let stream = match self.listener.accept() {
                 Ok((s, _)) => s,
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return,
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
+                    self.log.warn(|| {
+                        format!("vsock: out of file descriptors ({e}): new host clients wait")
+                    });
+                    let fd = self.listener.as_raw_fd();
+                    if self
+                        .rx_epoll
+                        .ctl(ControlOperation::Delete, fd, EpollEvent::default())
+                        .is_ok()
+                    {
+                        self.listener_paused = true;
+                    }
+                    return;
+                }
                 Err(e) => {
                     self.log.warn(|| format!("vsock: accept failed: {e}"));
                     return;
@@ -575,6 +609,7 @@ impl Muxer {
         p.line.extend_from_slice(&got);
         if !ok || p.line.len() > MAX_LINE {
             self.pending.remove(i);
+            self.resume_listener();
             return;
         }
         if p.line.last() != Some(&b'\n') {
