@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 
 use crate::config::{VmConfig, DEFAULT_CMDLINE};
 use crate::devices::virtio::daemon::PrivateDir;
-use crate::devices::virtio::fs::{check_fs_list, FsConfig, FsSource};
+use crate::devices::virtio::fs::{FsConfig, FsSource};
 use crate::devices::virtio::vsock::VsockConfig;
 use crate::vmm::{VmOutcome, VmmError};
 use initramfs::{find_modules, Cpio, ModuleTree};
@@ -145,8 +145,10 @@ pub fn prepare(opts: &CommandOptions, cfg: &mut VmConfig) -> Result<Prepared, On
         (false, None, true) => Root::Host,
     };
     let cwd = std::env::current_dir().map_err(io_err("the current directory"))?;
+    // From `/` the working directory is the root: it stays the read-only overlay.
+    let cwd_share = (cwd != Path::new("/")).then_some(cwd.as_path());
     let dir = PrivateDir::create("run").map_err(io_err("a temporary directory"))?;
-    let image = build_initramfs(opts, cfg, root, &cwd)?;
+    let image = build_initramfs(opts, cfg, root, cwd_share)?;
     let path = dir.path().join("initramfs.cpio");
     for p in [Some(&path), opts.save_initramfs.as_ref()]
         .into_iter()
@@ -158,11 +160,9 @@ pub fn prepare(opts: &CommandOptions, cfg: &mut VmConfig) -> Result<Prepared, On
     if root == Root::Host {
         cfg.fs.push(share(ROOT_TAG, Path::new("/"), true));
     }
-    // From `/` the working directory is the root: it stays the read-only overlay.
-    if cwd != Path::new("/") {
-        cfg.fs.push(share(CWD_TAG, &cwd, false));
+    if let Some(cwd) = cwd_share {
+        cfg.fs.push(share(CWD_TAG, cwd, false));
     }
-    check_fs_list(&cfg.fs).map_err(|e| OneshotError::TagTaken(e.to_string()))?;
     let socket = dir.path().join("vsock");
     cfg.vsock = Some(VsockConfig {
         cid: GUEST_CID,
@@ -191,26 +191,45 @@ fn share(tag: &str, path: &Path, readonly: bool) -> FsConfig {
     }
 }
 
-/// The modules the guest init needs for `root`: (name, required).
+/// Kernel modules the guest init loads, (name, required): always, and for each kind of root.
+const MODULES: [(&str, bool); 3] = [
+    ("virtio_pci", true),
+    ("vmw_vsock_virtio_transport", true),
+    ("virtiofs", true),
+];
+const HOST_ROOT_MODULES: [(&str, bool); 1] = [("overlay", true)];
+const DISK_ROOT_MODULES: [(&str, bool); 2] = [("virtio_blk", true), ("ext4", false)];
+
+/// The modules the guest init needs for `root`.
 fn wanted_modules(root: Root) -> Vec<(&'static str, bool)> {
-    let mut w = vec![
-        ("virtio_pci", true),
-        ("vmw_vsock_virtio_transport", true),
-        ("virtiofs", true),
-    ];
-    match root {
-        Root::Host => w.push(("overlay", true)),
-        Root::Disk => w.extend([("virtio_blk", true), ("ext4", false)]),
-        Root::Initramfs => {}
-    }
-    w
+    let extra: &[(&str, bool)] = match root {
+        Root::Host => &HOST_ROOT_MODULES,
+        Root::Disk => &DISK_ROOT_MODULES,
+        Root::Initramfs => &[],
+    };
+    MODULES.iter().chain(extra).copied().collect()
+}
+
+/// Every module a command run may load, whatever its root (for test beds that copy a
+/// kernel's modules).
+pub fn all_modules() -> Vec<(&'static str, bool)> {
+    let mut all = wanted_modules(Root::Host);
+    all.extend(DISK_ROOT_MODULES);
+    all
+}
+
+fn nul_list(items: impl IntoIterator<Item = String>) -> Vec<u8> {
+    items
+        .into_iter()
+        .flat_map(|s| s.into_bytes().into_iter().chain([0]))
+        .collect()
 }
 
 fn build_initramfs(
     opts: &CommandOptions,
     cfg: &VmConfig,
     root: Root,
-    cwd: &Path,
+    cwd: Option<&Path>,
 ) -> Result<Vec<u8>, OneshotError> {
     let mut c = Cpio::default();
     for d in [
@@ -221,30 +240,21 @@ fn build_initramfs(
     c.dir("ferrovm/modules.d");
     c.char_dev("dev/console", 5, 1);
     c.file("init", 0o755, INIT);
-    let nul_list = |items: &mut dyn Iterator<Item = String>| -> Vec<u8> {
-        items
-            .flat_map(|s| s.into_bytes().into_iter().chain([0]))
-            .collect()
-    };
-    c.file(
-        "ferrovm/argv",
-        0o644,
-        &nul_list(&mut opts.argv.iter().cloned()),
-    );
+    c.file("ferrovm/argv", 0o644, &nul_list(opts.argv.iter().cloned()));
     let env = std::env::vars_os().map(|(k, v)| {
         let mut kv = k;
         kv.push("=");
         kv.push(v);
         kv.to_string_lossy().into_owned()
     });
-    c.file("ferrovm/env", 0o644, &nul_list(&mut env.into_iter()));
-    if cwd != Path::new("/") {
+    c.file("ferrovm/env", 0o644, &nul_list(env));
+    if let Some(cwd) = cwd {
         c.file("ferrovm/cwd", 0o644, cwd.to_string_lossy().as_bytes());
     }
     c.file("ferrovm/root", 0o644, root.name().as_bytes());
     let mut list = String::new();
-    if let Some(tree) = find_modules(&cfg.kernel) {
-        let tree = ModuleTree::open(&tree.clone()).map_err(io_err(tree.display().to_string()))?;
+    if let Some(dir) = find_modules(&cfg.kernel) {
+        let tree = ModuleTree::open(&dir).map_err(io_err(dir.display().to_string()))?;
         let paths =
             tree.resolve(&wanted_modules(root))
                 .map_err(|module| OneshotError::MissingModule {

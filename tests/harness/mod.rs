@@ -257,14 +257,7 @@ pub fn command_run_modules(images: &Path) -> Vec<(PathBuf, String)> {
     let Ok(tree) = ferrovm::oneshot::initramfs::ModuleTree::open(&dir) else {
         return Vec::new(); // command runs then fail: the guest has no vsock
     };
-    let wanted = [
-        ("virtio_pci", true),
-        ("vmw_vsock_virtio_transport", true),
-        ("virtiofs", true),
-        ("overlay", true),
-        ("virtio_blk", false),
-        ("ext4", false),
-    ];
+    let wanted = ferrovm::oneshot::all_modules();
     let mut files = tree.resolve(&wanted).unwrap_or_default();
     files.extend(["modules.dep".to_string(), "modules.builtin".to_string()]);
     files

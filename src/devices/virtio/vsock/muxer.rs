@@ -269,17 +269,22 @@ impl Muxer {
         }
     }
 
+    /// Queues a reset of `key` for the guest.
+    fn send_rst(&mut self, key: Key) {
+        self.ctrl.push_back(Ctrl {
+            key,
+            op: op::RST,
+            flags: 0,
+        });
+    }
+
     /// Closes a connection; with `rst` the guest is told.
     fn close(&mut self, key: Key, rst: bool) {
         self.resume_listener();
         if let Some(c) = self.conns.remove(&key) {
             self.tokens.remove(&c.token);
             if rst {
-                self.ctrl.push_back(Ctrl {
-                    key,
-                    op: op::RST,
-                    flags: 0,
-                });
+                self.send_rst(key);
             }
         }
     }
@@ -332,11 +337,7 @@ impl Muxer {
         };
         let reject = |m: &mut Muxer| {
             if h.op != op::RST {
-                m.ctrl.push_back(Ctrl {
-                    key,
-                    op: op::RST,
-                    flags: 0,
-                });
+                m.send_rst(key);
             }
         };
         if h.dst_cid != HOST_CID || h.kind != TYPE_STREAM {
@@ -373,23 +374,13 @@ impl Muxer {
         if self.conns.len() >= MAX_CONNS {
             self.log
                 .warn(|| format!("vsock: refused a guest connection: {MAX_CONNS} are open"));
-            return self.ctrl.push_back(Ctrl {
-                key,
-                op: op::RST,
-                flags: 0,
-            });
+            return self.send_rst(key);
         }
         let mut target = self.path.as_os_str().to_owned();
         target.push(format!("_{}", key.local));
         let stream = match connect_nonblocking(Path::new(&target)) {
             Ok(s) => s,
-            Err(_) => {
-                return self.ctrl.push_back(Ctrl {
-                    key,
-                    op: op::RST,
-                    flags: 0,
-                })
-            }
+            Err(_) => return self.send_rst(key),
         };
         let token = self.token();
         let mut c = Conn::new(stream, token, State::Established);
