@@ -1,67 +1,154 @@
-//! Boot benchmark: ferrovm against QEMU (`-M microvm` and `-M q35`), same kernel, same
-//! initramfs, same command line, to the same init marker (`FERROVM-BOOT-OK`).
+//! Boot benchmark: ferrovm against QEMU (`-M microvm` and `-M q35`) and, when given, the
+//! Firecracker and Cloud Hypervisor binaries; same kernel, same initramfs, same command line,
+//! to the same init marker (`FERROVM-BOOT-OK`).
 //!
 //! `cargo bench --bench boot` (as root, after `scripts/setup-host`). Runs through the nested
 //! harness (one L1 boot for everything) unless the CPU has svm/vmx. Per VMM and repetition:
-//! (a) wall time from VMM start to the marker, (b) KVM exits until the marker (KVM debugfs,
-//! global `exits` counter; one VM runs at a time), (c) VMM memory that is not guest RAM
-//! (Rss of every mapping in /proc/PID/smaps smaller than guest RAM, at the marker).
-//! Then, on the host directly with a firmware guest: process start to first KVM_RUN and
-//! peak resident memory of `ferrovm run`.
+//! (a) wall time from VMM start to the marker, (b) KVM exits until the marker from L1's KVM
+//! debugfs (one VM runs at a time), split into userspace port I/O (`io_exits`), userspace
+//! MMIO (`mmio_exits`) and exits KVM handled in the kernel (the rest), with the in-kernel
+//! counters that explain them, (c) VMM memory that is not guest RAM (Rss of every mapping in
+//! /proc/PID/smaps smaller than guest RAM, at the marker). Then, on the host directly with a
+//! firmware guest: process start to first KVM_RUN and peak resident memory of `ferrovm run`.
+//!
+//! Peers by path (built by hand from their public repositories, never committed):
+//! `FERROVM_BENCH_FIRECRACKER=/path/firecracker`, `FERROVM_BENCH_CLOUD_HYPERVISOR=/path/...`.
+//! `FERROVM_BENCH_BASELINE=/path/ferrovm` adds the PVH and bzImage boots with another ferrovm
+//! build (an older commit) as `baseline-pvh` / `baseline-bzimage`, to measure a change side
+//! by side. `FERROVM_BENCH_REPS=N` sets the repetitions (default 3).
 
 mod common;
 #[path = "../tests/harness/mod.rs"]
 mod harness;
 
-use common::median;
+use common::{median, per_round, Results};
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::{Command, ExitCode, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-const REPS: usize = 3;
 const MEM_MIB: u64 = 256;
+/// L1's KVM debugfs counters sampled around each boot (the first three split the exits).
+const COUNTERS: [&str; 10] = [
+    "exits",
+    "io_exits",
+    "mmio_exits",
+    "pf_fixed",
+    "pf_taken",
+    "irq_window_exits",
+    "halt_exits",
+    "irq_exits",
+    "insn_emulation",
+    "hypercalls",
+];
 
-/// The L1 script: boots each VMM REPS times, alternating, and prints one BENCH line per boot.
-fn script() -> String {
+fn reps() -> usize {
+    std::env::var("FERROVM_BENCH_REPS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or(3)
+}
+
+/// The runs: (name, L1 command). The same kernel command line for all.
+fn runs(peers: &Peers) -> Vec<(&'static str, String)> {
+    let fr = |bin: &str, mem: &str, kernel: &str| {
+        format!(
+            "{bin} run --initramfs initrd.img --memory ${{MEM}}M{mem} \
+             --cmdline \"$CMDLINE\" --kernel \"$IMAGES/{kernel}\""
+        )
+    };
+    let q = "$QEMU -L /qemu/share -accel kvm -cpu host -m ${MEM}M -smp 1 -nodefaults \
+             -no-user-config -display none -serial stdio -initrd initrd.img -append \"$CMDLINE\"";
+    let mut v = vec![
+        ("ferrovm-pvh", fr("\"$FERROVM\"", "", "vmlinux")),
+        ("ferrovm-bzimage", fr("\"$FERROVM\"", "", "bzImage")),
+        (
+            "ferrovm-pvh-thp-off",
+            fr("\"$FERROVM\"", ",thp=off", "vmlinux"),
+        ),
+        (
+            "qemu-microvm",
+            format!("{q} -M microvm -kernel \"$IMAGES/bzImage\""),
+        ),
+        (
+            "qemu-q35",
+            format!("{q} -M q35 -kernel \"$IMAGES/bzImage\""),
+        ),
+    ];
+    if peers.baseline.is_some() {
+        let base = "/peers/ferrovm-baseline";
+        v.push(("baseline-pvh", fr(base, "", "vmlinux")));
+        v.push(("baseline-bzimage", fr(base, "", "bzImage")));
+    }
+    if peers.firecracker.is_some() {
+        v.push((
+            "firecracker-pvh",
+            "/peers/firecracker --no-api --config-file fc.json".into(),
+        ));
+    }
+    if peers.cloud_hypervisor.is_some() {
+        v.push((
+            "cloud-hypervisor-pvh",
+            "/peers/cloud-hypervisor --kernel \"$IMAGES/vmlinux\" --initramfs initrd.img \
+             --cmdline \"$CMDLINE\" --memory size=${MEM}M --cpus boot=1 --serial tty \
+             --console off"
+                .into(),
+        ));
+    }
+    v
+}
+
+/// The L1 script: boots each VMM `reps` times, alternating, one BENCH line per boot.
+fn script(runs: &[(&'static str, String)], reps: usize) -> String {
+    let counters = COUNTERS.join(" ");
+    let mut measures = String::new();
+    for (name, cmd) in runs {
+        measures += &format!("    measure {name} {cmd}\n");
+    }
     format!(
         r#"set -e
 printf 'sleep 2\n' > t.sh
 mkinitrd_with_test t.sh initrd.img
 QEMU=/usr/bin/qemu-system-x86_64
+MEM={MEM_MIB}
 CMDLINE="console=ttyS0 panic=-1 ferrovm.test=/test.sh"
-mem_kb=$(({MEM_MIB} * 1024))
+cat > fc.json <<EOF
+{{"boot-source": {{"kernel_image_path": "$IMAGES/vmlinux", "initrd_path": "initrd.img",
+  "boot_args": "$CMDLINE"}},
+ "machine-config": {{"vcpu_count": 1, "mem_size_mib": $MEM}}, "drives": []}}
+EOF
+mem_kb=$(($MEM * 1024))
+K=/sys/kernel/debug/kvm
+echo "L1 THP: $(cat /sys/kernel/mm/transparent_hugepage/enabled)"
 uptime_ms() {{ awk '{{ printf "%d", $1 * 1000 }}' /proc/uptime; }}
+# One process reads every counter (a loop of cats costs seconds in L1's emulated userspace).
+sample() {{ (cd $K && awk '{{ printf "%s ", $1 }}' {counters}); }}
 measure() {{
     name=$1; shift
     rm -f out.log
-    e0=$(cat /sys/kernel/debug/kvm/exits)
+    s0=$(sample)
     t0=$(uptime_ms)
+    : > out.log
     "$@" </dev/null >out.log 2>&1 &
     pid=$!
     while ! grep -q FERROVM-BOOT-OK out.log; do
-        kill -0 $pid 2>/dev/null || {{ echo "BENCH-FAIL $name"; cat out.log; return 1; }}
+        kill -0 $pid 2>/dev/null || {{ echo "BENCH-FAIL $name"; tail -20 out.log; return 1; }}
         sleep 0.01
     done
     t1=$(uptime_ms)
-    e1=$(cat /sys/kernel/debug/kvm/exits)
-    rss=$(awk -v ram=$mem_kb '/^Size:/ {{ size = $2 }} /^Rss:/ {{ if (size < ram) t += $2 }} END {{ print t + 0 }}' /proc/$pid/smaps)
+    s1=$(sample)
+    rss=$(awk -v ram=$mem_kb '/^Size:/ {{ size = $2 }} /^Rss:/ {{ if (size < ram) t += $2 }} END {{ print t + 0 }}' /proc/$pid/smaps 2>/dev/null || echo nan)
+    p2m=$(cat $K/pages_2m 2>/dev/null || echo 0)
+    kill $pid 2>/dev/null || true
     wait $pid || true
-    echo "BENCH $name ms=$((t1 - t0)) exits=$((e1 - e0)) overhead_kb=$rss"
+    deltas=$(echo "$s0 / $s1" | awk -v names="{counters}" '{{ n = split(names, k, " "); for (i = 1; i <= n; i++) printf "%s=%d ", k[i], $(i + n + 1) - $i }}')
+    echo "BENCH $name boot round=$i ms=$((t1 - t0)) $deltas pages_2m=$p2m overhead_kb=$rss"
 }}
 i=0
-while [ $i -lt {REPS} ]; do
-    measure ferrovm "$FERROVM" run --kernel "$IMAGES/bzImage" --initramfs initrd.img \
-        --memory {MEM_MIB}M --cmdline "$CMDLINE"
-    measure qemu-microvm $QEMU -L /qemu/share -M microvm -accel kvm -cpu host -m {MEM_MIB}M -smp 1 \
-        -nodefaults -no-user-config -display none -serial stdio \
-        -kernel "$IMAGES/bzImage" -initrd initrd.img -append "$CMDLINE"
-    measure qemu-q35 $QEMU -L /qemu/share -M q35 -accel kvm -cpu host -m {MEM_MIB}M -smp 1 \
-        -nodefaults -no-user-config -display none -serial stdio \
-        -kernel "$IMAGES/bzImage" -initrd initrd.img -append "$CMDLINE"
-    i=$((i + 1))
+while [ $i -lt {reps} ]; do
+{measures}    i=$((i + 1))
 done
 # Start-up to the first KVM_RUN inside L1 (real KVM), with a firmware guest.
 for j in 1 2 3 4 5; do
@@ -71,35 +158,79 @@ done
     )
 }
 
-#[derive(Default, Clone)]
-struct Sample {
-    ms: Vec<f64>,
-    exits: Vec<f64>,
-    overhead_kb: Vec<f64>,
+/// Peer VMM binaries given by path.
+#[derive(Default)]
+struct Peers {
+    baseline: Option<PathBuf>,
+    firecracker: Option<PathBuf>,
+    cloud_hypervisor: Option<PathBuf>,
 }
 
-fn parse(output: &str) -> BTreeMap<String, Sample> {
-    let mut m: BTreeMap<String, Sample> = BTreeMap::new();
-    for line in output.lines() {
-        let Some(rest) = line.trim().strip_prefix("BENCH ") else {
-            continue;
-        };
-        let mut it = rest.split_whitespace();
-        let Some(name) = it.next() else { continue };
-        let s = m.entry(name.to_string()).or_default();
-        for kv in it {
-            if let Some((k, v)) = kv.split_once('=') {
-                let Ok(v) = v.parse::<f64>() else { continue };
-                match k {
-                    "ms" => s.ms.push(v),
-                    "exits" => s.exits.push(v),
-                    "overhead_kb" => s.overhead_kb.push(v),
-                    _ => {}
-                }
+impl Peers {
+    fn from_env() -> Peers {
+        let get = |k: &str| {
+            let p = PathBuf::from(std::env::var_os(k)?);
+            if !p.is_file() {
+                eprintln!("boot bench: {k}={} is not a file: left out", p.display());
+                return None;
             }
+            Some(p)
+        };
+        Peers {
+            baseline: get("FERROVM_BENCH_BASELINE"),
+            firecracker: get("FERROVM_BENCH_FIRECRACKER"),
+            cloud_hypervisor: get("FERROVM_BENCH_CLOUD_HYPERVISOR"),
         }
     }
-    m
+}
+
+/// The median over the rounds of `key` for run `name`.
+fn med(r: &Results, name: &str, key: &str) -> f64 {
+    median(&per_round(r, name, "boot", &|m| m.get(key).copied()))
+}
+
+/// The median of a derived figure: exits KVM handled in the kernel.
+fn med_kernel(r: &Results, name: &str) -> f64 {
+    median(&per_round(r, name, "boot", &|m| {
+        Some(m.get("exits")? - m.get("io_exits")? - m.get("mmio_exits")?)
+    }))
+}
+
+fn print_tables(r: &Results, runs: &[(&'static str, String)]) {
+    let base_ms = med(r, "qemu-microvm", "ms");
+    let base_exits = med(r, "qemu-microvm", "exits");
+    println!("| VMM | wall ms | KVM exits | userspace I/O | userspace MMIO | in-kernel | VMM memory besides guest RAM (KiB) | wall vs microvm | exits vs microvm |");
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for (name, _) in runs {
+        println!(
+            "| {name} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.2} | {:.2} |",
+            med(r, name, "ms"),
+            med(r, name, "exits"),
+            med(r, name, "io_exits"),
+            med(r, name, "mmio_exits"),
+            med_kernel(r, name),
+            med(r, name, "overhead_kb"),
+            med(r, name, "ms") / base_ms,
+            med(r, name, "exits") / base_exits,
+        );
+    }
+    println!("\nIn-kernel counters (medians; pages_2m: KVM's 2 MiB mappings at the marker):\n");
+    let keys = &COUNTERS[3..];
+    println!("| VMM | {} | pages_2m |", keys.join(" | "));
+    println!("|---|{}---|", "---|".repeat(keys.len()));
+    for (name, _) in runs {
+        let cells: Vec<String> = keys
+            .iter()
+            .chain(["pages_2m"].iter())
+            .map(|k| format!("{:.0}", med(r, name, k)))
+            .collect();
+        println!("| {name} | {} |", cells.join(" | "));
+    }
+    println!("\nPer round (exits):");
+    for (name, _) in runs {
+        let v = per_round(r, name, "boot", &|m| m.get("exits").copied());
+        println!("  {name}: {}", common::list(&v));
+    }
 }
 
 /// Host-direct start-up: first KVM_RUN (from `-v`) and peak RSS of `ferrovm run` (firmware guest).
@@ -148,10 +279,13 @@ fn main() -> ExitCode {
 
     // Host start-up first: RUSAGE_CHILDREN must not yet include the L1 QEMU.
     let (host_first, host_rss) = host_startup(&fw);
+    let peers = Peers::from_env();
+    let runs = runs(&peers);
+    let reps = reps();
     let results: Arc<Mutex<String>> = Arc::default();
     let sink = results.clone();
-    let case = harness::Case::new("bench_boot_vs_qemu", &script())
-        .timeout(Duration::from_secs(900))
+    let case = harness::Case::new("bench_boot_vs_peers", &script(&runs, reps))
+        .timeout(Duration::from_secs(300 + 120 * (runs.len() * reps) as u64))
         .file(&fw, "hello.elf")
         .check(move |o| {
             *sink.lock().unwrap() = o.output.clone();
@@ -166,28 +300,30 @@ fn main() -> ExitCode {
         "pvh.bin",
     ]));
     cfg.l1_programs.push("/usr/bin/qemu-system-x86_64".into());
+    for (p, name) in [
+        (&peers.baseline, "ferrovm-baseline"),
+        (&peers.firecracker, "firecracker"),
+        (&peers.cloud_hypervisor, "cloud-hypervisor"),
+    ] {
+        if let Some(p) = p {
+            cfg.l1_extra.push((p.clone(), format!("/peers/{name}")));
+        }
+    }
     let started = Instant::now();
     let status = harness::run_with(vec![case], cfg);
     let output = results.lock().unwrap().clone();
-    let samples = parse(&output);
+    let r = common::parse(&output);
+    for line in output
+        .lines()
+        .filter(|l| l.contains("L1 THP") || l.contains("BENCH-FAIL"))
+    {
+        println!("{}", line.trim());
+    }
 
-    println!("\nBoot to FERROVM-BOOT-OK, stock {} kernel, {MEM_MIB} MiB, 1 vCPU, median of {REPS} (run took {:.0} s):\n",
+    println!("\nBoot to FERROVM-BOOT-OK, stock {} kernel, {MEM_MIB} MiB, 1 vCPU, median of {reps} (run took {:.0} s):\n",
         std::fs::read_to_string(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("guest-images/out/default/kernel-version")).unwrap_or_default().trim(),
         started.elapsed().as_secs_f64());
-    println!("| VMM | wall ms | KVM exits | VMM memory besides guest RAM (KiB) | wall vs microvm | exits vs microvm |");
-    println!("|---|---|---|---|---|---|");
-    let base = samples.get("qemu-microvm").cloned().unwrap_or_default();
-    for name in ["ferrovm", "qemu-microvm", "qemu-q35"] {
-        let s = samples.get(name).cloned().unwrap_or_default();
-        println!(
-            "| {name} | {:.0} | {:.0} | {:.0} | {:.2} | {:.2} |",
-            median(&s.ms),
-            median(&s.exits),
-            median(&s.overhead_kb),
-            median(&s.ms) / median(&base.ms),
-            median(&s.exits) / median(&base.exits)
-        );
-    }
+    print_tables(&r, &runs);
     let l1_first: Vec<f64> = output
         .lines()
         .filter_map(|l| l.trim().strip_prefix("first KVM_RUN "))

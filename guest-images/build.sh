@@ -17,9 +17,10 @@ APT_OPTS=(-q -o APT::Sandbox::User=root)
 # Virtio modules wanted in the L2 initramfs; their dependencies are added from
 # the module metadata and the load order is computed (never hand-kept).
 # vfat and its code pages read the cloud-init seed (--cloud-init, --ssh-key); virtiofs (fuse)
-# mounts --fs shares, overlay lays a tmpfs over a read-only one, the vsock transport is --vsock.
+# mounts --fs shares, overlay lays a tmpfs over a read-only one, the vsock transport is --vsock,
+# virtio_console is hvc0 (--console virtio).
 VIRTIO_MODULES=(virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci
-                virtio_mmio virtio_blk failover net_failover virtio_net
+                virtio_mmio virtio_blk failover net_failover virtio_net virtio_console
                 fat vfat nls_cp437 nls_utf8 nls_ascii
                 fuse virtiofs overlay vsock vmw_vsock_virtio_transport_common
                 vmw_vsock_virtio_transport)
@@ -307,6 +308,9 @@ if [ "$STAGE" = initramfs ]; then
         if [ ! -f "$ko" ]; then echo "ferrovm-init: warning: module $ko missing, skipped"; continue; fi
         insmod "$ko" || echo "ferrovm-init: warning: insmod $ko failed"
     done </etc/modules.order
+    # console=hvc0: /dev/console exists only now that virtio_console is loaded. (A failed
+    # redirection would end this shell, so it is tried in a subshell first.)
+    if (: </dev/console >/dev/console) 2>/dev/null; then exec </dev/console >/dev/console 2>&1; fi
 fi
 
 TEST='' ROOT='' FSTYPE=ext4 RWMODE=rw

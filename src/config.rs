@@ -18,6 +18,8 @@ pub enum ConfigError {
     MemoryTooSmall(String),
     #[error("memory size {0} is too large: at most 1T is supported")]
     MemoryTooLarge(String),
+    #[error("invalid --memory '{0}': {1}")]
+    MemoryOption(String, String),
     #[error("--cpus {0} is out of range: 1 to {MAX_VCPUS}")]
     Cpus(u32),
     #[error("invalid --disk '{0}': {1}")]
@@ -28,6 +30,8 @@ pub enum ConfigError {
     Fs(String),
     #[error("{0}")]
     Vsock(String),
+    #[error("invalid --console '{0}': expected serial or virtio")]
+    Console(String),
     #[error("invalid --serial '{0}': expected stdio, off or file=PATH")]
     Serial(String),
     #[error("invalid --exit-stats '{0}': expected --exit-stats or --exit-stats=json:PATH")]
@@ -63,7 +67,13 @@ pub struct VmConfig {
     pub cmdline: String,
     pub cpus: u8,
     pub mem_size: u64,
+    /// `--memory SIZE,thp=..,hugepages=..`: how guest RAM is backed (`shared` is decided by
+    /// the devices: a vhost-user share needs it).
+    pub mem_backing: crate::memory::RamBacking,
     pub serial: SerialMode,
+    /// `--console virtio`: add a virtio console (hvc0) beside the serial port; both write
+    /// where `serial` says, and typed input goes to the virtio console.
+    pub virtio_console: bool,
     pub verbose: bool,
     /// `--exit-stats`: where the end-of-run exit statistics go (any number of outputs).
     pub exit_stats: Vec<crate::exit_stats::StatsOutput>,
@@ -104,7 +114,9 @@ impl VmConfig {
             cmdline: DEFAULT_CMDLINE.into(),
             cpus: 1,
             mem_size: 512 << 20,
+            mem_backing: Default::default(),
             serial: SerialMode::Stdio,
+            virtio_console: false,
             verbose: false,
             exit_stats: Vec::new(),
             record_exits: true,
@@ -124,6 +136,8 @@ impl VmConfig {
 
 /// The default kernel command line.
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1";
+/// The default kernel command line with `--console virtio`.
+pub const DEFAULT_CMDLINE_HVC: &str = "console=hvc0 reboot=k panic=1";
 
 /// Parses `512M`, `4G`, `1T`, `65536K` or a plain byte count.
 pub fn parse_memory(s: &str) -> Result<u64, ConfigError> {
@@ -156,6 +170,40 @@ pub fn parse_memory(s: &str) -> Result<u64, ConfigError> {
     Ok(bytes)
 }
 
+/// Parses `--memory SIZE[,thp=on|off][,hugepages=on|off]`.
+pub fn parse_memory_spec(s: &str) -> Result<(u64, crate::memory::RamBacking), ConfigError> {
+    let mut parts = s.split(',');
+    let size = parse_memory(parts.next().unwrap_or_default())?;
+    let mut backing = crate::memory::RamBacking::default();
+    let mut seen: Vec<&str> = Vec::new();
+    let bad = |why: String| ConfigError::MemoryOption(s.into(), why);
+    for kv in parts {
+        let (k, v) = kv
+            .split_once('=')
+            .ok_or_else(|| bad(format!("'{kv}' is not key=value")))?;
+        if seen.contains(&k) {
+            return Err(bad(format!("'{k}' given twice")));
+        }
+        seen.push(k);
+        let on = match v {
+            "on" | "yes" | "true" => true,
+            "off" | "no" | "false" => false,
+            _ => return Err(bad(format!("{k}={v}: expected on or off"))),
+        };
+        match k {
+            "thp" => backing.thp = on,
+            "hugepages" => backing.hugetlb = on,
+            _ => return Err(bad(format!("unknown key '{k}' (thp, hugepages)"))),
+        }
+    }
+    if backing.hugetlb && size % crate::memory::RAM_ALIGN as u64 != 0 {
+        return Err(bad(
+            "hugepages=on needs a size that is a multiple of 2M".into()
+        ));
+    }
+    Ok((size, backing))
+}
+
 /// Checks a vCPU count.
 pub fn parse_cpus(n: u32) -> Result<u8, ConfigError> {
     if n == 0 || n > MAX_VCPUS {
@@ -183,6 +231,24 @@ mod tests {
     #[test]
     fn memory_sizes() {
         assert_eq!(parse_memory("512M"), Ok(512 << 20));
+        let def = crate::memory::RamBacking::default();
+        assert_eq!(parse_memory_spec("256M"), Ok((256 << 20, def)));
+        let (_, b) = parse_memory_spec("1G,thp=off,hugepages=on").unwrap();
+        assert!(!b.thp && b.hugetlb && !b.shared);
+        for bad in [
+            "256M,thp",
+            "256M,thp=maybe",
+            "256M,thp=on,thp=off",
+            "256M,huge=on",
+            "17M,hugepages=on",
+        ] {
+            let e = parse_memory_spec(bad).unwrap_err().to_string();
+            assert!(e.starts_with("invalid --memory"), "{bad}: {e}");
+        }
+        assert!(matches!(
+            parse_memory_spec("12X,thp=on"),
+            Err(ConfigError::MemorySyntax(_))
+        ));
         assert_eq!(parse_memory("4g"), Ok(4 << 30));
         assert_eq!(parse_memory("1T"), Ok(1 << 40));
         assert_eq!(parse_memory("65536K"), Ok(64 << 20));

@@ -463,7 +463,7 @@ impl Drop for StdinReader {
 /// Only one reader can own stdin at a time in a process: while one runs, this fails with
 /// [`io::ErrorKind::ResourceBusy`].
 pub fn spawn_stdin_reader(
-    serial: Arc<Mutex<SerialDevice>>,
+    serial: Arc<dyn ConsoleInput>,
     stop: VmControl,
     on_stats: Box<dyn FnMut() + Send>,
 ) -> io::Result<StdinReader> {
@@ -474,7 +474,7 @@ pub fn spawn_stdin_reader(
 /// [`spawn_stdin_reader`] on any descriptor; `claim` is released when the thread ends.
 fn spawn_reader(
     fd: RawFd,
-    serial: Arc<Mutex<SerialDevice>>,
+    serial: Arc<dyn ConsoleInput>,
     vm: VmControl,
     on_stats: Box<dyn FnMut() + Send>,
     claim: Option<StdinClaim>,
@@ -490,7 +490,7 @@ fn spawn_reader(
         .name("console-stdin".into())
         .spawn(move || {
             let _claim = claim;
-            read_loop(fd, &serial, &exit, on_stats);
+            read_loop(fd, &*serial, &exit, on_stats);
         })?;
     Ok(StdinReader {
         thread: Some(thread),
@@ -569,7 +569,7 @@ fn read_input(fd: RawFd, buf: &mut [u8]) -> Option<usize> {
 /// The reader thread's body; reads `fd` (stdin, or a pipe in tests).
 fn read_loop(
     fd: RawFd,
-    serial: &Mutex<SerialDevice>,
+    serial: &dyn ConsoleInput,
     exit: &ReaderExit,
     mut on_stats: Box<dyn FnMut() + Send>,
 ) {
@@ -603,14 +603,31 @@ fn read_loop(
     }
 }
 
-/// Pushes `bytes` into the UART, waiting while its FIFO is full. Returns false if the
-/// reader had to end before everything was delivered.
-fn push_input(serial: &Mutex<SerialDevice>, mut bytes: &[u8], exit: &ReaderExit) -> bool {
-    loop {
-        let taken = serial
-            .lock()
+/// Where typed input goes: the UART's receive FIFO, or the virtio console's inbox.
+pub trait ConsoleInput: Send + Sync {
+    /// Takes what fits of `bytes` now; returns how many (0 when full).
+    fn enqueue_input(&self, bytes: &[u8]) -> usize;
+}
+
+impl ConsoleInput for Mutex<SerialDevice> {
+    fn enqueue_input(&self, bytes: &[u8]) -> usize {
+        self.lock()
             .unwrap_or_else(|e| e.into_inner())
-            .enqueue_input(bytes);
+            .enqueue_input(bytes)
+    }
+}
+
+impl ConsoleInput for crate::devices::virtio::console::ConsoleInbox {
+    fn enqueue_input(&self, bytes: &[u8]) -> usize {
+        crate::devices::virtio::console::ConsoleInbox::enqueue_input(self, bytes)
+    }
+}
+
+/// Pushes `bytes` into the console input, waiting while it is full. Returns false if the
+/// reader had to end before everything was delivered.
+fn push_input(serial: &dyn ConsoleInput, mut bytes: &[u8], exit: &ReaderExit) -> bool {
+    loop {
+        let taken = serial.enqueue_input(bytes);
         bytes = bytes.get(taken..).unwrap_or_default();
         if bytes.is_empty() {
             return true;
@@ -710,7 +727,7 @@ mod tests {
         write_fd(wr, b"ls\x01s\r\x01x ignored");
         read_loop(
             rd,
-            &serial,
+            &*serial,
             &exit_for(&vm),
             Box::new(move || {
                 s.fetch_add(1, Ordering::SeqCst);
@@ -730,7 +747,7 @@ mod tests {
         let vm = VmControl::new().unwrap();
         write_fd(wr, b"hello");
         close(wr);
-        read_loop(rd, &serial, &exit_for(&vm), Box::new(|| {}));
+        read_loop(rd, &*serial, &exit_for(&vm), Box::new(|| {}));
         assert!(!vm.is_stopping());
         assert_eq!(received(&serial), b"hello");
         close(rd);
@@ -742,7 +759,7 @@ mod tests {
         let vm = VmControl::new().unwrap();
         let big = vec![b'y'; 200];
         let (s, v) = (serial.clone(), vm.clone());
-        let pusher = std::thread::spawn(move || push_input(&s, &big, &exit_for(&v)));
+        let pusher = std::thread::spawn(move || push_input(&*s, &big, &exit_for(&v)));
         // The guest drains the FIFO a few times, then the VM stops.
         let mut got = 0;
         for _ in 0..50 {

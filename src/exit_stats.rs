@@ -445,6 +445,8 @@ pub struct ExitStats {
     vcpus: Vec<Arc<VcpuExitStats>>,
     /// Port I/O bus ranges (base, len, name), to name ports in the report.
     pio_names: Vec<(u64, u64, &'static str)>,
+    /// KVM's own counters (exits handled in the kernel), when this KVM has them.
+    kernel: Arc<crate::kvm::stats::KernelStats>,
     started: Instant,
 }
 
@@ -456,8 +458,15 @@ impl ExitStats {
         Self {
             vcpus,
             pio_names: pio_names.into_iter().collect(),
+            kernel: Arc::default(),
             started: Instant::now(),
         }
+    }
+
+    /// Adds KVM's statistics of this VM and its vCPUs to every snapshot.
+    pub fn with_kernel(mut self, kernel: crate::kvm::stats::KernelStats) -> Self {
+        self.kernel = Arc::new(kernel);
+        self
     }
 
     /// Reads every vCPU's counters now.
@@ -501,6 +510,7 @@ impl ExitStats {
             })
             .collect();
         Snapshot {
+            kernel: self.kernel.snapshot(),
             elapsed_ns: self.started.elapsed().as_nanos() as u64,
             reasons,
             hist,
@@ -539,6 +549,8 @@ pub struct Snapshot {
     pub port_overflow: [u64; 2],
     pub mmio: Vec<(&'static str, u64, u64)>,
     pub vcpus: Vec<VcpuSnapshot>,
+    /// KVM's in-kernel counters, when this KVM has binary statistics.
+    pub kernel: Option<crate::kvm::stats::KernelSnapshot>,
 }
 
 /// Rows shown in the table's port and MMIO sections.
@@ -618,6 +630,10 @@ impl Snapshot {
         for v in &self.vcpus {
             let _ = writeln!(s, "{:<16} {:>12}", format!("vcpu{}", v.index), v.total());
         }
+        if let Some(k) = &self.kernel {
+            // KVM_RUN returning for a signal is ferrovm's count but not a VM exit.
+            s += &k.table(total - self.reasons[Reason::Intr as usize]);
+        }
         s
     }
 
@@ -678,7 +694,11 @@ impl Snapshot {
             }
             let _ = write!(s, "],\"mmio\":{}}}", mmio_json(&v.mmio));
         }
-        s += "]}\n";
+        s += "]";
+        if let Some(k) = &self.kernel {
+            let _ = write!(s, ",\"kvm\":{}", k.json());
+        }
+        s += "}\n";
         s
     }
 }

@@ -116,9 +116,19 @@ struct RunArgs {
     /// Number of vCPUs.
     #[arg(long, value_name = "N", default_value_t = 1)]
     cpus: u32,
-    /// Guest RAM with an optional K, M, G or T suffix.
-    #[arg(long, value_name = "SIZE", default_value = "512M")]
+    /// Guest RAM with an optional K, M, G or T suffix, then `,thp=off` (no transparent huge
+    /// pages) or `,hugepages=on` (hugetlbfs pages from the host's pool).
+    #[arg(
+        long,
+        value_name = "SIZE[,thp=on|off][,hugepages=on|off]",
+        default_value = "512M"
+    )]
     memory: String,
+    /// The guest's console device: `serial` (COM1, ttyS0) or `virtio` (a virtio console,
+    /// hvc0, without an exit per character; the default command line then says
+    /// console=hvc0). COM1 stays in the VM either way.
+    #[arg(long, value_name = "serial|virtio", default_value = "serial")]
+    console: String,
     /// Guest serial console: stdio, off or file=PATH.
     #[arg(long, value_name = "MODE", default_value = "stdio")]
     serial: String,
@@ -258,16 +268,27 @@ fn build_config(a: RunArgs) -> Result<VmConfig, config::ConfigError> {
             "--firmware-log needs a firmware boot".into(),
         ));
     }
+    let (mem_size, mem_backing) = config::parse_memory_spec(&a.memory)?;
+    let virtio_console = match a.console.as_str() {
+        "serial" => false,
+        "virtio" => true,
+        other => return Err(config::ConfigError::Console(other.into())),
+    };
     Ok(VmConfig {
         firmware,
         firmware_log: a.firmware_log,
         cloud_init_seed,
         exit_stats,
-        mem_size: config::parse_memory(&a.memory)?,
+        mem_size,
+        mem_backing,
         cpus: config::parse_cpus(a.cpus)?,
         serial: config::parse_serial(&a.serial)?,
         initramfs: a.initramfs,
-        cmdline: a.cmdline,
+        cmdline: match virtio_console && a.cmdline == config::DEFAULT_CMDLINE {
+            true => config::DEFAULT_CMDLINE_HVC.into(),
+            false => a.cmdline,
+        },
+        virtio_console,
         verbose: a.verbose,
         rng: a.rng,
         bench_device: a.bench_device,

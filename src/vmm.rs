@@ -17,6 +17,7 @@ use crate::arch::x86_64::{layout, multiboot, regs};
 use crate::bus::{BusDeviceMut, SharedDevice};
 use crate::config::{SerialMode, VmConfig};
 use crate::devices::pci::{IntxLine, PciConfigIo, PciEcam, PciError, PciMmioWindow, PciRoot};
+use crate::devices::virtio::console::{ConsoleInbox, ConsoleOut, SharedOut};
 use crate::devices::virtio::pci::{VirtioPci, VirtioPciDevice, VirtioPciError};
 use crate::devices::virtio::VirtioDevice;
 use crate::devices::{self, IrqLine, StopRequest, VmControl};
@@ -111,7 +112,12 @@ pub fn run(cfg: VmConfig) -> Result<VmOutcome, VmmError> {
         .into_iter()
         .map(|(start, len)| (GuestAddress(start), len as usize))
         .collect();
-    let mem = crate::memory::guest_ram(&ranges, cfg.mem_size, !cfg.fs.is_empty())?;
+    let backing = crate::memory::RamBacking {
+        shared: !cfg.fs.is_empty(),
+        ..cfg.mem_backing
+    };
+    // Declared first, dropped last: unmaps guest RAM once every user of it is gone.
+    let (_ram, mem) = crate::memory::guest_ram(&ranges, backing)?;
     let (below_4g, above_4g) = layout::ram_split(cfg.mem_size);
     // Firmware: RAM around the legacy holes, the ROM below 4 GiB, PAM shadow segments.
     let fw_memory = match &firmware {
@@ -135,6 +141,16 @@ pub fn run(cfg: VmConfig) -> Result<VmOutcome, VmmError> {
     vm.register_irqfd(serial_irq.eventfd(), layout::COM1_IRQ)?;
     // (COM1's line is claimed with the other fixed platform lines in `claim_platform`.)
     let serial_out = serial_output(&cfg.serial, seen.clone())?;
+    // With a virtio console, COM1 and hvc0 write to the same place; typed input goes to hvc0.
+    let (serial_out, virtio_console) = match cfg.virtio_console {
+        true => {
+            let out: ConsoleOut = Arc::new(Mutex::new(serial_out));
+            let inbox = ConsoleInbox::new().map_err(VmmError::EventFd)?;
+            let writer: Box<dyn std::io::Write + Send> = Box::new(SharedOut(out.clone()));
+            (writer, Some((out, inbox)))
+        }
+        false => (serial_out, None),
+    };
     let serial = Arc::new(Mutex::new(devices::serial::SerialDevice::new(
         serial_irq, serial_out,
     )));
@@ -262,6 +278,10 @@ pub fn run(cfg: VmConfig) -> Result<VmOutcome, VmmError> {
             Box::new(devices::virtio::rng::Rng::new()),
         )?;
     }
+    if let Some((out, inbox)) = &virtio_console {
+        let console = devices::virtio::console::Console::new(out.clone(), inbox.clone());
+        add_virtio_pci(&mut pci, &mut buses.claims, &vm, &mem, Box::new(console))?;
+    }
     let windows = match &fw_memory {
         Some(_) => PciWindows::firmware(below_4g, above_4g, vm.phys_bits()),
         None => PciWindows::direct(&pci),
@@ -315,10 +335,18 @@ pub fn run(cfg: VmConfig) -> Result<VmOutcome, VmmError> {
         cfg.mem_size >> 20
     );
 
+    let kernel_stats = crate::kvm::stats::KernelStats {
+        vm: vm.stats().ok(),
+        vcpus: vcpus
+            .iter()
+            .filter_map(|v| crate::kvm::stats::KvmStats::open(v.fd()).ok())
+            .collect(),
+    };
     let stats = ExitStats::new(
         vcpus.iter().map(|v| v.stats.clone()).collect(),
         pio.ranges(),
-    );
+    )
+    .with_kernel(kernel_stats);
 
     // 7. The console and host signals, then start the vCPUs.
     console::install_panic_hook();
@@ -330,9 +358,13 @@ pub fn run(cfg: VmConfig) -> Result<VmOutcome, VmmError> {
         .then(console::RawTerminal::new)
         .transpose()
         .map_err(VmmError::Terminal)?;
+    let console_input: Arc<dyn console::ConsoleInput> = match &virtio_console {
+        Some((_, inbox)) => inbox.clone(),
+        None => serial.clone(),
+    };
     let stdin_reader = if stdio {
         Some(
-            console::spawn_stdin_reader(serial.clone(), control.clone(), {
+            console::spawn_stdin_reader(console_input, control.clone(), {
                 let stats = stats.clone();
                 Box::new(move || print_live_stats(&stats, "C-a s"))
             })

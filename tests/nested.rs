@@ -442,6 +442,7 @@ tail -c +$((base + 1)) initrd.img | "$BUSYBOX" cpio -t
         device_cases.extend(cases::vsock::cases());
         device_cases.extend(cases::run::cases());
         device_cases.extend(cases::fw::cases());
+        device_cases.extend(cases::exits::cases());
         if round > 1 {
             for c in &mut device_cases {
                 c.name = format!("{}.r{round}", c.name);

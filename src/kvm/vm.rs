@@ -243,6 +243,11 @@ impl Vm {
         }
     }
 
+    /// This VM's KVM statistics (`Err`: this KVM has none).
+    pub fn stats(&self) -> std::io::Result<super::stats::KvmStats> {
+        super::stats::KvmStats::open(&*self.fd)
+    }
+
     /// Creates vCPU `index` (its APIC ID).
     pub fn create_vcpu(&self, index: u8) -> Result<VcpuFd, VmError> {
         self.fd

@@ -1,5 +1,6 @@
 //! Nested-tier case groups beyond the boot cases in nested.rs.
 pub mod blk;
+pub mod exits;
 pub mod fs;
 pub mod fw;
 pub mod img;

@@ -8,6 +8,7 @@
 //! own worker thread, off the vCPU threads. On reset the transport takes everything back.
 
 pub mod block;
+pub mod console;
 pub mod daemon;
 pub mod fs;
 
