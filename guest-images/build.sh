@@ -294,7 +294,12 @@ mkdir -p /proc /sys /dev /tmp /run /root /mnt
 [ -e /proc/self ] || mount -t proc proc /proc
 mounted /sys || mount -t sysfs sysfs /sys
 mounted /dev || mount -t devtmpfs devtmpfs /dev
-exec </dev/console >/dev/console 2>&1
+# With console=hvc0 and a modular virtio_console there is no /dev/console yet, and a failed
+# redirection would end this shell: try it in a subshell first (again after the modules).
+reopen_console() {
+    if (: </dev/console >/dev/console) 2>/dev/null; then exec </dev/console >/dev/console 2>&1; fi
+}
+reopen_console
 mkdir -p /dev/pts /dev/shm
 mounted /dev/pts || mount -t devpts -o gid=5,mode=620 devpts /dev/pts
 [ "$STAGE" = rootfs ] && { mounted /tmp || mount -t tmpfs -o mode=1777 tmpfs /tmp; mounted /run || mount -t tmpfs tmpfs /run; }
@@ -308,9 +313,10 @@ if [ "$STAGE" = initramfs ]; then
         if [ ! -f "$ko" ]; then echo "ferrovm-init: warning: module $ko missing, skipped"; continue; fi
         insmod "$ko" || echo "ferrovm-init: warning: insmod $ko failed"
     done </etc/modules.order
-    # console=hvc0: /dev/console exists only now that virtio_console is loaded. (A failed
-    # redirection would end this shell, so it is tried in a subshell first.)
-    if (: </dev/console >/dev/console) 2>/dev/null; then exec </dev/console >/dev/console 2>&1; fi
+    reopen_console # console=hvc0: /dev/console exists now that virtio_console is loaded
+    # The kernel does not replay its log on a console whose driver came as a module: show
+    # what hvc0 missed.
+    [ "$(cat /sys/class/tty/console/active 2>/dev/null)" = hvc0 ] && dmesg
 fi
 
 TEST='' ROOT='' FSTYPE=ext4 RWMODE=rw

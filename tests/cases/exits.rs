@@ -11,7 +11,7 @@ use crate::harness::{expect_output, Case, CaseOutput};
 fn boot(tag: &str, mem: &str) -> String {
     format!(
         r#""$FERROVM" run --kernel "$IMAGES/vmlinux" --initramfs initrd.img --cpus 2 --memory {mem} \
-    --cmdline "console=ttyS0 panic=1 ferrovm.test=/test.sh" --exit-stats=json:{tag}.json \
+    --cmdline "console=ttyS0 panic=1 ferrovm.test=/test.sh" --exit-stats --exit-stats=json:{tag}.json \
     </dev/null >{tag}.log 2>&1
 echo "STATUS_{tag}=$?"
 "#
@@ -162,6 +162,7 @@ echo "GOT=$line"
 EOF
 mkinitrd_with_test t.sh initrd.img
 set +e
+trap '' PIPE
 mkfifo in.fifo
 "$FERROVM" run --kernel "$IMAGES/vmlinux" --initramfs initrd.img --memory 256M --console virtio \
     --cmdline "console=hvc0 panic=1 ferrovm.test=/test.sh" --exit-stats=json:hvc.json \
@@ -172,7 +173,7 @@ i=0
 while ! grep -q READY-FOR-INPUT hvc.log && kill -0 $pid 2>/dev/null && [ $i -lt 600 ]; do
     sleep 0.2; i=$((i + 1))
 done
-echo typed-line >&3
+echo typed-line >&3 || echo "ferrovm ended before the input was typed"
 wait $pid
 echo "STATUS_hvc=$?"
 exec 3>&-
