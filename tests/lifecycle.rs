@@ -1,6 +1,7 @@
 //! Fast tier: several VMs in one process (as `bench-exits` and the control API run them), one
 //! after another and at the same time. When each ends, nothing of it may remain: no vCPU,
-//! device-worker or console thread, and no KVM VM file descriptor.
+//! device-worker or console thread, no KVM VM file descriptor (nor any other descriptor),
+//! and no guest RAM mapping.
 
 use std::path::PathBuf;
 
@@ -50,6 +51,24 @@ fn scratch() -> PathBuf {
     d
 }
 
+/// Mappings of exactly one VM's guest RAM size (64 MiB) in this process.
+fn guest_ram_mappings() -> usize {
+    std::fs::read_to_string("/proc/self/maps")
+        .unwrap()
+        .lines()
+        .filter_map(|l| {
+            let (a, b) = l.split_once(' ')?.0.split_once('-')?;
+            let len = u64::from_str_radix(b, 16).ok()? - u64::from_str_radix(a, 16).ok()?;
+            Some(len == 64 << 20)
+        })
+        .filter(|&is_ram| is_ram)
+        .count()
+}
+
+fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").unwrap().count()
+}
+
 /// Threads of this process that were not there `before` (or are there twice now).
 fn extra_threads(before: &[String]) -> Vec<String> {
     let now = threads();
@@ -70,6 +89,7 @@ fn assert_nothing_left(before: &[String], what: &str) {
     }
     assert!(extra.is_empty(), "{what}: threads left behind: {extra:?}");
     assert_eq!(kvm_vm_fds(), 0, "{what}: a KVM VM descriptor is still open");
+    assert_eq!(guest_ram_mappings(), 0, "{what}: guest RAM is still mapped");
 }
 
 #[test]
@@ -77,9 +97,16 @@ fn vms_in_one_process_leave_no_thread_or_vm_fd_behind() {
     let dir = scratch();
     let before = threads();
     assert_eq!(kvm_vm_fds(), 0);
+    assert_eq!(guest_ram_mappings(), 0);
+    let mut fds = None;
     for n in 0..3 {
         assert_eq!(vmm::run(config(&dir, n)).unwrap(), VmOutcome::PowerOff);
         assert_nothing_left(&before, &format!("after sequential VM {n}"));
+        // The first VM makes the process-wide ones (the SIGUSR1 eventfd, the stop-signal
+        // pipe); every later VM must leave the count where it found it.
+        let now = open_fds();
+        let base = *fds.get_or_insert(now);
+        assert_eq!(now, base, "after sequential VM {n}: descriptors left open");
     }
     let (a, b) = (config(&dir, 10), config(&dir, 11));
     let ta = std::thread::spawn(move || vmm::run(a).unwrap());
