@@ -35,6 +35,7 @@ fn guest_init(out: &Path) {
 fn main() {
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR is set by cargo"));
     guest_init(&out);
+    syscall_names(&out);
     let dir = Path::new("firmware");
     println!("cargo:rerun-if-changed=firmware");
     let mut names = Vec::new();
@@ -90,4 +91,23 @@ fn main() {
     }
     code += "];\n";
     std::fs::write(out.join("firmware.rs"), code).expect("write firmware.rs");
+}
+
+/// x86_64 system call names from the kernel's UAPI header (the seccomp report names the
+/// forbidden call); an empty table when the header is missing (numbers only, then).
+fn syscall_names(out: &Path) {
+    let header = Path::new("/usr/include/x86_64-linux-gnu/asm/unistd_64.h");
+    println!("cargo:rerun-if-changed={}", header.display());
+    let text = std::fs::read_to_string(header).unwrap_or_default();
+    let mut rows = String::from("pub static SYSCALL_NAMES: &[(i64, &str)] = &[\n");
+    for line in text.lines() {
+        let mut it = line.split_whitespace();
+        if let (Some("#define"), Some(name), Some(nr)) = (it.next(), it.next(), it.next()) {
+            if let (Some(name), Ok(nr)) = (name.strip_prefix("__NR_"), nr.parse::<i64>()) {
+                rows += &format!("    ({nr}, {name:?}),\n");
+            }
+        }
+    }
+    rows += "];\n";
+    std::fs::write(out.join("syscall_names.rs"), rows).expect("write syscall_names.rs");
 }

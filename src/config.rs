@@ -30,6 +30,8 @@ pub enum ConfigError {
     Fs(String),
     #[error("{0}")]
     Vsock(String),
+    #[error("invalid --seccomp '{0}': expected on, log or off")]
+    Seccomp(String),
     #[error("invalid --console '{0}': expected serial or virtio")]
     Console(String),
     #[error("invalid --serial '{0}': expected stdio, off or file=PATH")]
@@ -74,6 +76,8 @@ pub struct VmConfig {
     /// `--console virtio`: add a virtio console (hvc0) beside the serial port; both write
     /// where `serial` says, and typed input goes to the virtio console.
     pub virtio_console: bool,
+    /// `--seccomp`: the system-call filters of the VM's threads.
+    pub seccomp: crate::seccomp::SeccompMode,
     pub verbose: bool,
     /// `--exit-stats`: where the end-of-run exit statistics go (any number of outputs).
     pub exit_stats: Vec<crate::exit_stats::StatsOutput>,
@@ -117,6 +121,7 @@ impl VmConfig {
             mem_backing: Default::default(),
             serial: SerialMode::Stdio,
             virtio_console: false,
+            seccomp: Default::default(),
             verbose: false,
             exit_stats: Vec::new(),
             record_exits: true,

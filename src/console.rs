@@ -490,6 +490,10 @@ fn spawn_reader(
         .name("console-stdin".into())
         .spawn(move || {
             let _claim = claim;
+            if let Err(e) = crate::seccomp::install(crate::seccomp::ThreadKind::ConsoleReader) {
+                print_stderr(&format!("ferrovm: {e}; the console takes no input\r\n"));
+                return;
+            }
             read_loop(fd, &*serial, &exit, on_stats);
         })?;
     Ok(StdinReader {

@@ -25,6 +25,7 @@ pub mod memory;
 pub mod oneshot;
 pub mod ratelimit;
 pub mod resources;
+pub mod seccomp;
 pub mod sleep;
 pub mod vmm;
 

@@ -129,6 +129,11 @@ struct RunArgs {
     /// console=hvc0). COM1 stays in the VM either way.
     #[arg(long, value_name = "serial|virtio", default_value = "serial")]
     console: String,
+    /// System-call filters on every thread that runs while the guest does: `on` (a forbidden
+    /// call stops ferrovm with one line naming it, status 5), `log` (allowed, logged by the
+    /// kernel as audit type 1326) or `off`.
+    #[arg(long, value_name = "on|log|off", default_value = "on")]
+    seccomp: String,
     /// Guest serial console: stdio, off or file=PATH.
     #[arg(long, value_name = "MODE", default_value = "stdio")]
     serial: String,
@@ -289,6 +294,8 @@ fn build_config(a: RunArgs) -> Result<VmConfig, config::ConfigError> {
             false => a.cmdline,
         },
         virtio_console,
+        seccomp: ferrovm::seccomp::SeccompMode::parse(&a.seccomp)
+            .ok_or_else(|| config::ConfigError::Seccomp(a.seccomp.clone()))?,
         verbose: a.verbose,
         rng: a.rng,
         bench_device: a.bench_device,

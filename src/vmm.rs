@@ -26,6 +26,7 @@ use crate::fwboot;
 use crate::kvm::vcpu::{Vcpu, VcpuStop};
 use crate::kvm::vm::Vm;
 use crate::resources::{Buses, PlaceError, Resources, Sharing, Space};
+use crate::seccomp;
 use crate::{console, console_watch};
 
 /// How the VM ended.
@@ -98,6 +99,7 @@ pub enum VmmError {
 
 /// Boots the VM described by `cfg` and runs it until it ends.
 pub fn run(cfg: VmConfig) -> Result<VmOutcome, VmmError> {
+    seccomp::set_mode(cfg.seccomp);
     // 1. KVM: a VM with the in-kernel irqchip and PIT (KVM's TSS below a firmware ROM).
     let firmware = cfg.firmware.as_deref().map(fwboot::load).transpose()?;
     let tss = match firmware {
@@ -384,7 +386,14 @@ pub fn run(cfg: VmConfig) -> Result<VmOutcome, VmmError> {
         let t = std::thread::Builder::new()
             .name(format!("vcpu{index}"))
             .spawn(move || {
-                let stop = v.run();
+                // Before the first guest instruction.
+                let stop = match seccomp::install(seccomp::ThreadKind::Vcpu) {
+                    Ok(()) => v.run(),
+                    Err(e) => VcpuStop::Failed {
+                        reason: e.to_string(),
+                        dump: String::new(),
+                    },
+                };
                 if stop != VcpuStop::Requested {
                     stops
                         .lock()
@@ -416,20 +425,30 @@ pub fn run(cfg: VmConfig) -> Result<VmOutcome, VmmError> {
             Start::Firmware => GuestAddress(0),
         },
     };
-    loop {
-        if wait_readable(control.event(), stats_event) {
-            let _ = stats_event.read();
-            print_live_stats(&stats, "SIGUSR1");
-            continue;
+    // The loop runs on a thread of its own, under the event-loop filter; this thread keeps
+    // its rights (it may build the VM again) and only waits.
+    std::thread::scope(|s| {
+        let run = || {
+            if let Err(e) = seccomp::install(seccomp::ThreadKind::EventLoop) {
+                eprintln!("ferrovm: {e}");
+                control.stop();
+                return;
+            }
+            event_loop(&control, stats_event, &stats, &threads, &wake);
+        };
+        let spawned = std::thread::Builder::new()
+            .name("vm-events".into())
+            .spawn_scoped(s, run);
+        match spawned {
+            Ok(t) => {
+                let _ = t.join();
+            }
+            Err(e) => {
+                eprintln!("ferrovm: cannot start the event-loop thread: {e}");
+                control.stop();
+            }
         }
-        let _ = control.event().read(); // drained: what it signalled is in `control`
-        if control.is_stopping() {
-            break;
-        }
-        if control.is_suspended() {
-            crate::sleep::suspend(&control, &threads, &wake);
-        }
-    }
+    });
     control.stop();
     stop_vcpus(threads);
     report_exit_stats(&stats, &cfg.exit_stats);
@@ -439,6 +458,31 @@ pub fn run(cfg: VmConfig) -> Result<VmOutcome, VmmError> {
     drop(raw);
     let stops = std::mem::take(&mut *stops.lock().unwrap_or_else(|e| e.into_inner()));
     Ok(outcome(control.request(), &stops, &seen))
+}
+
+/// Waits until something stops the VM; prints live statistics on SIGUSR1 and takes the VM
+/// through S3 suspend and wake on the way.
+fn event_loop(
+    control: &VmControl,
+    stats_event: &EventFd,
+    stats: &ExitStats,
+    vcpus: &[JoinHandle<()>],
+    wake: &crate::sleep::WakeSources,
+) {
+    loop {
+        if wait_readable(control.event(), stats_event) {
+            let _ = stats_event.read();
+            print_live_stats(stats, "SIGUSR1");
+            continue;
+        }
+        let _ = control.event().read(); // drained: what it signalled is in `control`
+        if control.is_stopping() {
+            return;
+        }
+        if control.is_suspended() {
+            crate::sleep::suspend(control, vcpus, wake);
+        }
+    }
 }
 
 /// Where the boot processor starts.

@@ -418,3 +418,27 @@ fn missing_dev_kvm_is_a_clear_error() {
     assert_eq!(err.trim_end().lines().count(), 1, "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// seccomp (issue 13): a vCPU thread that makes a system call outside its filter stops
+/// ferrovm at once with one line naming the call and the thread (status 5); `log` lets it
+/// through (the kernel logs it) and `off` has no filter, so the guest goes on and powers off.
+#[test]
+fn a_forbidden_system_call_stops_ferrovm_with_one_line() {
+    let o = run_fw("seccomp", &["--bench-device"]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(5), "{err}");
+    assert_eq!(
+        err.trim_end(),
+        "ferrovm: seccomp: thread 'vcpu0' made a system call it may not make: getppid (110); \
+         stopping (--seccomp log lets it through and logs it)"
+    );
+    assert!(!stdout(&o).contains("came back"));
+    for mode in ["log", "off"] {
+        let o = run_fw("seccomp", &["--bench-device", "--seccomp", mode]);
+        assert_eq!(o.status.code(), Some(0), "{mode}: {}", stderr(&o));
+        assert!(
+            stdout(&o).contains("seccomp: the probe came back"),
+            "{mode}"
+        );
+    }
+}

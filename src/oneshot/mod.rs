@@ -175,6 +175,7 @@ pub fn prepare(opts: &CommandOptions, cfg: &mut VmConfig) -> Result<Prepared, On
     if cfg.verbose {
         cfg.cmdline.push_str(" ferrovm.trace");
     }
+    crate::seccomp::set_mode(cfg.seccomp); // the relay thread filters itself as the VM's will
     let relay = relay::Relay::start(&socket).map_err(io_err("the command's stream sockets"))?;
     Ok(Prepared { relay, _dir: dir })
 }

@@ -54,7 +54,12 @@ impl Relay {
         let stop2 = stop.try_clone()?;
         let thread = std::thread::Builder::new()
             .name("run-relay".into())
-            .spawn(move || run(chans, &stop2, relay_stdin))?;
+            .spawn(move || {
+                crate::seccomp::install(crate::seccomp::ThreadKind::RunRelay)
+                    .map_err(|e| eprintln!("ferrovm: {e}"))
+                    .ok()?;
+                run(chans, &stop2, relay_stdin)
+            })?;
         Ok(Relay {
             stop,
             thread: Some(thread),

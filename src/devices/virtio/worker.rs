@@ -188,6 +188,10 @@ impl Worker {
             .name(name.to_string())
             .spawn(move || {
                 let handler = lock(&thread_slot).take()?;
+                if let Err(e) = crate::seccomp::install(crate::seccomp::ThreadKind::Worker) {
+                    log::error!("{}: {e}", setup.name);
+                    return Some(handler); // never served: the device stays unusable
+                }
                 Some(run(setup, handler))
             });
         match spawned {
