@@ -136,8 +136,9 @@ const BASE: &[i64] = &[
 ];
 
 /// Starting, naming and joining threads (a vCPU starts device workers).
+/// `clone` is allowed with CLONE_THREAD only (threads, not processes); `clone3`, whose flags
+/// a filter cannot read, answers ENOSYS so the C library falls back to `clone`.
 const THREADS: &[i64] = &[
-    libc::SYS_clone,
     libc::SYS_clone3,
     libc::SYS_set_robust_list,
     libc::SYS_rseq,
@@ -259,6 +260,17 @@ fn filter(kind: ThreadKind, mismatch: SeccompAction) -> Result<SeccompFilter, St
     if !ioctl.is_empty() {
         rules.insert(libc::SYS_ioctl, ioctl);
     }
+    if kind == ThreadKind::Vcpu {
+        let cond = SeccompCondition::new(
+            0,
+            SeccompCmpArgLen::Qword,
+            SeccompCmpOp::MaskedEq(libc::CLONE_THREAD as u64),
+            libc::CLONE_THREAD as u64,
+        )
+        .map_err(|e| e.to_string())?;
+        let rule = SeccompRule::new(vec![cond]).map_err(|e| e.to_string())?;
+        rules.insert(libc::SYS_clone, vec![rule]);
+    }
     if opens_read_only(kind) {
         let cond = SeccompCondition::new(
             2,
@@ -291,7 +303,19 @@ pub fn install_mode(kind: ThreadKind, mode: SeccompMode) -> Result<(), SeccompEr
     let prog: seccompiler::BpfProgram = f
         .try_into()
         .map_err(|e: seccompiler::BackendError| SeccompError::Build(kind, e.to_string()))?;
-    seccompiler::apply_filter(&prog).map_err(|e| SeccompError::Install(kind, e.to_string()))
+    seccompiler::apply_filter(&prog).map_err(|e| SeccompError::Install(kind, e.to_string()))?;
+    if kind == ThreadKind::Vcpu {
+        // Stacked on the list (which allows clone3): ERRNO outranks ALLOW.
+        let rules = [(libc::SYS_clone3, Vec::new())].into_iter().collect();
+        let enosys = SeccompAction::Errno(libc::ENOSYS as u32);
+        let f = SeccompFilter::new(rules, SeccompAction::Allow, enosys, TargetArch::x86_64)
+            .map_err(|e| SeccompError::Build(kind, e.to_string()))?;
+        let prog: seccompiler::BpfProgram = f
+            .try_into()
+            .map_err(|e: seccompiler::BackendError| SeccompError::Build(kind, e.to_string()))?;
+        seccompiler::apply_filter(&prog).map_err(|e| SeccompError::Install(kind, e.to_string()))?;
+    }
+    Ok(())
 }
 
 /// The name of system call `nr` (x86_64), if known.
@@ -423,6 +447,10 @@ mod tests {
         assert!(!calls.contains(&libc::SYS_openat) && !opens_read_only(ThreadKind::Worker));
         assert!(!calls.contains(&libc::SYS_execve));
         let (calls, _) = lists(ThreadKind::Vcpu);
-        assert!(!calls.contains(&libc::SYS_execve));
+        assert!(!calls.contains(&libc::SYS_execve) && !calls.contains(&libc::SYS_fork));
+        assert!(
+            !calls.contains(&libc::SYS_clone),
+            "clone only with CLONE_THREAD, as a rule"
+        );
     }
 }

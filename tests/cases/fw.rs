@@ -32,8 +32,9 @@ boot() {
     exec 3>in.fifo
     i=0
     while [ -n "$key" ] && ! grep -q "check and power off" out.log; do
+        kill -0 $pid 2>/dev/null || { echo "FERROVM_ENDED_BEFORE_MENU"; key=; break; }
         i=$((i + 1))
-        if [ $i -gt 400 ]; then echo "NO_GRUB_MENU"; kill -USR1 $pid; sleep 1; kill $pid; break; fi
+        if [ $i -gt 400 ]; then echo "NO_GRUB_MENU"; kill -USR1 $pid; sleep 1; kill $pid || true; break; fi
         sleep 0.5
     done
     [ -n "$key" ] && { echo "MENU_AFTER_HALF_SECONDS=$i"; printf "$key" >&3; }
