@@ -240,50 +240,46 @@ fn lists(kind: ThreadKind) -> (Vec<i64>, &'static [u64]) {
     (v, ioctls)
 }
 
+/// A rule: argument `arg` (of `len`) masked with `mask` equals `value`.
+fn masked(arg: u8, len: SeccompCmpArgLen, mask: u64, value: u64) -> Result<SeccompRule, String> {
+    let cond = SeccompCondition::new(arg, len, SeccompCmpOp::MaskedEq(mask), value)
+        .map_err(|e| e.to_string())?;
+    SeccompRule::new(vec![cond]).map_err(|e| e.to_string())
+}
+
 /// The filter for `kind`; a call outside it gets `mismatch`.
 fn filter(kind: ThreadKind, mismatch: SeccompAction) -> Result<SeccompFilter, String> {
+    use SeccompCmpArgLen::{Dword, Qword};
     let (calls, ioctl_types) = lists(kind);
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
         calls.into_iter().map(|nr| (nr, Vec::new())).collect();
-    let mut ioctl = Vec::new();
-    for &t in ioctl_types {
-        // Request bits 15:8 are the type (`_IOC_TYPE`).
-        let cond = SeccompCondition::new(
-            1,
-            SeccompCmpArgLen::Dword,
-            SeccompCmpOp::MaskedEq(0xff00),
-            t << 8,
-        )
-        .map_err(|e| e.to_string())?;
-        ioctl.push(SeccompRule::new(vec![cond]).map_err(|e| e.to_string())?);
-    }
+    // ioctl request bits 15:8 are the type (`_IOC_TYPE`).
+    let ioctl: Vec<SeccompRule> = ioctl_types
+        .iter()
+        .map(|&t| masked(1, Dword, 0xff00, t << 8))
+        .collect::<Result<_, _>>()?;
     if !ioctl.is_empty() {
         rules.insert(libc::SYS_ioctl, ioctl);
     }
     if kind == ThreadKind::Vcpu {
-        let cond = SeccompCondition::new(
-            0,
-            SeccompCmpArgLen::Qword,
-            SeccompCmpOp::MaskedEq(libc::CLONE_THREAD as u64),
-            libc::CLONE_THREAD as u64,
-        )
-        .map_err(|e| e.to_string())?;
-        let rule = SeccompRule::new(vec![cond]).map_err(|e| e.to_string())?;
-        rules.insert(libc::SYS_clone, vec![rule]);
+        let thread = libc::CLONE_THREAD as u64;
+        rules.insert(libc::SYS_clone, vec![masked(0, Qword, thread, thread)?]);
     }
     if opens_read_only(kind) {
-        let cond = SeccompCondition::new(
-            2,
-            SeccompCmpArgLen::Dword,
-            SeccompCmpOp::MaskedEq(libc::O_ACCMODE as u64),
-            libc::O_RDONLY as u64,
-        )
-        .map_err(|e| e.to_string())?;
-        let rule = SeccompRule::new(vec![cond]).map_err(|e| e.to_string())?;
-        rules.insert(libc::SYS_openat, vec![rule]);
+        let rdonly = masked(2, Dword, libc::O_ACCMODE as u64, libc::O_RDONLY as u64)?;
+        rules.insert(libc::SYS_openat, vec![rdonly]);
     }
     SeccompFilter::new(rules, mismatch, SeccompAction::Allow, TargetArch::x86_64)
         .map_err(|e| e.to_string())
+}
+
+/// Compiles `f` and installs it on the calling thread.
+fn apply(kind: ThreadKind, f: Result<SeccompFilter, String>) -> Result<(), SeccompError> {
+    let f = f.map_err(|e| SeccompError::Build(kind, e))?;
+    let prog: seccompiler::BpfProgram = f
+        .try_into()
+        .map_err(|e: seccompiler::BackendError| SeccompError::Build(kind, e.to_string()))?;
+    seccompiler::apply_filter(&prog).map_err(|e| SeccompError::Install(kind, e.to_string()))
 }
 
 /// Installs the filter for `kind` on the calling thread, as the VM's mode says.
@@ -299,21 +295,13 @@ pub fn install_mode(kind: ThreadKind, mode: SeccompMode) -> Result<(), SeccompEr
         SeccompMode::On => SeccompAction::Trap,
     };
     install_sigsys_handler();
-    let f = filter(kind, mismatch).map_err(|e| SeccompError::Build(kind, e))?;
-    let prog: seccompiler::BpfProgram = f
-        .try_into()
-        .map_err(|e: seccompiler::BackendError| SeccompError::Build(kind, e.to_string()))?;
-    seccompiler::apply_filter(&prog).map_err(|e| SeccompError::Install(kind, e.to_string()))?;
+    apply(kind, filter(kind, mismatch))?;
     if kind == ThreadKind::Vcpu {
         // Stacked on the list (which allows clone3): ERRNO outranks ALLOW.
         let rules = [(libc::SYS_clone3, Vec::new())].into_iter().collect();
         let enosys = SeccompAction::Errno(libc::ENOSYS as u32);
-        let f = SeccompFilter::new(rules, SeccompAction::Allow, enosys, TargetArch::x86_64)
-            .map_err(|e| SeccompError::Build(kind, e.to_string()))?;
-        let prog: seccompiler::BpfProgram = f
-            .try_into()
-            .map_err(|e: seccompiler::BackendError| SeccompError::Build(kind, e.to_string()))?;
-        seccompiler::apply_filter(&prog).map_err(|e| SeccompError::Install(kind, e.to_string()))?;
+        let f = SeccompFilter::new(rules, SeccompAction::Allow, enosys, TargetArch::x86_64);
+        apply(kind, f.map_err(|e| e.to_string()))?;
     }
     Ok(())
 }
