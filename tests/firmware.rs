@@ -281,6 +281,89 @@ fn no_permission_on_dev_kvm_is_a_clear_error() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// A TAP device made for one test, removed when dropped.
+struct TestTap(String);
+
+impl Drop for TestTap {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["link", "del", &self.0]).output();
+    }
+}
+
+/// Unprivileged operation (issue 13): an ordinary user in the `kvm` group (setup-host's
+/// `ferrovm-test`) runs a VM with a NIC on a TAP that root made for it beforehand, with the
+/// seccomp filters on; nothing of ferrovm runs as root.
+#[test]
+fn an_ordinary_user_in_the_kvm_group_runs_a_vm_on_a_precreated_tap() {
+    let user = "ferrovm-test";
+    let known = Command::new("id")
+        .arg(user)
+        .output()
+        .is_ok_and(|o| o.status.success());
+    // SAFETY: geteuid has no preconditions.
+    if !known || unsafe { libc::geteuid() } != 0 {
+        println!(
+            "SKIPPED: {}: needs root and the {user} user (scripts/setup-host makes it)",
+            "an_ordinary_user_in_the_kvm_group_runs_a_vm_on_a_precreated_tap"
+        );
+        return;
+    }
+    let dir = scratch("unprivileged");
+    let fw = firmware(&dir, "hello");
+    let mut perms = std::fs::metadata(&dir).unwrap().permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o755);
+    std::fs::set_permissions(&dir, perms).unwrap();
+    let tap = TestTap(format!("fvt{}", std::process::id() % 100_000));
+    let made = Command::new("ip")
+        .args(["tuntap", "add", "dev", &tap.0, "mode", "tap", "user", user])
+        .output()
+        .expect("ip (iproute2) is needed for this test");
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    let o = support::output(
+        Command::new("setpriv")
+            .args([
+                &format!("--reuid={user}"),
+                &format!("--regid={user}"),
+                "--init-groups",
+            ])
+            .args([
+                FERROVM,
+                "run",
+                "--seccomp",
+                "on",
+                "--net",
+                &format!("tap={}", tap.0),
+            ])
+            .arg("--kernel")
+            .arg(&fw),
+    )
+    .expect("setpriv (util-linux) is needed for this test");
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(stdout(&o).contains("Hello from ferrovm firmware"));
+    // The same user without the kvm group is refused with one line.
+    let o = support::output(
+        Command::new("setpriv")
+            .args([
+                &format!("--reuid={user}"),
+                &format!("--regid={user}"),
+                "--clear-groups",
+            ])
+            .args([FERROVM, "run", "--kernel"])
+            .arg(&fw),
+    )
+    .unwrap();
+    assert!(
+        stderr(&o).contains("cannot open /dev/kvm"),
+        "{}",
+        stderr(&o)
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 #[test]
 fn usage_errors_exit_2() {
     let o = ferrovm(&["run"]);
