@@ -303,8 +303,8 @@ fn an_ordinary_user_in_the_kvm_group_runs_a_vm_on_a_precreated_tap() {
     // SAFETY: geteuid has no preconditions.
     if !known || unsafe { libc::geteuid() } != 0 {
         println!(
-            "SKIPPED: {}: needs root and the {user} user (scripts/setup-host makes it)",
-            "an_ordinary_user_in_the_kvm_group_runs_a_vm_on_a_precreated_tap"
+            "SKIPPED: an_ordinary_user_in_the_kvm_group_runs_a_vm_on_a_precreated_tap: \
+             needs root and the {user} user (scripts/setup-host makes it)"
         );
         return;
     }
