@@ -141,10 +141,11 @@ measure() {{
     s1=$(sample)
     rss=$(awk -v ram=$mem_kb '/^Size:/ {{ size = $2 }} /^Rss:/ {{ if (size < ram) t += $2 }} END {{ print t + 0 }}' /proc/$pid/smaps 2>/dev/null || echo nan)
     p2m=$(cat $K/pages_2m 2>/dev/null || echo 0)
+    console_bytes=$(wc -c < out.log)
     kill $pid 2>/dev/null || true
     wait $pid || true
     deltas=$(echo "$s0 / $s1" | awk -v names="{counters}" '{{ n = split(names, k, " "); for (i = 1; i <= n; i++) printf "%s=%d ", k[i], $(i + n + 1) - $i }}')
-    echo "BENCH $name boot round=$i ms=$((t1 - t0)) $deltas pages_2m=$p2m overhead_kb=$rss"
+    echo "BENCH $name boot round=$i ms=$((t1 - t0)) $deltas pages_2m=$p2m console_bytes=$console_bytes overhead_kb=$rss"
 }}
 i=0
 while [ $i -lt {reps} ]; do
@@ -214,14 +215,14 @@ fn print_tables(r: &Results, runs: &[(&'static str, String)]) {
             med(r, name, "exits") / base_exits,
         );
     }
-    println!("\nIn-kernel counters (medians; pages_2m: KVM's 2 MiB mappings at the marker):\n");
+    println!("\nIn-kernel counters (medians; pages_2m: KVM's 2 MiB mappings at the marker; console bytes: what the VMM printed up to the marker, which sets the serial I/O exits):\n");
     let keys = &COUNTERS[3..];
-    println!("| VMM | {} | pages_2m |", keys.join(" | "));
-    println!("|---|{}---|", "---|".repeat(keys.len()));
+    println!("| VMM | {} | pages_2m | console bytes |", keys.join(" | "));
+    println!("|---|{}---|---|", "---|".repeat(keys.len()));
     for (name, _) in runs {
         let cells: Vec<String> = keys
             .iter()
-            .chain(["pages_2m"].iter())
+            .chain(["pages_2m", "console_bytes"].iter())
             .map(|k| format!("{:.0}", med(r, name, k)))
             .collect();
         println!("| {name} | {} |", cells.join(" | "));
