@@ -621,12 +621,6 @@ impl ConsoleInput for Mutex<SerialDevice> {
     }
 }
 
-impl ConsoleInput for crate::devices::virtio::console::ConsoleInbox {
-    fn enqueue_input(&self, bytes: &[u8]) -> usize {
-        crate::devices::virtio::console::ConsoleInbox::enqueue_input(self, bytes)
-    }
-}
-
 /// Pushes `bytes` into the console input, waiting while it is full. Returns false if the
 /// reader had to end before everything was delivered.
 fn push_input(serial: &dyn ConsoleInput, mut bytes: &[u8], exit: &ReaderExit) -> bool {

@@ -179,13 +179,6 @@ const WORKER: &[i64] = &[
     libc::SYS_dup,
 ];
 
-/// A vCPU beyond a worker: KVM (ioctls, below) and opening files read-only (virtio-rng's
-/// /dev/urandom at activation; the C library's time zone for the RTC).
-const VCPU: &[i64] = &[];
-
-/// The console reader: the terminal.
-const CONSOLE: &[i64] = &[];
-
 /// The event loop: kicks vCPUs (tgkill), S3 suspend and wake (KVM ioctls on the vCPUs; the
 /// RTC alarm reads the C library's time zone, a read-only open).
 const EVENT_LOOP: &[i64] = &[libc::SYS_tgkill];
@@ -204,7 +197,9 @@ const RUN_RELAY: &[i64] = &[
 const IOCTL_KVM: u64 = 0xae;
 const IOCTL_TTY_TUN: u64 = 0x54;
 
-/// Kinds that may open files, read-only only (`openat` with O_WRONLY or O_RDWR is refused).
+/// Kinds that may open files, read-only only (`openat` with O_WRONLY or O_RDWR is refused):
+/// a vCPU (virtio-rng's /dev/urandom at activation; the C library's time zone for the RTC)
+/// and the event loop (the RTC alarm).
 fn opens_read_only(kind: ThreadKind) -> bool {
     matches!(kind, ThreadKind::Vcpu | ThreadKind::EventLoop)
 }
@@ -215,17 +210,14 @@ fn lists(kind: ThreadKind) -> (Vec<i64>, &'static [u64]) {
         ThreadKind::Vcpu => {
             v.extend(THREADS);
             v.extend(WORKER);
-            v.extend(VCPU);
             &[IOCTL_KVM, IOCTL_TTY_TUN]
         }
         ThreadKind::Worker => {
             v.extend(WORKER);
             &[IOCTL_TTY_TUN]
         }
-        ThreadKind::ConsoleReader => {
-            v.extend(CONSOLE);
-            &[IOCTL_TTY_TUN]
-        }
+        // The console reader: stdin and the terminal, nothing beyond the base.
+        ThreadKind::ConsoleReader => &[IOCTL_TTY_TUN],
         ThreadKind::EventLoop => {
             v.extend(EVENT_LOOP);
             &[IOCTL_KVM, IOCTL_TTY_TUN]

@@ -63,9 +63,11 @@ impl ConsoleInbox {
             ready: EventFd::new(EFD_NONBLOCK)?,
         }))
     }
+}
 
-    /// Queues what fits of `bytes`; returns how many were taken (0 when full).
-    pub fn enqueue_input(&self, bytes: &[u8]) -> usize {
+impl crate::console::ConsoleInput for ConsoleInbox {
+    /// Queues what fits of `bytes` and wakes the worker; returns how many were taken.
+    fn enqueue_input(&self, bytes: &[u8]) -> usize {
         let mut q = self.bytes.lock().unwrap_or_else(|e| e.into_inner());
         let n = (INBOX_LEN - q.len()).min(bytes.len());
         q.extend(&bytes[..n]);
@@ -258,6 +260,7 @@ impl VirtioHandler for ConsoleHandler {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::console::ConsoleInput;
     use crate::devices::virtio::test_chains::add_chain;
     use virtio_queue::mock::MockSplitQueue;
     use vm_memory::GuestAddress;
