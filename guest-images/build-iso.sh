@@ -40,7 +40,13 @@ mem=$(awk '/^MemTotal:/ { print $2 }' /proc/meminfo)
 cpus=$(grep -c '^processor' /proc/cpuinfo)
 disks=$(ls /sys/block | grep -v '^loop\|^ram' | tr '\n' ',')
 nics=$(ls /sys/class/net | grep -v '^lo$' | tr '\n' ',')
-echo "FW-CHECK mem_kb=$mem cpus=$cpus disks=$disks nics=$nics cmdline=$(cat /proc/cmdline)"
+# A CD-ROM drive (--cdrom): mount it and hash a file the ISO carries.
+cd_sha=none
+if [ -b /dev/sr0 ]; then
+    mkdir -p /cd && mount -t iso9660 -o ro /dev/sr0 /cd && {
+        cd_sha=$(sha256sum /cd/boot/bzImage | cut -d' ' -f1); umount /cd; }
+fi
+echo "FW-CHECK mem_kb=$mem cpus=$cpus disks=$disks nics=$nics cd_sha=$cd_sha cmdline=$(cat /proc/cmdline)"
 CHECK
 (cd "$WORK/check" && echo fw-check.sh | cpio -o -H newc --quiet --owner=0:0 >"$WORK/iso/boot/fw-check.cpio")
 cat >"$WORK/iso/boot/grub/grub.cfg" <<'CFG'

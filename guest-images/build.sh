@@ -18,9 +18,10 @@ APT_OPTS=(-q -o APT::Sandbox::User=root)
 # the module metadata and the load order is computed (never hand-kept).
 # vfat and its code pages read the cloud-init seed (--cloud-init, --ssh-key); virtiofs (fuse)
 # mounts --fs shares, overlay lays a tmpfs over a read-only one, the vsock transport is --vsock,
-# virtio_console is hvc0 (--console virtio).
+# virtio_console is hvc0 (--console virtio); virtio_scsi, sr_mod and isofs read a --cdrom.
 VIRTIO_MODULES=(virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci
                 virtio_mmio virtio_blk failover net_failover virtio_net virtio_console
+                virtio_scsi sr_mod isofs
                 fat vfat nls_cp437 nls_utf8 nls_ascii
                 fuse virtiofs overlay vsock vmw_vsock_virtio_transport_common
                 vmw_vsock_virtio_transport)

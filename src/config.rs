@@ -24,6 +24,8 @@ pub enum ConfigError {
     Cpus(u32),
     #[error("invalid --disk '{0}': {1}")]
     Disk(String, String),
+    #[error("invalid --cdrom '{0}': {1}")]
+    Cdrom(String, String),
     #[error("invalid --net '{0}': {1}")]
     Net(String, String),
     #[error("{0}")]
@@ -91,6 +93,8 @@ pub struct VmConfig {
     pub rng: bool,
     /// `--disk`: virtio-blk disks, in PCI slot order (the first is /dev/vda).
     pub disks: Vec<crate::devices::virtio::block::DiskConfig>,
+    /// `--cdrom`: read-only CD-ROMs, targets 0.. of one virtio-scsi controller after the disks.
+    pub cdroms: Vec<crate::devices::virtio::block::DiskConfig>,
     /// `--net`: virtio-net NICs on TAP devices, in PCI slot order after the disks.
     pub nets: Vec<crate::devices::virtio::net::NetConfig>,
     /// `--fs`: virtio-fs shares (vhost-user, virtiofsd), in PCI slot order after the NICs.
@@ -129,6 +133,7 @@ impl VmConfig {
             bench_device: false,
             rng: false,
             disks: Vec::new(),
+            cdroms: Vec::new(),
             nets: Vec::new(),
             fs: Vec::new(),
             vsock: None,

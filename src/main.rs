@@ -93,10 +93,11 @@ struct RunArgs {
     /// OVMF) or an image PATH. The default without --kernel when a --disk is given: bios.
     #[arg(long, value_name = "bios|uefi|PATH")]
     firmware: Option<String>,
-    /// An ISO image on a read-only virtio disk after the --disk ones (a hybrid ISO boots from
-    /// it through the firmware; there is no CD-ROM device yet). Repeatable.
+    /// A CD-ROM drive with the ISO image PATH (read-only; a virtio-scsi CD-ROM the firmware
+    /// boots El Torito from, /dev/sr0 in Linux). `path=PATH[,format=F][,bootindex=N]` sets
+    /// its boot order; without bootindex, CD-ROMs boot after the --disk ones. Repeatable.
     #[arg(long, value_name = "PATH")]
-    cdrom: Vec<PathBuf>,
+    cdrom: Vec<String>,
     /// What a guest reboot does: exit (ferrovm ends, status 0) or restart (the VM starts
     /// again from its firmware or kernel, like a power cycle).
     #[arg(long, value_name = "exit|restart", default_value = "exit",
@@ -221,7 +222,7 @@ fn build_config(a: RunArgs) -> Result<VmConfig, config::ConfigError> {
                 .ok_or_else(|| config::ConfigError::ExitStats(s.clone()))
         })
         .collect::<Result<_, _>>()?;
-    let mut disks: Vec<_> = a
+    let disks: Vec<_> = a
         .disk
         .iter()
         .map(|s| {
@@ -229,14 +230,14 @@ fn build_config(a: RunArgs) -> Result<VmConfig, config::ConfigError> {
                 .map_err(|e| config::ConfigError::Disk(s.clone(), e.to_string()))
         })
         .collect::<Result<_, _>>()?;
-    disks.extend(
-        a.cdrom
-            .iter()
-            .map(|p| ferrovm::devices::virtio::block::DiskConfig {
-                readonly: true,
-                ..ferrovm::devices::virtio::block::DiskConfig::new(p)
-            }),
-    );
+    let cdroms: Vec<_> = a
+        .cdrom
+        .iter()
+        .map(|s| {
+            ferrovm::devices::virtio::scsi::parse_cdrom_option(s)
+                .map_err(|e| config::ConfigError::Cdrom(s.clone(), e.to_string()))
+        })
+        .collect::<Result<_, _>>()?;
     let nets = a
         .net
         .iter()
@@ -301,6 +302,7 @@ fn build_config(a: RunArgs) -> Result<VmConfig, config::ConfigError> {
         bench_device: a.bench_device,
         test_devices: a.test_devices,
         disks,
+        cdroms,
         nets,
         fs,
         vsock,

@@ -22,7 +22,7 @@ use crate::devices::virtio::pci::{VirtioPci, VirtioPciDevice, VirtioPciError};
 use crate::devices::virtio::VirtioDevice;
 use crate::devices::{self, IrqLine, StopRequest, VmControl};
 use crate::exit_stats::{self, ExitStats, StatsOutput};
-use crate::fwboot;
+use crate::fwboot::{self, files::BootDevice};
 use crate::kvm::vcpu::{Vcpu, VcpuStop};
 use crate::kvm::vm::Vm;
 use crate::resources::{Buses, PlaceError, Resources, Sharing, Space};
@@ -81,6 +81,8 @@ pub enum VmmError {
     KickSignal(#[source] vmm_sys_util::errno::Error),
     #[error(transparent)]
     Disk(#[from] devices::virtio::block::BlockError),
+    #[error(transparent)]
+    Cdrom(#[from] devices::virtio::scsi::CdromError),
     #[error(transparent)]
     Net(#[from] devices::virtio::net::NetError),
     #[error(transparent)]
@@ -245,15 +247,7 @@ pub fn run(cfg: VmConfig) -> Result<VmOutcome, VmmError> {
         Some(f) => fwboot::i440fx_bus(f.clone())?,
         None => PciRoot::new(layout::PCI_MMIO32_START, layout::PCI_MMIO32_SIZE),
     };
-    let mut disk_slots = Vec::new();
-    for disk in &cfg.disks {
-        let block = devices::virtio::block::Block::new(disk)?;
-        let slot = add_virtio_pci(&mut pci, &mut buses.claims, &vm, &mem, Box::new(block))?;
-        disk_slots.push((disk.bootindex.unwrap_or(u32::MAX), slot));
-    }
-    // The firmware's boot order: bootindex first, then --disk order (the sort is stable).
-    disk_slots.sort_by_key(|(index, _)| *index);
-    let disk_slots: Vec<u8> = disk_slots.into_iter().map(|(_, slot)| slot).collect();
+    let boot_devices = add_boot_media(&cfg, &mut pci, &mut buses.claims, &vm, &mem)?;
     if let Some(seed) = &cfg.cloud_init_seed {
         let disk = crate::disk::mem::MemDisk::new("cloud-init seed", seed.clone());
         let block = devices::virtio::block::Block::with_disk(Box::new(disk), Some("cidata"))?;
@@ -301,7 +295,7 @@ pub fn run(cfg: VmConfig) -> Result<VmOutcome, VmmError> {
         Some(_) => {
             let info = FirmwareStart {
                 pci: pci_acpi,
-                disk_slots: &disk_slots,
+                boot_devices: &boot_devices,
                 below_4g,
                 above_4g,
             };
@@ -579,7 +573,7 @@ fn load_kernel(
 /// What the firmware's fw_cfg files describe.
 struct FirmwareStart<'a> {
     pci: PciAcpi,
-    disk_slots: &'a [u8],
+    boot_devices: &'a [BootDevice],
     below_4g: u64,
     above_4g: u64,
 }
@@ -599,7 +593,7 @@ fn load_firmware(
     let files = fwboot::files::FirmwareInfo {
         below_4g: info.below_4g,
         above_4g: info.above_4g,
-        boot_slots: info.disk_slots,
+        boot_devices: info.boot_devices,
         mmio64_start,
         acpi: &acpi,
     };
@@ -650,6 +644,35 @@ fn outcome(
             VmOutcome::Stopped("host request (signal or console escape)".into())
         }
     }
+}
+
+/// The `--disk` images (virtio-blk, one PCI function each) and the `--cdrom` images (CD-ROMs
+/// on one virtio-scsi controller after the disks). Returns the firmware's boot order:
+/// `bootindex` first, then disks in `--disk` order, then CD-ROMs in `--cdrom` order.
+fn add_boot_media(
+    cfg: &VmConfig,
+    pci: &mut PciRoot,
+    claims: &mut Resources,
+    vm: &Vm,
+    mem: &GuestMemoryMmap,
+) -> Result<Vec<BootDevice>, VmmError> {
+    let mut boot = Vec::new();
+    for disk in &cfg.disks {
+        let block = devices::virtio::block::Block::new(disk)?;
+        let slot = add_virtio_pci(pci, claims, vm, mem, Box::new(block))?;
+        boot.push((disk.bootindex, BootDevice::Disk { slot }));
+    }
+    if !cfg.cdroms.is_empty() {
+        let scsi = devices::virtio::scsi::Scsi::new(&cfg.cdroms)?;
+        let slot = add_virtio_pci(pci, claims, vm, mem, Box::new(scsi))?;
+        for (target, cd) in cfg.cdroms.iter().enumerate() {
+            let target = target as u8; // at most MAX_CDROMS, checked by Scsi::new
+            boot.push((cd.bootindex, BootDevice::Cdrom { slot, target }));
+        }
+    }
+    // The sort is stable: without bootindex, the order above.
+    boot.sort_by_key(|(index, _)| index.unwrap_or(u32::MAX));
+    Ok(boot.into_iter().map(|(_, d)| d).collect())
 }
 
 /// Adds `device` behind the virtio-pci transport in the next free slot of bus 0: its INTx line

@@ -51,6 +51,11 @@ fn matrix(kernel: &str, file: &str) -> Vec<(Vec<String>, i32, &'static str)> {
         (k(&["--disk", "path=FILE,format=vmdk"]), 1, "vmdk"),
         (k(&["--disk", "path=FILE,bootindex=x"]), 1, "bootindex"),
         (k(&["--disk", "path=FILE,path=FILE"]), 1, "path"),
+        // --cdrom
+        (k(&["--cdrom", "/nonexistent/cd.iso"]), 1, "/nonexistent/cd.iso"),
+        (k(&["--cdrom", "path=FILE,readonly=off"]), 1, "read-only"),
+        (k(&["--cdrom", "path=FILE,serial=x"]), 1, "CD-ROM takes only"),
+        (k(&["--cdrom", ""]), 1, "--cdrom"),
         // --net
         (k(&["--net", "tap=t0,mac=zz:zz"]), 1, "mac"),
         (k(&["--net", "bridge=br0"]), 1, "--net"),

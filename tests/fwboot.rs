@@ -240,26 +240,12 @@ fn bad_firmware_images_get_one_line_errors() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
-/// SeaBIOS boots GRUB from the hybrid ISO on a read-only virtio disk (the default firmware
-/// when only a disk is given), and GRUB's menu reaches the serial console. (The kernel
-/// behind it needs real KVM: nested tier.)
-#[test]
-fn seabios_boots_grub_from_the_iso() {
-    let name = "seabios_boots_grub_from_the_iso";
-    if !have_seabios(name) {
-        return;
-    }
-    let iso = Path::new(env!("CARGO_MANIFEST_DIR")).join("guest-images/out/default/boot.iso");
-    if !iso.is_file() {
-        println!(
-            "SKIPPED: {name}: {} missing (guest-images/build-iso.sh)",
-            iso.display()
-        );
-        return;
-    }
+/// Runs ferrovm with `args` until GRUB's menu is on the console (SeaBIOS's banner before
+/// it), then stops it. Returns the console, or None with it when no menu came within 240 s.
+fn grub_menu(args: &[String]) -> Result<String, String> {
     let mut child = Command::new(FERROVM)
-        .args(["run", "--disk"])
-        .arg(format!("path={},readonly=on", iso.display()))
+        .arg("run")
+        .args(args)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -293,9 +279,55 @@ fn seabios_boots_grub_from_the_iso() {
     let _ = child.stdin.as_mut().unwrap().write_all(b"\x1b");
     let _ = child.kill();
     let _ = child.wait();
-    assert!(
-        found,
-        "no GRUB menu:\n{}",
-        String::from_utf8_lossy(&console)
-    );
+    let text = String::from_utf8_lossy(&console).into_owned();
+    if found {
+        Ok(text)
+    } else {
+        Err(text)
+    }
+}
+
+/// The GRUB ISO guest-images/build-iso.sh makes, or None (SKIPPED printed).
+fn boot_iso(name: &str) -> Option<PathBuf> {
+    if !have_seabios(name) {
+        return None;
+    }
+    let iso = Path::new(env!("CARGO_MANIFEST_DIR")).join("guest-images/out/default/boot.iso");
+    if !iso.is_file() {
+        println!(
+            "SKIPPED: {name}: {} missing (guest-images/build-iso.sh)",
+            iso.display()
+        );
+        return None;
+    }
+    Some(iso)
+}
+
+/// SeaBIOS boots GRUB from the hybrid ISO on a read-only virtio disk (the default firmware
+/// when only a disk is given), and GRUB's menu reaches the serial console. (The kernel
+/// behind it needs real KVM: nested tier.)
+#[test]
+fn seabios_boots_grub_from_the_iso() {
+    let Some(iso) = boot_iso("seabios_boots_grub_from_the_iso") else {
+        return;
+    };
+    let console = grub_menu(&[
+        "--disk".into(),
+        format!("path={},readonly=on", iso.display()),
+    ])
+    .unwrap_or_else(|c| panic!("no GRUB menu:\n{c}"));
+    assert!(console.contains("Booting from Hard Disk"), "{console}");
+}
+
+/// SeaBIOS boots the same ISO as a CD (El Torito from the virtio-scsi CD-ROM, `--cdrom`):
+/// it finds the drive, boots "DVD/CD", and GRUB reads its menu from the CD.
+#[test]
+fn seabios_boots_grub_from_a_cdrom() {
+    let Some(iso) = boot_iso("seabios_boots_grub_from_a_cdrom") else {
+        return;
+    };
+    let console = grub_menu(&["--cdrom".into(), iso.display().to_string()])
+        .unwrap_or_else(|c| panic!("no GRUB menu:\n{c}"));
+    assert!(console.contains("Booting from DVD/CD"), "{console}");
+    assert!(!console.contains("Booting from Hard Disk"), "{console}");
 }

@@ -3,7 +3,7 @@
 //! | file | contents |
 //! |---|---|
 //! | `etc/e820` | the memory map: 20-byte entries (u64 address, u64 length, u32 type), little-endian |
-//! | `bootorder` | one OpenFirmware device path per line, boot disks first (`/pci@i0cf8/scsi@SLOT`, QEMU's name for a virtio-blk function), NUL-terminated |
+//! | `bootorder` | one OpenFirmware device path per line, first boot device first (`/pci@i0cf8/scsi@SLOT`, QEMU's name for a virtio-blk function; `/pci@i0cf8/scsi@SLOT/channel@0/disk@TARGET,0` for a CD-ROM on virtio-scsi), NUL-terminated |
 //! | `etc/boot-fail-wait` | u32 milliseconds SeaBIOS waits after "No bootable device" before it resets |
 //! | `etc/sercon-port` | u16 port of SeaBIOS's serial console (COM1): BIOS text output without VGA |
 //! | `etc/reserved-memory-end` | u64: where 64-bit BARs may start (above RAM, 1 GiB aligned) |
@@ -23,8 +23,8 @@ pub const BOOT_FAIL_WAIT_MS: u32 = 5000;
 pub struct FirmwareInfo<'a> {
     pub below_4g: u64,
     pub above_4g: u64,
-    /// PCI slots of the boot disks, first boot device first.
-    pub boot_slots: &'a [u8],
+    /// The boot devices, first boot device first.
+    pub boot_devices: &'a [BootDevice],
     /// Start of the 64-bit PCI window.
     pub mmio64_start: u64,
     pub acpi: &'a AcpiBlob,
@@ -33,7 +33,7 @@ pub struct FirmwareInfo<'a> {
 /// Adds every file to `fw`.
 pub fn install(fw: &mut FwCfg, info: &FirmwareInfo) -> Result<(), FwCfgError> {
     fw.add_file("etc/e820", e820(info.below_4g, info.above_4g))?;
-    fw.add_file("bootorder", bootorder(info.boot_slots))?;
+    fw.add_file("bootorder", bootorder(info.boot_devices))?;
     fw.add_file(
         "etc/boot-fail-wait",
         BOOT_FAIL_WAIT_MS.to_le_bytes().to_vec(),
@@ -71,11 +71,30 @@ fn e820(below_4g: u64, above_4g: u64) -> Vec<u8> {
     b
 }
 
-fn bootorder(slots: &[u8]) -> Vec<u8> {
-    let mut s: String = slots
-        .iter()
-        .map(|slot| format!("/pci@i0cf8/scsi@{slot:x}\n"))
-        .collect();
+/// A device the firmware may boot from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BootDevice {
+    /// A virtio-blk disk in PCI slot `slot`.
+    Disk { slot: u8 },
+    /// CD-ROM `target` (LUN 0) of the virtio-scsi controller in PCI slot `slot`.
+    Cdrom { slot: u8, target: u8 },
+}
+
+impl BootDevice {
+    /// The OpenFirmware path SeaBIOS and OVMF match (QEMU's names: `scsi@` for a
+    /// virtio-blk function too).
+    fn path(&self) -> String {
+        match self {
+            BootDevice::Disk { slot } => format!("/pci@i0cf8/scsi@{slot:x}"),
+            BootDevice::Cdrom { slot, target } => {
+                format!("/pci@i0cf8/scsi@{slot:x}/channel@0/disk@{target:x},0")
+            }
+        }
+    }
+}
+
+fn bootorder(devices: &[BootDevice]) -> Vec<u8> {
+    let mut s: String = devices.iter().map(|d| d.path() + "\n").collect();
     s.push('\0');
     s.into_bytes()
 }
@@ -94,8 +113,14 @@ mod tests {
         assert_eq!(&e[40..48], &0x1_0000_0000u64.to_le_bytes());
         assert_eq!(e820(0x2000_0000, 0).len(), 40);
         assert_eq!(
-            bootorder(&[2, 0x11]),
-            b"/pci@i0cf8/scsi@2\n/pci@i0cf8/scsi@11\n\0"
+            bootorder(&[
+                BootDevice::Disk { slot: 2 },
+                BootDevice::Cdrom {
+                    slot: 0x11,
+                    target: 3
+                }
+            ]),
+            b"/pci@i0cf8/scsi@2\n/pci@i0cf8/scsi@11/channel@0/disk@3,0\n\0"
         );
     }
 }

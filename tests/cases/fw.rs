@@ -1,5 +1,6 @@
 //! Firmware boots under a real guest (issue 10): Debian's SeaBIOS boots the GRUB ISO
-//! (guest-images/build-iso.sh) from a read-only virtio disk, the case picks the menu entry
+//! (guest-images/build-iso.sh) from a read-only virtio disk (the hybrid ISO's MBR) and from
+//! a virtio-scsi CD-ROM (El Torito; the guest then mounts /dev/sr0), the case picks the menu entry
 //! by typing its hotkey on the serial console, and the stock kernel prints what it sees
 //! (RAM, CPUs, disks) and powers off. SeaBIOS also boots the installed Debian system
 //! (guest-images/build-disk.sh, an L1 disk, through a throwaway overlay) to systemd's login
@@ -54,7 +55,7 @@ boot() {
     echo "FERROVM_STATUS=$?"
     set -e
     exec 3>&-
-    grep -a -E 'FERROVM-|FW-CHECK|No bootable|ferrovm:' out.log | tr -d '\033\r' | sed 's/^/L2: /'
+    grep -a -E 'FERROVM-|FW-CHECK|No bootable|Booting from|ferrovm:' out.log | tr -d '\033\r' | sed 's/^/L2: /'
     grep -a -i -E 'warning|not found|unsupported|fail' fw.log | sed 's/^/FWLOG: /' || true
 }
 "#;
@@ -118,14 +119,29 @@ pub fn cases() -> Vec<Case> {
         )
         .check(|o| booted(o, 1, 512)),
         case(
-            "fw_seabios_iso_grub_2cpu_data_disk",
+            "fw_seabios_cdrom_grub_2cpu_data_disk",
             r#"truncate -s 64M empty.img
-boot p --disk path=/images/boot.iso,readonly=on --disk path=empty.img --cpus 2 --memory 1G"#,
+echo "BZIMAGE_SHA=$(sha256sum /images/bzImage | cut -d' ' -f1)"
+boot p --cdrom /images/boot.iso --disk path=empty.img --cpus 2 --memory 1G"#,
         )
         .check(|o| {
             booted(o, 2, 1024)?;
-            if !check_field(o, "disks")?.contains("vdb") {
-                return Err("guest sees no second disk".into());
+            // El Torito from the virtio-scsi CD-ROM, not the hybrid ISO's MBR.
+            expect_output(o, "Booting from DVD/CD")?;
+            if !check_field(o, "disks")?.contains("sr0") {
+                return Err("guest sees no CD-ROM (sr0)".into());
+            }
+            // The ISO carries L1's /images/bzImage (guest-images/build-iso.sh).
+            let want = o
+                .output
+                .lines()
+                .find_map(|l| l.trim().strip_prefix("BZIMAGE_SHA="))
+                .ok_or("no BZIMAGE_SHA= line")?;
+            let got = check_field(o, "cd_sha")?;
+            if got != want {
+                return Err(format!(
+                    "bzImage read from the mounted CD-ROM hashes to {got}, the ISO's is {want}"
+                ));
             }
             Ok(())
         }),

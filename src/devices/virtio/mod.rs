@@ -8,6 +8,7 @@
 //! own worker thread, off the vCPU threads. On reset the transport takes everything back.
 
 pub mod block;
+pub mod chain;
 pub mod console;
 pub mod daemon;
 pub mod fs;
@@ -16,6 +17,7 @@ pub mod net;
 pub mod passt;
 pub mod pci;
 pub mod rng;
+pub mod scsi;
 pub mod tap;
 pub mod vhost_user;
 pub mod vsock;

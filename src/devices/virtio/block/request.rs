@@ -18,6 +18,7 @@ use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{Address, Bytes, GuestMemory, GuestMemoryMmap, Permissions, VolatileSlice};
 
+use crate::devices::virtio::chain::{take_front, total, trim_back};
 use crate::disk::DiskBackend;
 
 use super::{
@@ -578,48 +579,4 @@ impl QueueHandler {
         });
         (Fail::Io, 0)
     }
-}
-
-fn total(bufs: &[VolatileSlice<'_>]) -> u64 {
-    bufs.iter().map(|b| b.len() as u64).sum()
-}
-
-/// Copies the first `out.len()` bytes of `bufs` into `out` and removes them from `bufs`.
-fn take_front(bufs: &mut Vec<VolatileSlice<'_>>, out: &mut [u8]) -> Option<()> {
-    if total(bufs) < out.len() as u64 {
-        return None;
-    }
-    let mut need = out.len();
-    let mut filled = 0usize;
-    let mut drop_n = 0usize;
-    for b in bufs.iter_mut() {
-        if need == 0 {
-            break;
-        }
-        let n = b.len().min(need);
-        b.subslice(0, n).ok()?.copy_to(&mut out[filled..filled + n]);
-        filled += n;
-        need -= n;
-        if n == b.len() {
-            drop_n += 1;
-        } else {
-            *b = b.offset(n).ok()?;
-        }
-    }
-    bufs.drain(..drop_n);
-    Some(())
-}
-
-/// Removes the last `n` bytes of `bufs`.
-fn trim_back(bufs: &mut Vec<VolatileSlice<'_>>, mut n: usize) -> Option<()> {
-    while n > 0 {
-        let last = bufs.pop()?;
-        if last.len() > n {
-            bufs.push(last.subslice(0, last.len() - n).ok()?);
-            n = 0;
-        } else {
-            n -= last.len();
-        }
-    }
-    Some(())
 }
