@@ -139,6 +139,12 @@ fn extended_l2_backing_chain_falls_through_unallocated_subclusters() {
     ];
     qemu_io(&top, "qcow2", &writes).unwrap();
     assert_reads_like_qemu(&d, &top, "ext-L2 over ext-L2 over raw");
+    let info = super::super::info::describe(&top, None).unwrap();
+    let on = "extended L2: on (32 subclusters of 2048 bytes";
+    assert!(
+        info.matches(on).count() == 2 && info.contains("backing image 2:"),
+        "{info}"
+    );
     // A standard qcow2 over the extended one reads through it too.
     let std_top = p(&d, "std.qcow2");
     let args = ["create", "-f", "qcow2", "-b", "top.qcow2", "-F", "qcow2"];
