@@ -56,6 +56,40 @@ def dyn_vhd(size=64 * 1024, block=4096, alloc=(0, 5)):
         next_sector += 1 + block // 512
     return footer + bytes(hdr) + bytes(bat) + body + footer
 
+def diff_vhd(locators, name="parent.vhd", size=64 * 1024, block=4096, alloc=((1, 0x0f),)):
+    """A differencing VHD over the harness's parent.vhd (unique id a5 * 16): locators are
+    (code, bytes); alloc lists (block, first bitmap byte) of allocated blocks."""
+    entries = size // block
+    f = bytearray(vhd_footer(size, 4, 512))
+    f[28:32] = b"win "
+    f[68:84] = b"\x5c" * 16
+    struct.pack_into(">I", f, 64, 0)
+    struct.pack_into(">I", f, 64, csum(f))
+    hdr = bytearray(1024)
+    hdr[0:8] = b"cxsparse"
+    bat_off = 512 + 1024
+    bat_len = (entries * 4 + 511) // 512 * 512
+    struct.pack_into(">QQIII", hdr, 8, 0xffffffffffffffff, bat_off, 0x00010000, entries, block)
+    hdr[40:56] = b"\xa5" * 16
+    enc = name.encode("utf-16-be")
+    hdr[64:64 + len(enc)] = enc
+    loc_off = bat_off + bat_len
+    locs = b""
+    for k, (code, data) in enumerate(locators):
+        space = (len(data) + 511) // 512 * 512
+        struct.pack_into(">4sIII Q".replace(" ", ""), hdr, 576 + 24 * k, code, space // 512,
+                         len(data), 0, loc_off + len(locs))
+        locs += data.ljust(space, b"\0")
+    struct.pack_into(">I", hdr, 36, csum(hdr))
+    bat = bytearray(b"\xff" * bat_len)
+    body = b""
+    next_sector = (loc_off + len(locs)) // 512
+    for i, bm in alloc:
+        struct.pack_into(">I", bat, i * 4, next_sector)
+        body += bytes([bm]) + b"\0" * 511 + bytes([0x90 + i]) * block
+        next_sector += 1 + block // 512
+    return bytes(f) + bytes(hdr) + bytes(bat) + locs + body + bytes(f)
+
 # ---- virtqueue layouts (ferrovm_fuzz::build_queue) ----
 def desc(addr_word, length, flags, nxt):
     # mode 0: DATA_BASE + addr_word * 4
@@ -83,6 +117,10 @@ def main():
     import subprocess  # noqa: F401  (qemu-img seeds are made by scripts/fuzz --make-seeds)
     put("vhd", "dynamic-4k-blocks", script(True, WRITES) + dyn_vhd())
     put("vhd", "dynamic-ro", script(False, READS) + dyn_vhd(alloc=(1, 2, 3)))
+    w2ru = ("W2ru".encode(), ".\\parent.vhd".encode("utf-16-le"))
+    macx = ("MacX".encode(), b"file://./parent.vhd")
+    put("vhd", "differencing-w2ru", script(True, WRITES) + diff_vhd([w2ru, macx]))
+    put("vhd", "differencing-name-ro", script(False, READS) + diff_vhd([], alloc=((0, 0xf0), (2, 0x81))))
     fixed = 16 * 1024
     put("vhd", "fixed-16k", script(True, WRITES) + bytes(range(256)) * (fixed // 256)
         + vhd_footer(fixed, 2, 0xffffffffffffffff))

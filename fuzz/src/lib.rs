@@ -165,7 +165,8 @@ pub fn build_queue_at<'m>(
     };
     vq.avail().idx().store(idx);
     let blob = inp.bytes(blob_max);
-    mem.write_slice(blob, GuestAddress(DATA_BASE + base * 8)).ok()?;
+    mem.write_slice(blob, GuestAddress(DATA_BASE + base * 8))
+        .ok()?;
     let mut q: Queue = vq.create_queue().ok()?;
     use virtio_queue::QueueT;
     q.set_event_idx(event_idx);
@@ -330,6 +331,12 @@ pub mod diskfuzz {
                 }
             }
         }
+        if let Some(v) = d.as_vhd() {
+            let _ = (v.disk_type(), v.unique_id(), v.block_size());
+            if let Some((p, _)) = v.parent() {
+                let _ = p.size();
+            }
+        }
         if let Some(q) = d.as_qcow2() {
             let _ = q.header();
             q.with_backing(|b| b.map(|b| b.size()));
@@ -355,6 +362,12 @@ pub mod diskfuzz {
         let mut script = Input::new(script);
         let flags = script.u8();
         let mut readonly = flags & 1 == 0;
+        if format == Format::Vhd {
+            if !vhd_parent_allowed(image) {
+                return;
+            }
+            ensure_vhd_parent();
+        }
         if format == Format::Qcow2 {
             if !qcow2_backing_allowed(image) {
                 return;
@@ -386,6 +399,92 @@ pub mod diskfuzz {
     }
 
     /// What `Qcow2::open` would take as the backing name is either absent or "base.raw".
+    /// The unique id of the parent a fuzzed differencing VHD may name.
+    pub const VHD_PARENT_UUID: [u8; 16] = [0xa5; 16];
+
+    /// The parent a fuzzed differencing VHD may name ("parent.vhd", next to it): a fixed
+    /// VHD of 64 KiB with unique id [`VHD_PARENT_UUID`]; created once.
+    pub fn ensure_vhd_parent() {
+        static ONCE: OnceLock<()> = OnceLock::new();
+        ONCE.get_or_init(|| {
+            let size = 64 * 1024u64;
+            let mut img: Vec<u8> = (0..size).map(|i| (i / 512) as u8 ^ 0xc3).collect();
+            let mut f = [0u8; 512];
+            f[..8].copy_from_slice(b"conectix");
+            f[8..12].copy_from_slice(&2u32.to_be_bytes());
+            f[12..16].copy_from_slice(&0x0001_0000u32.to_be_bytes());
+            f[16..24].copy_from_slice(&u64::MAX.to_be_bytes());
+            f[28..32].copy_from_slice(b"win ");
+            f[40..48].copy_from_slice(&size.to_be_bytes());
+            f[48..56].copy_from_slice(&size.to_be_bytes());
+            f[60..64].copy_from_slice(&2u32.to_be_bytes());
+            f[68..84].copy_from_slice(&VHD_PARENT_UUID);
+            let sum = !f.iter().fold(0u32, |s, b| s.wrapping_add(u32::from(*b)));
+            f[64..68].copy_from_slice(&sum.to_be_bytes());
+            img.extend_from_slice(&f);
+            scratch_file("parent.vhd", &img);
+        });
+    }
+
+    /// A differencing VHD may name only "parent.vhd" (next to it): a fuzzed locator must not
+    /// make the harness open host files. Checks the parent name and every locator ferrovm
+    /// would follow (W2ru, W2ku, MacX) whose data lies inside the image; one outside, or
+    /// too long, makes ferrovm refuse the image before it opens anything.
+    fn vhd_parent_allowed(image: &[u8]) -> bool {
+        let be32 = |b: &[u8], o: usize| u32::from_be_bytes(b[o..o + 4].try_into().unwrap());
+        let be64 = |b: &[u8], o: usize| u64::from_be_bytes(b[o..o + 8].try_into().unwrap());
+        let n = image.len();
+        if n < 512 {
+            return true;
+        }
+        let end = &image[n - 512..];
+        let footer = if end[..8] == *b"conectix" {
+            end
+        } else {
+            &image[..512]
+        };
+        if be32(footer, 60) != 4 {
+            return true;
+        }
+        let at = usize::try_from(be64(footer, 16)).unwrap_or(usize::MAX);
+        let Some(h) = image.get(at..at.saturating_add(1024)) else {
+            return true;
+        };
+        let utf16 = |raw: &[u8], unit: fn([u8; 2]) -> u16| {
+            let u: Vec<u16> = raw
+                .chunks_exact(2)
+                .map(|c| unit([c[0], c[1]]))
+                .take_while(|u| *u != 0)
+                .collect();
+            String::from_utf16_lossy(&u)
+        };
+        let ok = |s: &str| {
+            matches!(
+                s,
+                "" | "parent.vhd" | ".\\parent.vhd" | "file://./parent.vhd"
+            )
+        };
+        if !ok(&utf16(&h[64..576], u16::from_be_bytes)) {
+            return false;
+        }
+        (0..8).all(|k| {
+            let e = &h[576 + 24 * k..600 + 24 * k];
+            let (len, off) = (be32(e, 8) as usize, be64(e, 16));
+            let off = usize::try_from(off).unwrap_or(usize::MAX);
+            let Some(data) = image.get(off..off.saturating_add(len)) else {
+                return true;
+            };
+            match &e[..4] {
+                b"W2ru" | b"W2ku" => ok(&utf16(data, u16::from_le_bytes)),
+                b"MacX" => {
+                    let end = data.iter().position(|b| *b == 0).unwrap_or(data.len());
+                    ok(&String::from_utf8_lossy(&data[..end]))
+                }
+                _ => true,
+            }
+        })
+    }
+
     fn qcow2_backing_allowed(image: &[u8]) -> bool {
         use ferrovm::disk::qcow2::header::{Header, MAX_CLUSTER_BITS, MIN_CLUSTER_BITS};
         if image.len() < 24 {

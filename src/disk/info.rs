@@ -1,5 +1,5 @@
-//! `ferrovm img info FILE`: format, virtual size, allocation, the backing chain and the
-//! problems found, in the spirit of `qemu-img info`.
+//! `ferrovm img info FILE`: format, virtual size, allocation, the backing chain (qcow2
+//! backing files, VHD parents) and the problems found, in the spirit of `qemu-img info`.
 
 use std::fmt::Write;
 use std::os::unix::fs::MetadataExt;
@@ -44,6 +44,7 @@ fn describe_one(d: &dyn DiskBackend, out: &mut String) {
             "compression type: {}",
             format!("{:?}", h.compression).to_lowercase()
         );
+        let _ = writeln!(out, "extended L2: {}", extended_l2(&h));
         if let Some(b) = &h.backing_file {
             let fmt = h.backing_format.as_deref().unwrap_or("probed");
             let _ = writeln!(out, "backing file: {b} (format {fmt})");
@@ -61,18 +62,47 @@ fn describe_one(d: &dyn DiskBackend, out: &mut String) {
         }
         let _ = writeln!(out, "problems: {problems}");
     }
+    if let Some(v) = d.as_vhd() {
+        describe_vhd(v, out);
+    }
+}
+
+/// "off", or the subclusters of an image with extended L2 entries.
+fn extended_l2(h: &super::qcow2::Header) -> String {
+    if !h.extended_l2() {
+        return "off".into();
+    }
+    format!(
+        "on (32 subclusters of {} bytes per cluster; ferrovm reads, does not write)",
+        h.cluster_size() / 32
+    )
+}
+
+fn describe_vhd(v: &super::vhd::Vhd, out: &mut String) {
+    let _ = writeln!(out, "vhd type: {}", v.disk_type());
+    if let Some(bs) = v.block_size() {
+        let _ = writeln!(out, "block size: {bs}");
+    }
+    let _ = writeln!(out, "unique id: {}", v.unique_id());
+    if let Some((p, how)) = v.parent() {
+        let _ = writeln!(out, "parent: {} (found by {how})", p.path().display());
+    }
 }
 
 fn chain(d: &dyn DiskBackend, out: &mut String, depth: &mut usize) {
-    let Some(q) = d.as_qcow2() else { return };
-    q.with_backing(|b| {
+    let mut next = |b: Option<&dyn DiskBackend>, what: &str| {
         if let Some(b) = b {
             *depth += 1;
-            let _ = writeln!(out, "\nbacking image {depth}:");
+            let _ = writeln!(out, "\n{what} image {depth}:");
             describe_one(b, out);
             chain(b, out, depth);
         }
-    });
+    };
+    if let Some(q) = d.as_qcow2() {
+        q.with_backing(|b| next(b, "backing"));
+    } else if let Some(v) = d.as_vhd() {
+        next(v.parent().map(|(p, _)| p), "parent");
+    }
 }
 
 /// 1536 -> "1.5 KiB".

@@ -4,7 +4,7 @@
 //!   straight into guest memory, flush, discard and write-zeroes, at guest (virtual) offsets.
 //! - [`open`] opens and locks a file (one writer, or many readers), detects its format from
 //!   the contents ([`probe`]) unless told, and returns the backend: [`raw::RawDisk`],
-//!   [`qcow2::Qcow2`] (with its backing chain) or [`vhd::Vhd`].
+//!   [`qcow2::Qcow2`] (with its backing chain) or [`vhd::Vhd`] (with its parent chain).
 //! - [`overlay`] creates qcow2 overlays over a base image (`backing=`, `overlay=on`);
 //!   [`info`] describes an image for `ferrovm img info`.
 //!
@@ -92,6 +92,10 @@ pub trait DiskBackend: Send + Sync + std::fmt::Debug {
     }
     /// The qcow2 image behind this backend, for `img info` and overlays.
     fn as_qcow2(&self) -> Option<&qcow2::Qcow2> {
+        None
+    }
+    /// The VHD image behind this backend, for `img info` and differencing parents.
+    fn as_vhd(&self) -> Option<&vhd::Vhd> {
         None
     }
     /// Reads exactly the total length of `bufs` from guest offset `offset`.
@@ -220,7 +224,7 @@ pub(crate) fn open_in_chain(
     Ok(match format {
         Format::Raw => Box::new(RawDisk::from_file(file, opts)?),
         Format::Qcow2 => Box::new(qcow2::Qcow2::open(file, opts, chain)?),
-        Format::Vhd => Box::new(vhd::Vhd::open(file, opts)?),
+        Format::Vhd => Box::new(vhd::Vhd::open(file, opts, chain)?),
     })
 }
 

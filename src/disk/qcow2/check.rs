@@ -92,8 +92,17 @@ impl State {
             add(&mut rep, l2_off, cs, "L2 table");
             self.load_l2(l2_off)?;
             let entries = self.l2.get(l2_off).expect("loaded").data.clone();
-            for e in entries {
-                match self.classify(e) {
+            let stride = if self.h.extended_l2() { 2 } else { 1 };
+            for pair in entries.chunks_exact(stride) {
+                let e = pair[0];
+                let kind = match pair.get(1) {
+                    // The host cluster counts even when no subcluster is allocated.
+                    Some(bitmap) => super::map::subclusters(e, *bitmap, cs)
+                        .map_err(|m| self.io_err(m))
+                        .and_then(|_| self.classify(e)),
+                    None => self.classify(e),
+                };
+                match kind {
                     Ok(Cluster::Data { host, .. }) => add(&mut rep, host, cs, "data cluster"),
                     Ok(Cluster::Compressed(e)) => {
                         let shift = 62 - (self.h.cluster_bits - 8);

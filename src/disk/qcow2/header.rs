@@ -37,6 +37,8 @@ const EXT_DATA_FILE: u32 = 0x4441_5441;
 /// Smallest and largest cluster sizes (512 B and 2 MiB), as log2.
 pub const MIN_CLUSTER_BITS: u32 = 9;
 pub const MAX_CLUSTER_BITS: u32 = 21;
+/// Extended L2 entries need clusters of at least 16 KiB (512-byte subclusters).
+pub const MIN_EXTL2_CLUSTER_BITS: u32 = 14;
 /// Largest L1 table (32 MiB) and refcount table (8 MiB) accepted, as in QEMU.
 pub const MAX_L1_BYTES: u64 = 32 << 20;
 pub const MAX_REFTABLE_BYTES: u64 = 8 << 20;
@@ -98,9 +100,14 @@ impl Header {
         1 << self.cluster_bits
     }
 
-    /// Entries in one L2 table.
+    /// Whether L2 entries are extended (128 bits: descriptor and subcluster bitmap).
+    pub fn extended_l2(&self) -> bool {
+        self.incompatible & INCOMPAT_EXTL2 != 0
+    }
+
+    /// Entries in one L2 table (8 bytes each, 16 with extended L2 entries).
     pub fn l2_entries(&self) -> u64 {
-        self.cluster_size() / 8
+        self.cluster_size() / if self.extended_l2() { 16 } else { 8 }
     }
 
     /// L1 entries needed to map the virtual size.
@@ -173,6 +180,13 @@ impl Header {
         if !(MIN_CLUSTER_BITS..=MAX_CLUSTER_BITS).contains(&self.cluster_bits) {
             return Err(format!(
                 "cluster_bits {} (the cluster size must be 512 B to 2 MiB)",
+                self.cluster_bits
+            ));
+        }
+        if self.extended_l2() && self.cluster_bits < MIN_EXTL2_CLUSTER_BITS {
+            return Err(format!(
+                "extended L2 entries with cluster_bits {} (at least {MIN_EXTL2_CLUSTER_BITS}: \
+                 16 KiB clusters)",
                 self.cluster_bits
             ));
         }
@@ -314,13 +328,8 @@ impl Header {
         if self.crypt_method != 0 {
             return Some(format!("encryption (method {})", self.crypt_method));
         }
-        for (bit, what) in [
-            (INCOMPAT_DATA_FILE, "an external data file"),
-            (INCOMPAT_EXTL2, "extended L2 entries (subclusters)"),
-        ] {
-            if self.incompatible & bit != 0 {
-                return Some(what.to_string());
-            }
+        if self.incompatible & INCOMPAT_DATA_FILE != 0 {
+            return Some("an external data file".into());
         }
         None
     }
@@ -338,6 +347,14 @@ impl Header {
             return Some(
                 "the corrupt bit is set: repair it with `qemu-img check -r all` or open it \
                  readonly=on"
+                    .into(),
+            );
+        }
+        if self.extended_l2() {
+            return Some(
+                "it has extended L2 entries (subclusters), which ferrovm reads but does not \
+                 write: open it readonly=on (or overlay=on), or convert it with `qemu-img \
+                 convert -O qcow2 -o extended_l2=off`"
                     .into(),
             );
         }

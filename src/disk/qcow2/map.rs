@@ -57,7 +57,8 @@ impl State {
             return Ok(0);
         }
         self.load_l2(l2_off)?;
-        Ok(self.l2.get(l2_off).expect("just loaded").data[i2])
+        let stride = if self.h.extended_l2() { 2 } else { 1 };
+        Ok(self.l2.get(l2_off).expect("just loaded").data[i2 * stride])
     }
 
     /// How the bytes from `off` are stored, and for how many of the next `max` bytes that
@@ -73,6 +74,9 @@ impl State {
             return Ok((Cluster::Unallocated, n.min(max)));
         }
         self.load_l2(l2_off)?;
+        if self.h.extended_l2() {
+            return self.map_subclusters(l2_off, i2, off, max);
+        }
         let (version, path) = (self.h.version, &self.path);
         let err = |m: String| super::super::io::eio(format!("{}: {m}", path.display()));
         let entries = &self.l2.get(l2_off).expect("just loaded").data[i2..];
@@ -94,6 +98,36 @@ impl State {
             }
             n += cs;
             k += 1;
+        }
+        Ok((kind, n.min(max)))
+    }
+
+    /// [`State::map_run`] for extended L2 entries: how the subcluster holding `off` is
+    /// stored, and for how many bytes that holds (a run of subclusters of the same kind,
+    /// within the cluster). The L2 table at `l2_off` is cached.
+    fn map_subclusters(
+        &mut self,
+        l2_off: u64,
+        i2: usize,
+        off: u64,
+        max: u64,
+    ) -> io::Result<(Cluster, u64)> {
+        let cs = self.cs;
+        let data = &self.l2.get(l2_off).expect("cached by the caller").data;
+        let (desc, bitmap) = (data[2 * i2], data[2 * i2 + 1]);
+        let kinds = subclusters(desc, bitmap, cs).map_err(|m| self.io_err(m))?;
+        let sub = cs / 32;
+        let first = ((off % cs) / sub) as usize;
+        let kind = kinds[first];
+        let mut n = sub - off % sub;
+        if let Cluster::Compressed(_) = kind {
+            n = cs - off % cs;
+        } else {
+            n += kinds[first + 1..]
+                .iter()
+                .take_while(|k| **k == kind)
+                .count() as u64
+                * sub;
         }
         Ok((kind, n.min(max)))
     }
@@ -243,6 +277,48 @@ fn classify(e: u64, version: u32, cs: u64) -> Result<Cluster, String> {
         host,
         copied: e & FLAG_COPIED != 0,
     })
+}
+
+/// What each of the 32 subclusters of a cluster with extended L2 entry (`desc`, `bitmap`)
+/// holds; every entry of a compressed cluster is the same `Compressed`. Bit x of the bitmap's
+/// low half says subcluster x is allocated (at the cluster's host offset), bit 32 + x that it
+/// reads as zeros; neither sends it to the backing image.
+pub(super) fn subclusters(desc: u64, bitmap: u64, cs: u64) -> Result<[Cluster; 32], String> {
+    if desc & FLAG_COMPRESSED != 0 {
+        if bitmap != 0 {
+            return Err(format!(
+                "extended L2 entry {desc:#x}: a compressed cluster with subcluster bitmap \
+                 {bitmap:#x} (must be 0; corrupt image)"
+            ));
+        }
+        return Ok([Cluster::Compressed(desc); 32]);
+    }
+    let (alloc, zero) = (bitmap as u32, (bitmap >> 32) as u32);
+    if alloc & zero != 0 || desc & FLAG_ZERO != 0 {
+        return Err(format!(
+            "extended L2 entry {desc:#x} with bitmap {bitmap:#x}: subclusters both allocated \
+             and zero, or the zero flag set (corrupt image)"
+        ));
+    }
+    let data = match classify(desc, 3, cs)? {
+        Cluster::Data { host, copied } => Some(Cluster::Data { host, copied }),
+        Cluster::Unallocated if alloc == 0 => None,
+        _ => {
+            return Err(format!(
+                "extended L2 entry {desc:#x}: allocated subclusters ({alloc:#x}) but no host \
+                 cluster (corrupt image)"
+            ))
+        }
+    };
+    let mut out = [Cluster::Unallocated; 32];
+    for (x, k) in out.iter_mut().enumerate() {
+        match (alloc & (1 << x) != 0, data) {
+            (true, Some(d)) => *k = d,
+            _ if zero & (1 << x) != 0 => *k = Cluster::Zero,
+            _ => {}
+        }
+    }
+    Ok(out)
 }
 
 /// Raw deflate (no zlib header), as QEMU writes compressed clusters; true when `out` is full.

@@ -22,8 +22,17 @@
 //! leaks and `qemu-img check -r leaks` reclaims. The refcount table moves only after the new
 //! one is durable (fdatasync before and after the header update).
 //!
+//! ## Extended L2 entries (subclusters)
+//! Images made with `extended_l2=on` (incompatible bit 4) have 128-bit L2 entries: the
+//! usual descriptor and a bitmap of the cluster's 32 subclusters (allocated here, reads as
+//! zeros, or neither: from the backing image, zeros without one). ferrovm reads them, at
+//! subcluster granularity, through backing chains; it does not write them: a writable open
+//! refuses (open them `readonly=on`, or `overlay=on`, whose writes go to a standard qcow2
+//! on top). A bitmap that contradicts itself or its descriptor fails that request.
+//!
 //! Not supported: internal snapshots for writing (read-only is fine), external data files,
-//! extended L2 entries, encryption; images with the dirty or corrupt bit open read-only only.
+//! writes to extended L2 images, encryption; images with the dirty or corrupt bit open
+//! read-only only.
 
 mod cache;
 mod check;
@@ -427,5 +436,7 @@ impl Drop for Qcow2 {
     }
 }
 
+#[cfg(test)]
+mod extl2_tests;
 #[cfg(test)]
 mod tests;
