@@ -450,6 +450,8 @@ tail -c +$((base + 1)) initrd.img | "$BUSYBOX" cpio -t
         }
         cases.extend(device_cases);
     }
+    // Soak and crash runs (sized by FERROVM_SOAK_BOOTS / FERROVM_SOAK_KILLS), not repeated.
+    cases.extend(cases::soak::cases());
     cfg.l1_extra.extend(extra_l1_files());
     cfg.l1_extra.extend(cases::fw::l1_files(&cfg.images));
     cfg.l1_extra

@@ -6,6 +6,7 @@ pub mod fw;
 pub mod img;
 pub mod net;
 pub mod run;
+pub mod soak;
 pub mod vsock;
 
 use crate::harness::CaseOutput;
