@@ -11,6 +11,10 @@
 //!   at a random moment; every acknowledged record must be on the image. Raw and qcow2 (the
 //!   qcow2 must also pass `qemu-img check`, leaked clusters allowed, as documented in
 //!   src/disk/qcow2).
+//! - `soak_hostile_guest_hammers_every_device`: tests/guest/hammer.c pokes every virtio
+//!   function (blk, rng, vsock, the virtio-scsi CD-ROM) and the legacy ports at random for
+//!   FERROVM_SOAK_HAMMER_SECS (60; `scripts/soak`: 600): ferrovm must keep serving (the guest
+//!   finishes and powers off, status 0), its RSS must stay flat and its log bounded.
 
 use std::time::Duration;
 
@@ -94,6 +98,48 @@ for fmt in raw qcow2; do
     done
 done
 "#;
+
+const HAMMER: &str = r#"set -e
+trap 'rm -f t.sh initrd.img disk.img out.log err.log' EXIT
+printf '/hammer %s\n' $SECS > t.sh
+mkinitrd_with_test t.sh initrd.img "$FILES/hammer"
+truncate -s 16M disk.img
+"$FERROVM" run --kernel "$IMAGES/bzImage" --initramfs initrd.img --memory 256M \
+    --disk path=disk.img --rng --cdrom /images/boot.iso --vsock cid=3,socket=$WORK/hv.sock \
+    --cmdline "console=ttyS0 panic=1 ferrovm.test=/test.sh" </dev/null >out.log 2>err.log &
+pid=$!
+wait_for_line out.log "HAMMER devices=" $pid
+rss() { awk '/^VmRSS:/ { print $2 }' /proc/$pid/status 2>/dev/null || echo 0; }
+first=$(rss); max=$first; last=$first
+while kill -0 $pid 2>/dev/null; do
+    r=$(rss); [ -n "$r" ] && [ "$r" != 0 ] && { last=$r; [ $r -gt $max ] && max=$r; }
+    sleep 5
+done
+set +e; wait $pid; st=$?; set -e
+grep -a -E 'HAMMER' out.log | tail -n 3
+echo "HAMMER_RESULT status=$st rss_first=$first rss_max=$max rss_last=$last log_bytes=$(wc -c < err.log) log_lines=$(wc -l < err.log)"
+head -c 2000 err.log | sed 's/^/FERROVM-LOG: /'
+"#;
+
+fn check_hammer(o: &CaseOutput) -> Result<(), String> {
+    if !o.output.contains("HAMMER-DONE") {
+        return Err("the hostile guest did not finish its run".into());
+    }
+    let rows = rows(o, "HAMMER_RESULT ");
+    let r = rows.first().ok_or("no HAMMER_RESULT line")?;
+    if num(r, "status")? != 0 {
+        return Err(format!("ferrovm ended with a non-zero status: {r:?}"));
+    }
+    let (first, max) = (num(r, "rss_first")?, num(r, "rss_max")?);
+    if max.saturating_sub(first) > 32 << 10 {
+        return Err(format!("ferrovm's RSS grew from {first} to {max} KiB"));
+    }
+    // Rate-limited messages: a bounded log however long the guest keeps at it.
+    if num(r, "log_bytes")? > 64 << 10 {
+        return Err(format!("ferrovm logged more than 64 KiB: {r:?}"));
+    }
+    Ok(())
+}
 
 /// The `key=N` fields of the output lines starting with `tag`.
 fn rows(o: &CaseOutput, tag: &str) -> Vec<Vec<(String, String)>> {
@@ -179,6 +225,8 @@ fn check_kills(o: &CaseOutput, kills: u32) -> Result<(), String> {
 pub fn cases() -> Vec<Case> {
     let boots = env_count("FERROVM_SOAK_BOOTS", 3);
     let kills = env_count("FERROVM_SOAK_KILLS", 2);
+    let hammer_secs = env_count("FERROVM_SOAK_HAMMER_SECS", 60);
+    let hammer = crate::harness::guest_program("hammer");
     vec![
         Case::new(
             "soak_sequential_linux_boots",
@@ -192,5 +240,16 @@ pub fn cases() -> Vec<Case> {
         )
         .timeout(Duration::from_secs(120 + 2 * 70 * u64::from(kills)))
         .check(move |o| check_kills(o, kills)),
+        Case::new(
+            "soak_hostile_guest_hammers_every_device",
+            &format!("SECS={hammer_secs}\n{HAMMER}"),
+        )
+        .requires(
+            &hammer,
+            "gcc -static tests/guest/hammer.c failed: install gcc and libc6-dev",
+        )
+        .file(hammer, "hammer")
+        .timeout(Duration::from_secs(180 + u64::from(hammer_secs)))
+        .check(check_hammer),
     ]
 }

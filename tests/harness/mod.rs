@@ -270,8 +270,14 @@ pub fn command_run_modules(images: &Path) -> Vec<(PathBuf, String)> {
 /// The guest's AF_VSOCK netcat, built static (busybox nc has no vsock). If gcc fails the file
 /// is missing and the case reports SKIPPED with the reason (which CI counts as a failure).
 pub fn vsock_nc() -> PathBuf {
-    let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/guest/vsock-nc.c");
-    let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("vsock-nc");
+    guest_program("vsock-nc")
+}
+
+/// tests/guest/NAME.c built static with gcc into the target's temporary folder (rebuilt when
+/// the source is newer). If gcc fails the file is missing: the case's `requires` reports it.
+pub fn guest_program(name: &str) -> PathBuf {
+    let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("tests/guest/{name}.c"));
+    let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(name);
     let fresh = match (std::fs::metadata(&src), std::fs::metadata(&out)) {
         (Ok(s), Ok(o)) => o.modified().ok() >= s.modified().ok(),
         _ => false,
