@@ -46,9 +46,18 @@ fn sample(pid: u32) -> Sample {
     let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
         .map(|d| d.count())
         .unwrap_or(0);
+    // KVM's own worker (kvm-nx-lpage-recovery) lives in the process's thread group on newer
+    // kernels and starts when KVM decides: not one of ferrovm's threads.
+    let threads = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|d| {
+            d.filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+                .filter(|comm| !comm.starts_with("kvm-"))
+                .count()
+        })
+        .unwrap_or(0);
     Sample {
         fds,
-        threads: status_field(pid, "Threads:") as usize,
+        threads,
         rss_kb: status_field(pid, "VmRSS:"),
     }
 }
@@ -92,7 +101,17 @@ fn one_run(guest: &Path, disk: &Path) -> Sample {
         }
     };
     wait_line("wait: ready");
-    let s = sample(child.id());
+    // The event loop and console threads start beside the guest: sample a settled process,
+    // two samples 100 ms apart that agree (the guest waits for its byte as long as it takes).
+    let mut s = sample(child.id());
+    for _ in 0..50 {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        let next = sample(child.id());
+        if (next.fds, next.threads) == (s.fds, s.threads) {
+            break;
+        }
+        s = next;
+    }
     let mut stdin = child.stdin.take().unwrap();
     stdin.write_all(b"q").unwrap();
     stdin.flush().unwrap();

@@ -40,8 +40,10 @@ while [ $i -le $BOOTS ]; do
         </dev/null >out.log 2>&1 &
     pid=$!
     wait_for_line out.log SOAK-READY $pid
+    sleep 0.5
     fds=$(ls /proc/$pid/fd | wc -l)
-    thr=$(awk '/^Threads:/ { print $2 }' /proc/$pid/status)
+    # (not KVM's own kvm-* worker threads, which newer kernels put in the thread group)
+    thr=$(cat /proc/$pid/task/*/comm | grep -v -c '^kvm-')
     rss=$(awk '/^VmRSS:/ { print $2 }' /proc/$pid/status)
     set +e; wait $pid; st=$?; set -e
     echo "SOAK_BOOT $i fds=$fds threads=$thr rss_kb=$rss status=$st"
