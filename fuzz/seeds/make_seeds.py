@@ -144,6 +144,33 @@ def main():
     blob = struct.pack("<IIQ", 0, 0, 0).ljust(0x200, b"\0") + table
     put("virtio_blk", "indirect", bytes([0x09]) + queue([desc(0x80, 48, INDIRECT, 0)], [0], blob))
 
+    # virtio_scsi: opts byte, then a request queue: command header (51 bytes: LUN target 0,
+    # CDB) at 0x1000, response (108 bytes) at 0x1100, data-in at 0x1200.
+    def scsi_cmd(cdb, data_len, target=0):
+        hdr = bytes([1, target, 0x40, 0]) + bytes(15) + bytes(cdb).ljust(32, b"\0")
+        descs = [desc(0, 51, NEXT, 1), desc(0x40, 108, WRITE | (NEXT if data_len else 0), 2)]
+        if data_len:
+            descs.append(desc(0x80, data_len, WRITE, 0))
+        return descs, hdr
+    for name, (cdb, dlen, target) in {
+        "inquiry": ([0x12, 0, 0, 0, 36], 36, 0),
+        "read10": ([0x28, 0, 0, 0, 0, 3, 0, 0, 1], 2048, 0),
+        "report-luns": ([0xa0, 0, 0, 0, 0, 0, 0, 0, 0, 16], 16, 0),
+        "read-toc-msf": ([0x43, 2, 0, 0, 0, 0, 0, 0, 100], 100, 0),
+        "mode-sense10": ([0x5a, 0, 0x2a, 0, 0, 0, 0, 0, 128], 128, 0),
+        "bad-target": ([0x00], 0, 7),
+    }.items():
+        descs, blob = scsi_cmd(cdb, dlen, target)
+        put("virtio_scsi", name, b"\0" + queue(descs, [0], blob))
+    # a task management request on the control queue: type 0, subtype 5 (LUN reset)
+    tmf = struct.pack("<II", 0, 5) + bytes([1, 0, 0x40, 0, 0, 0, 0, 0]) + bytes(8)
+    put("virtio_scsi", "tmf-lun-reset", b"\2" + queue([desc(0, 24, NEXT, 1), desc(0x40, 1, WRITE, 0)], [0], tmf))
+    # driver-set sense_size 18 and cdb_size 16
+    descs, blob = scsi_cmd([0x25], 8)
+    put("virtio_scsi", "small-sizes", bytes([0x0c]) + struct.pack("<II", 18, 16) + queue(
+        [desc(0, 35, NEXT, 1), desc(0x40, 30, WRITE | NEXT, 2), desc(0x80, 8, WRITE, 0)], [0],
+        bytes([1, 0, 0x40, 0]) + bytes(15) + bytes([0x25]).ljust(16, b"\0")))
+
     # virtio_rng: event_idx byte + queue of two writable buffers
     put("virtio_rng", "two-buffers", b"\1" + queue([desc(0, 64, WRITE | NEXT, 1), desc(0x100, 32, WRITE, 0)], [0], b""))
 
