@@ -1,6 +1,7 @@
 //! Firmware boot benchmark (issue 10): time and KVM exits from VMM start to the init marker
 //! (`FERROVM-BOOT-OK`) through SeaBIOS + GRUB, ferrovm against QEMU `-M pc` with the same
-//! firmware file and the same ISO (guest-images/build-iso.sh) on a virtio-blk disk, and
+//! firmware file and the same ISO (guest-images/build-iso.sh) on a virtio-blk disk and as a
+//! CD-ROM on virtio-scsi (El Torito), and
 //! ferrovm's own direct kernel boot of the same kernel and initramfs. Then OVMF + GRUB
 //! (ferrovm `--firmware uefi`, QEMU `-M q35` with the same code image), in a second case:
 //! QEMU 7.2's TCG, which runs L1, has been seen to abort while an L2 runs OVMF, and that
@@ -66,6 +67,11 @@ while [ $i -lt {REPS} ]; do
         -no-user-config -display none -serial stdio -bios {SEABIOS} \
         -fw_cfg name=etc/sercon-port,file=sercon-port \
         -drive file=$ISO,if=none,id=d0,format=raw,readonly=on -device virtio-blk-pci,drive=d0
+    measure ferrovm-seabios-cdrom p "$FERROVM" run --firmware bios --cdrom $ISO --memory 512M
+    measure qemu-pc-seabios-cdrom p $QEMU -M pc -accel kvm -cpu host -m 512M -smp 1 -nodefaults \
+        -no-user-config -display none -serial stdio -bios {SEABIOS} \
+        -fw_cfg name=etc/sercon-port,file=sercon-port -device virtio-scsi-pci \
+        -drive file=$ISO,if=none,id=cd0,format=raw,media=cdrom,readonly=on -device scsi-cd,drive=cd0
     measure ferrovm-direct "" "$FERROVM" run --kernel "$IMAGES/bzImage" \
         --initramfs "$IMAGES/initramfs.cpio.gz" --memory 512M \
         --cmdline "console=ttyS0 reboot=k panic=1 ferrovm.test=/nonexistent"
@@ -172,11 +178,13 @@ fn main() -> std::process::ExitCode {
     let status = harness::run_with(cases, cfg);
     let mut samples = BTreeMap::new();
     parse(&out.lock().unwrap(), &mut samples);
-    println!("\nVMM start to FERROVM-BOOT-OK through firmware + GRUB (boot.iso on virtio-blk), 512 MiB, 1 vCPU, median of up to {REPS}:\n");
+    println!("\nVMM start to FERROVM-BOOT-OK through firmware + GRUB (boot.iso on virtio-blk, or -cdrom rows: on a virtio-scsi CD-ROM), 512 MiB, 1 vCPU, median of up to {REPS}:\n");
     println!("| run | n | wall ms | KVM exits | wall vs QEMU | exits vs QEMU |");
     println!("|---|---|---|---|---|---|");
     row(&samples, "ferrovm-seabios", "qemu-pc-seabios");
     row(&samples, "qemu-pc-seabios", "qemu-pc-seabios");
+    row(&samples, "ferrovm-seabios-cdrom", "qemu-pc-seabios-cdrom");
+    row(&samples, "qemu-pc-seabios-cdrom", "qemu-pc-seabios-cdrom");
     row(&samples, "ferrovm-direct", "qemu-pc-seabios");
     row(&samples, "ferrovm-ovmf", "qemu-q35-ovmf");
     row(&samples, "qemu-q35-ovmf", "qemu-q35-ovmf");
