@@ -193,6 +193,7 @@ fn test_pci() -> PciAcpi {
     PciAcpi {
         ecam_base: Some(layout::PCI_ECAM_START),
         mmio64: None,
+        io: None,
         mmio_start: layout::PCI_MMIO32_START,
         mmio_size: layout::PCI_MMIO32_SIZE,
     }
