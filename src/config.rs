@@ -101,7 +101,8 @@ pub struct VmConfig {
     pub fs: Vec<crate::devices::virtio::fs::FsConfig>,
     /// `--vsock`: a virtio-vsock device (hybrid vsock over Unix sockets), after the shares.
     pub vsock: Option<crate::devices::virtio::vsock::VsockConfig>,
-    /// `--test-devices`: QEMU's pc-testdev (kvm-unit-tests); never in an ordinary VM.
+    /// `--test-devices`: QEMU's pc-testdev and pci-testdev (kvm-unit-tests); never in an
+    /// ordinary VM.
     pub test_devices: bool,
     /// `--cpu`: CPUID feature changes over what KVM supports.
     pub cpu: crate::arch::x86_64::cpu_features::CpuFeatures,

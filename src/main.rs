@@ -190,8 +190,9 @@ struct RunArgs {
     /// an error.
     #[arg(long, value_name = "MODEL[,+F,-F]", default_value = "host")]
     cpu: String,
-    /// Attach QEMU's pc-testdev (ports 0xe0-0xeb and 0x2000-0x2017, MMIO 0xff000000-0xff00ffff;
-    /// drives interrupt lines 13-15) for kvm-unit-tests. Never in an ordinary VM.
+    /// Attach QEMU's test devices for kvm-unit-tests: pc-testdev (ports 0xe0-0xeb and
+    /// 0x2000-0x2017, MMIO 0xff000000-0xff00ffff; drives ISA interrupt lines) and pci-testdev
+    /// (PCI 1b36:0005, a 4 KiB MMIO BAR and a 256-port I/O BAR). Never in an ordinary VM.
     #[arg(long)]
     test_devices: bool,
     /// Attach the bench device (ports 0x700-0x71f, MMIO 0xe1000000-0xe1001fff, GSI 23) that

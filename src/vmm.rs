@@ -278,6 +278,11 @@ pub fn run(cfg: VmConfig) -> Result<VmOutcome, VmmError> {
         let console = devices::virtio::console::Console::new(out.clone(), inbox.clone());
         add_virtio_pci(&mut pci, &mut buses.claims, &vm, &mem, Box::new(console))?;
     }
+    if cfg.test_devices {
+        // QEMU's pci-testdev (no interrupt pin: nothing to claim but its BARs).
+        let dev = devices::pci_testdev::PciTestDev::new(vm.interrupts())?;
+        pci.insert(pci.free_slot()?, Arc::new(Mutex::new(dev)))?;
+    }
     let windows = match &fw_memory {
         Some(_) => PciWindows::firmware(below_4g, above_4g, vm.phys_bits()),
         None => PciWindows::direct(&pci),
@@ -751,6 +756,11 @@ fn install_pci(pci: PciRoot, w: &PciWindows, buses: &mut Buses) -> Result<PciAcp
         let dev = Arc::new(PciEcam::new(root.clone()));
         buses.add(Space::Mmio, ecam, layout::PCI_ECAM_SIZE, "pci-ecam", dev)?;
     }
+    let io = root.has_io_bars().then_some(devices::pci::root::PIO_WINDOW);
+    if let Some((start, size)) = io {
+        let dev = Arc::new(devices::pci::PciIoWindow::new(root.clone()));
+        buses.add(Space::Pio, start, size, "pci-io", dev)?;
+    }
     let (start, size) = w.mmio32;
     let window = Arc::new(PciMmioWindow::at(root.clone(), start));
     buses.add(Space::Mmio, start, size, "pci-mmio", window)?;
@@ -763,6 +773,7 @@ fn install_pci(pci: PciRoot, w: &PciWindows, buses: &mut Buses) -> Result<PciAcp
         mmio_start: w.mmio32.0,
         mmio_size: w.mmio32.1,
         mmio64: w.mmio64,
+        io,
     })
 }
 

@@ -475,6 +475,29 @@ fn pc_testdev_only_when_asked_for() {
     );
 }
 
+/// QEMU's pci-testdev only with --test-devices, driven as kvm-unit-tests drives it: writes
+/// at an eventfd test's offset are taken by a KVM ioeventfd (the device counts none), the
+/// no-eventfd tests' writes reach the device (16 counted), for the MMIO and the port BAR.
+#[test]
+fn pci_testdev_notify_writes_go_to_ioeventfds() {
+    let with = run_fw("pci_testdev", &["--test-devices"]);
+    assert_eq!(with.status.code(), Some(0), "{}", stderr(&with));
+    let mut want = String::new();
+    for kind in ["mmio", "portio"] {
+        for (test, count) in [
+            ("no-eventfd", 16),
+            ("wildcard-eventfd", 0),
+            ("datamatch-eventfd", 0),
+        ] {
+            want += &format!("{kind}-{test} count={count:016x}\n");
+        }
+    }
+    assert_eq!(stdout(&with), want);
+    let without = run_fw("pci_testdev", &[]);
+    assert_eq!(without.status.code(), Some(0), "{}", stderr(&without));
+    assert_eq!(stdout(&without), "pci-testdev absent\n");
+}
+
 /// A multiboot kernel finds the PICs as a BIOS leaves them: ISA line 11 (pulsed through
 /// pc-testdev) arrives at vector 0x73 and wakes a `sti; hlt` (realmode.flat's sti_inhibit).
 #[test]

@@ -85,6 +85,8 @@ pub struct PciAcpi {
     pub mmio_size: u64,
     /// The 64-bit MMIO window (start, size), where firmware may put 64-bit BARs.
     pub mmio64: Option<(u64, u64)>,
+    /// The port window (start, size) I/O BARs decode in, when a device has one.
+    pub io: Option<(u64, u64)>,
 }
 
 /// Errors from building or writing the ACPI tables.
@@ -606,9 +608,16 @@ fn pci_aml(cfg: &AcpiConfig, out: &mut Vec<u8>) {
             None,
         )
     });
+    let io = pci.io.map(|(start, size)| {
+        let end = (start + size - 1).min(0xffff) as u16;
+        aml::AddressSpace::<u16>::new_io(start as u16, end, None)
+    });
     let mut resources: Vec<&dyn Aml> = vec![&bus, &cfg_ports, &mmio];
     if let Some(m) = &mmio64 {
         resources.push(m);
+    }
+    if let Some(i) = &io {
+        resources.push(i);
     }
     let crs = aml::ResourceTemplate::new(resources);
     let crs = aml::Name::new(Path::new("_CRS"), &crs);

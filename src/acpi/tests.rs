@@ -193,6 +193,7 @@ fn test_pci() -> PciAcpi {
     PciAcpi {
         ecam_base: Some(layout::PCI_ECAM_START),
         mmio64: None,
+        io: None,
         mmio_start: layout::PCI_MMIO32_START,
         mmio_size: layout::PCI_MMIO32_SIZE,
     }
@@ -213,6 +214,28 @@ fn mcfg_describes_bus_0() {
     assert_eq!((u16_at(&m, 52), m[54], m[55]), (0, 0, 0));
     assert!(w.dsdt.windows(4).any(|x| x == b"PCI0"));
     assert!(w.dsdt.windows(4).any(|x| x == b"_PRT"));
+}
+
+/// The root bridge's `_CRS` has a WordIO range exactly when the bus has a port window.
+#[test]
+fn pci_port_window_is_in_crs_only_when_used() {
+    let mem = guest_mem();
+    let word_io = |dsdt: &[u8]| -> Option<(u16, u16)> {
+        let at = dsdt
+            .windows(4)
+            .position(|x| x == [0x88, 0x0d, 0x00, 0x01])?;
+        Some((u16_at(dsdt, at + 8), u16_at(dsdt, at + 10)))
+    };
+    for io in [None, Some((0xc000, 0x4000))] {
+        let cfg = AcpiConfig {
+            num_cpus: 1,
+            pci: Some(PciAcpi { io, ..test_pci() }),
+            s3: true,
+        };
+        let w = walk(&mem, create_acpi_tables(&mem, &cfg).unwrap().rsdp);
+        let want = io.map(|_| (0xc000, 0xffff));
+        assert_eq!(word_io(&w.dsdt), want, "{io:x?}");
+    }
 }
 
 #[test]

@@ -195,6 +195,7 @@ pub mod debugcon;
 pub mod fw_cfg;
 pub mod i8042;
 pub mod pci;
+pub mod pci_testdev;
 pub mod serial;
 pub mod testdev;
 pub mod virtio;

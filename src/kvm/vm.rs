@@ -12,7 +12,7 @@ use kvm_ioctls::{Cap, IoEventAddress, Kvm, NoDatamatch, VcpuFd, VmFd};
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::devices::pci::{IoEventRegistry, MsiRouter, MsiVector};
+use crate::devices::pci::{IoEvent, IoEventRegistry, MsiRouter, MsiVector};
 
 /// What failed while setting up the VM.
 #[derive(Debug, thiserror::Error)]
@@ -494,16 +494,29 @@ impl crate::devices::IrqLevel for KvmInterrupts {
 }
 
 impl IoEventRegistry for KvmInterrupts {
-    fn register(&self, addr: u64, fd: &EventFd) -> std::io::Result<()> {
-        self.fd
-            .register_ioevent(fd, &IoEventAddress::Mmio(addr), NoDatamatch)
-            .map_err(to_io)
+    fn register_event(&self, ev: IoEvent, fd: &EventFd) -> std::io::Result<()> {
+        let addr = ioevent_address(&ev);
+        match ev.datamatch {
+            None => self.fd.register_ioevent(fd, &addr, NoDatamatch),
+            Some(v) => self.fd.register_ioevent(fd, &addr, v),
+        }
+        .map_err(to_io)
     }
 
-    fn unregister(&self, addr: u64, fd: &EventFd) -> std::io::Result<()> {
-        self.fd
-            .unregister_ioevent(fd, &IoEventAddress::Mmio(addr), NoDatamatch)
-            .map_err(to_io)
+    fn unregister_event(&self, ev: IoEvent, fd: &EventFd) -> std::io::Result<()> {
+        let addr = ioevent_address(&ev);
+        match ev.datamatch {
+            None => self.fd.unregister_ioevent(fd, &addr, NoDatamatch),
+            Some(v) => self.fd.unregister_ioevent(fd, &addr, v),
+        }
+        .map_err(to_io)
+    }
+}
+
+fn ioevent_address(ev: &IoEvent) -> IoEventAddress {
+    match ev.pio {
+        true => IoEventAddress::Pio(ev.addr),
+        false => IoEventAddress::Mmio(ev.addr),
     }
 }
 

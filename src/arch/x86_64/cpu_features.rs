@@ -124,6 +124,17 @@ const FEATURES: &[(&str, Bit)] = &[
     ("vgif", b(0x8000_000a, 0, Edx, 16)),
     // Leaf 0x8000_0007 EDX.
     ("invtsc", b(0x8000_0007, 0, Edx, 8)),
+    // Leaf 0x4000_0001 EAX: KVM's paravirtual features (QEMU's kvm-* properties).
+    ("kvmclock", b(0x4000_0001, 0, Eax, 0)), ("kvm-nopiodelay", b(0x4000_0001, 0, Eax, 1)),
+    ("kvm-mmu", b(0x4000_0001, 0, Eax, 2)), ("kvmclock2", b(0x4000_0001, 0, Eax, 3)),
+    ("kvm-asyncpf", b(0x4000_0001, 0, Eax, 4)), ("kvm-steal-time", b(0x4000_0001, 0, Eax, 5)),
+    ("kvm-pv-eoi", b(0x4000_0001, 0, Eax, 6)), ("kvm-pv-unhalt", b(0x4000_0001, 0, Eax, 7)),
+    ("kvm-pv-tlb-flush", b(0x4000_0001, 0, Eax, 9)),
+    ("kvm-asyncpf-vmexit", b(0x4000_0001, 0, Eax, 10)),
+    ("kvm-pv-ipi", b(0x4000_0001, 0, Eax, 11)), ("kvm-poll-control", b(0x4000_0001, 0, Eax, 12)),
+    ("kvm-pv-sched-yield", b(0x4000_0001, 0, Eax, 13)),
+    ("kvm-asyncpf-int", b(0x4000_0001, 0, Eax, 14)),
+    ("kvm-msi-ext-dest-id", b(0x4000_0001, 0, Eax, 15)),
 ];
 
 /// Errors in `--cpu`.
@@ -312,5 +323,23 @@ mod tests {
         assert_eq!(e[1].eax, 1 << 26);
         // A missing leaf is left alone.
         CpuFeatures::parse("host,-la57").unwrap().apply(&mut e);
+    }
+
+    /// KVM's paravirtual leaf, as QEMU spells its bits (asyncpf.flat skips without
+    /// kvm-asyncpf-int, as under QEMU's qemu64).
+    #[test]
+    fn kvm_paravirtual_features() {
+        let mut pv = leaf(0x4000_0001, 0, 0);
+        pv.eax = 1 << 4 | 1 << 14 | 1 << 3;
+        let mut e = vec![pv];
+        let f = CpuFeatures::parse("host,-kvm-asyncpf-int,kvm_asyncpf=off").unwrap();
+        f.check(&cpuid(&e), IrqchipFeatures::default()).unwrap();
+        f.apply(&mut e);
+        assert_eq!(e[0].eax, 1 << 3);
+        let add = CpuFeatures::parse("host,+kvm-pv-ipi").unwrap();
+        assert_eq!(
+            add.check(&cpuid(&e), IrqchipFeatures::default()),
+            Err(CpuError::Unsupported("kvm-pv-ipi".into()))
+        );
     }
 }

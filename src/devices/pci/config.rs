@@ -1,4 +1,4 @@
-//! A type-0 configuration header with memory BARs and a capability list.
+//! A type-0 configuration header with memory and I/O BARs and a capability list.
 //!
 //! The first 256 bytes are emulated; the extended space (256..4096, reachable through ECAM)
 //! reads as zeros, so the guest finds no extended capabilities. Every access is byte-wise
@@ -19,6 +19,7 @@ pub const REG_CAP_PTR: usize = 0x34;
 pub const REG_INTERRUPT_LINE: usize = 0x3c;
 pub const REG_INTERRUPT_PIN: usize = 0x3d;
 
+pub const COMMAND_IO: u16 = 1 << 0;
 pub const COMMAND_MEMORY: u16 = 1 << 1;
 pub const COMMAND_BUS_MASTER: u16 = 1 << 2;
 pub const COMMAND_INTX_DISABLE: u16 = 1 << 10;
@@ -26,18 +27,24 @@ const STATUS_CAP_LIST: u16 = 1 << 4;
 /// First byte available for capabilities (after the type-0 header).
 const CAP_START: usize = 0x40;
 
-/// The kind of a memory BAR.
+/// The kind of a BAR.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BarKind {
     Mem32,
     /// Occupies two BAR registers (`index` and `index + 1`).
     Mem64,
+    /// Port I/O: 4 to 256 ports, decoded in the 16-bit port space.
+    Io,
 }
+
+/// The largest I/O BAR a function may have (PCI's limit).
+pub const MAX_IO_BAR: u64 = 256;
 
 /// What a device asks for in one BAR.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BarSpec {
-    /// A power of two, at least 16 bytes (4 KiB or more is recommended).
+    /// A power of two: memory at least 16 bytes (4 KiB or more is recommended), I/O 4 to
+    /// [`MAX_IO_BAR`] ports.
     pub size: u64,
     pub kind: BarKind,
     pub prefetchable: bool,
@@ -98,7 +105,7 @@ impl PciConfig {
         c.set_u16(0x2c, h.subsystem_vendor_id);
         c.set_u16(0x2e, h.subsystem_id);
         c.regs[REG_INTERRUPT_PIN] = h.interrupt_pin;
-        // Command: I/O, memory, bus master; INTx disable.
+        // Command: I/O, memory, bus master; INTx disable. Decoding starts off, as at reset.
         let cmd = 0x0007 | COMMAND_INTX_DISABLE;
         c.wmask[REG_COMMAND..REG_COMMAND + 2].copy_from_slice(&cmd.to_le_bytes());
         c.wmask[0x0c] = 0xff; // cache line size
@@ -114,10 +121,14 @@ impl PciConfig {
     /// Declares BAR `index`. Its address starts at 0 until [`PciConfig::set_bar_addr`].
     pub fn add_bar(&mut self, index: usize, spec: BarSpec) -> Result<(), PciError> {
         let regs = if spec.kind == BarKind::Mem64 { 2 } else { 1 };
+        let size_ok = match spec.kind {
+            BarKind::Mem32 => (16..=1 << 31).contains(&spec.size),
+            BarKind::Mem64 => spec.size >= 16,
+            BarKind::Io => (4..=MAX_IO_BAR).contains(&spec.size) && !spec.prefetchable,
+        };
         let ok = index + regs <= NUM_BARS
             && spec.size.is_power_of_two()
-            && spec.size >= 16
-            && (spec.kind == BarKind::Mem64 || spec.size <= 1 << 31)
+            && size_ok
             && (index..index + regs).all(|i| self.bars[i].is_none() && !self.upper[i]);
         if !ok {
             return Err(PciError::BadBar(index));
@@ -140,7 +151,7 @@ impl PciConfig {
     pub fn set_bar_addr(&mut self, index: usize, addr: u64) {
         if let Some(Some(b)) = self.bars.get_mut(index) {
             b.addr = addr & !(b.spec.size - 1);
-            if b.spec.kind == BarKind::Mem32 {
+            if b.spec.kind != BarKind::Mem64 {
                 b.addr &= 0xffff_ffff;
             }
         }
@@ -158,16 +169,50 @@ impl PciConfig {
         self.command() & COMMAND_MEMORY != 0
     }
 
-    /// The BAR decoding `addr` (memory decoding enabled), and the offset inside it.
-    pub fn bar_at(&self, addr: u64) -> Option<(usize, u64)> {
-        if !self.memory_enabled() {
-            return None;
+    pub fn io_enabled(&self) -> bool {
+        self.command() & COMMAND_IO != 0
+    }
+
+    /// Turns decoding on as firmware leaves it after assigning the BARs (command bits set
+    /// device-side: a direct boot has no firmware, and a test kernel does not set them).
+    pub fn enable_decoding(&mut self, io: bool, memory: bool) {
+        let mut cmd = self.command();
+        if io {
+            cmd |= COMMAND_IO;
         }
-        (0..NUM_BARS).find_map(|i| {
-            let b = self.bars[i]?;
-            let off = addr.checked_sub(b.addr)?;
-            (b.addr != 0 && off < b.spec.size).then_some((i, off))
-        })
+        if memory {
+            cmd |= COMMAND_MEMORY;
+        }
+        self.set_u16(REG_COMMAND, cmd);
+    }
+
+    /// True when BAR `b` decodes now: its address is set and its kind of decoding is on.
+    fn decodes(&self, b: &Bar) -> bool {
+        b.addr != 0
+            && match b.spec.kind {
+                BarKind::Io => self.io_enabled(),
+                BarKind::Mem32 | BarKind::Mem64 => self.memory_enabled(),
+            }
+    }
+
+    /// The BARs that decode now: (index, kind, address, size).
+    pub fn decoded(&self) -> Vec<(usize, BarKind, u64, u64)> {
+        (0..NUM_BARS)
+            .filter_map(|i| {
+                let b = self.bars[i].filter(|b| self.decodes(b))?;
+                Some((i, b.spec.kind, b.addr, b.spec.size))
+            })
+            .collect()
+    }
+
+    /// The memory BAR decoding `addr` (memory decoding enabled), and the offset inside it.
+    pub fn bar_at(&self, addr: u64) -> Option<(usize, u64)> {
+        self.decoded()
+            .into_iter()
+            .find_map(|(i, kind, start, size)| {
+                let off = addr.checked_sub(start)?;
+                (kind != BarKind::Io && off < size).then_some((i, off))
+            })
     }
 
     /// Appends a capability: `body` follows the ID and next-pointer bytes; `body_wmask` (same
@@ -239,6 +284,7 @@ impl PciConfig {
             return self.bars[i - 1].map_or(0, |b| (b.addr >> 32) as u32);
         }
         match self.bars[i] {
+            Some(b) if b.spec.kind == BarKind::Io => (b.addr as u32 & !0x3) | 1,
             Some(b) => {
                 let mut flags = 0u32;
                 if b.spec.kind == BarKind::Mem64 {
@@ -480,5 +526,35 @@ mod tests {
         c.read(0xffe, &mut big[..4]);
         assert_eq!(&big[..4], &[0, 0, 0xff, 0xff]);
         assert_eq!(r32(&c, 0), 0x1044_1af4);
+    }
+
+    #[test]
+    fn io_bars_size_and_decode_with_io_enable() {
+        let mut c = cfg();
+        let io = |size| BarSpec {
+            size,
+            kind: BarKind::Io,
+            prefetchable: false,
+        };
+        assert!(c.add_bar(3, io(512)).is_err(), "larger than PCI allows");
+        assert!(c.add_bar(3, io(2)).is_err());
+        let prefetchable = BarSpec {
+            prefetchable: true,
+            ..io(16)
+        };
+        assert!(c.add_bar(3, prefetchable).is_err());
+        c.add_bar(3, io(0x40)).unwrap();
+        c.set_bar_addr(3, 0xc07f);
+        assert_eq!(r32(&c, 0x1c), 0xc041);
+        w32(&mut c, 0x1c, 0xffff_ffff);
+        assert_eq!(r32(&c, 0x1c), 0xffff_ffc1);
+        w32(&mut c, 0x1c, 0xd000);
+        assert_eq!(c.bar_addr(3), Some(0xd000));
+        c.write(REG_COMMAND, &COMMAND_MEMORY.to_le_bytes());
+        assert!(c.decoded().iter().all(|d| d.1 != BarKind::Io));
+        c.enable_decoding(true, false);
+        assert!(c.io_enabled() && c.memory_enabled());
+        assert!(c.decoded().contains(&(3, BarKind::Io, 0xd000, 0x40)));
+        assert_eq!(c.bar_at(0xd000), None, "bar_at is memory only");
     }
 }

@@ -1,5 +1,5 @@
 //! PCI: bus 0 with a host bridge at 00:00.0, configuration space through ports 0xCF8/0xCFC and
-//! ECAM, memory BARs in the 32-bit window, MSI-X.
+//! ECAM, memory BARs in the 32-bit window, I/O BARs in a port window, MSI-X.
 //!
 //! Devices implement [`PciDevice`]; [`root::PciRoot`] owns the 32 slots of bus 0, allocates BAR
 //! addresses and dispatches configuration and BAR accesses. Interrupts: MSI-X vectors are KVM GSIs
@@ -16,7 +16,7 @@ pub mod msix;
 pub mod root;
 
 pub use config::{BarKind, BarSpec, PciConfig, PciHeader};
-pub use root::{PciConfigIo, PciEcam, PciMmioWindow, PciRoot};
+pub use root::{PciConfigIo, PciEcam, PciIoWindow, PciMmioWindow, PciRoot};
 
 /// Errors from building the PCI topology.
 #[derive(Debug, thiserror::Error)]
@@ -31,16 +31,19 @@ pub enum PciError {
     SlotTaken(u8),
     #[error("the PCI MMIO window has no room for a BAR of {0:#x} bytes")]
     MmioExhausted(u64),
+    #[error("the PCI port window has no room for an I/O BAR of {0:#x} ports")]
+    PioExhausted(u64),
     #[error("cannot set up interrupt vectors")]
     Interrupt(#[source] io::Error),
 }
 
-/// One BAR as it decodes now: guest-physical `[addr, addr + len)`.
+/// One BAR as it decodes now: guest-physical `[addr, addr + len)`, in port space if `io`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DecodedBar {
     pub bar: usize,
     pub addr: u64,
     pub len: u64,
+    pub io: bool,
 }
 
 /// What bus 0 holds for a slot: called from any vCPU thread with `&self`; the function locks
@@ -53,7 +56,7 @@ pub trait PciFunction: Send + Sync {
     /// The BARs' sizes and kinds, for address assignment.
     fn bar_specs(&self) -> Vec<(usize, BarSpec)>;
     fn assign_bar(&self, bar: usize, addr: u64);
-    /// The BARs that decode now (memory decoding on, address assigned).
+    /// The BARs that decode now (their decoding on, address assigned).
     fn decoded_bars(&self) -> Vec<DecodedBar>;
 }
 
@@ -83,19 +86,14 @@ impl<D: PciDevice> PciFunction for std::sync::Mutex<D> {
 
 /// The BARs of `config` that decode now.
 pub fn decoded_bars(config: &PciConfig) -> Vec<DecodedBar> {
-    if !config.memory_enabled() {
-        return Vec::new();
-    }
     config
-        .bar_specs()
+        .decoded()
         .into_iter()
-        .filter_map(|(bar, spec)| {
-            let addr = config.bar_addr(bar).filter(|a| *a != 0)?;
-            Some(DecodedBar {
-                bar,
-                addr,
-                len: spec.size,
-            })
+        .map(|(bar, kind, addr, len)| DecodedBar {
+            bar,
+            addr,
+            len,
+            io: kind == BarKind::Io,
         })
         .collect()
 }
@@ -165,12 +163,40 @@ pub trait MsiRouter: Send + Sync {
     fn update(&self, gsi: u32, addr: u64, data: u32, masked: bool) -> io::Result<()>;
 }
 
-/// Registers guest-physical MMIO addresses whose writes signal an eventfd inside KVM (kicks that
-/// never exit to userspace). Implemented in `kvm/`.
+/// Where an ioeventfd listens and which writes signal it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IoEvent {
+    /// Port I/O (else MMIO).
+    pub pio: bool,
+    pub addr: u64,
+    /// `Some(v)`: only a one-byte write of `v`; `None`: any write of any size.
+    pub datamatch: Option<u8>,
+}
+
+impl IoEvent {
+    /// Any write of any size to MMIO `addr`.
+    pub fn mmio(addr: u64) -> Self {
+        Self {
+            pio: false,
+            addr,
+            datamatch: None,
+        }
+    }
+}
+
+/// Registers guest addresses whose writes signal an eventfd inside KVM (kicks that never exit
+/// to userspace). Implemented in `kvm/`.
 pub trait IoEventRegistry: Send + Sync {
-    /// Any write of any size to `addr` signals `fd`.
-    fn register(&self, addr: u64, fd: &EventFd) -> io::Result<()>;
-    fn unregister(&self, addr: u64, fd: &EventFd) -> io::Result<()>;
+    fn register_event(&self, ev: IoEvent, fd: &EventFd) -> io::Result<()>;
+    fn unregister_event(&self, ev: IoEvent, fd: &EventFd) -> io::Result<()>;
+
+    /// Any write of any size to MMIO `addr` signals `fd`.
+    fn register(&self, addr: u64, fd: &EventFd) -> io::Result<()> {
+        self.register_event(IoEvent::mmio(addr), fd)
+    }
+    fn unregister(&self, addr: u64, fd: &EventFd) -> io::Result<()> {
+        self.unregister_event(IoEvent::mmio(addr), fd)
+    }
 }
 
 /// A level-triggered INTx line: `irqfd` asserts it; KVM deasserts it at EOI and signals

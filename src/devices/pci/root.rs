@@ -3,7 +3,7 @@
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
-use super::config::{PciConfig, PciHeader, EXT_CONFIG_SIZE};
+use super::config::{BarKind, PciConfig, PciHeader, EXT_CONFIG_SIZE};
 use super::{ConfigOnly, DecodedBar, PciError, PciFunction};
 use crate::bus::BusDevice;
 
@@ -23,16 +23,21 @@ pub fn generic_host_bridge() -> ConfigOnly {
     }))
 }
 
-/// Bus 0 and the BAR allocator of the 32-bit MMIO window. Built before the vCPUs start; shared
-/// (`Arc`) afterwards. Each function locks itself; the root keeps a cache of where every BAR
-/// decodes, refreshed after each configuration write to that function (the guest may move
-/// BARs), so an MMIO access finds its function without touching any other.
+/// The port window I/O BARs are allocated from (and decode in): QEMU's PC uses the same,
+/// SeaBIOS allocates from 0xC000.
+pub const PIO_WINDOW: (u64, u64) = (0xc000, 0x4000);
+
+/// Bus 0 and the BAR allocator of the 32-bit MMIO window and the port window. Built before the
+/// vCPUs start; shared (`Arc`) afterwards. Each function locks itself; the root keeps a cache of
+/// where every BAR decodes, refreshed after each configuration write to that function (the guest
+/// may move BARs), so an access finds its function without touching any other.
 pub struct PciRoot {
     /// Indexed by devfn (slot << 3 | function).
     functions: Vec<Option<SharedPciDevice>>,
     mmio_start: u64,
     mmio_end: u64,
     next_mmio: u64,
+    next_pio: u64,
     /// (devfn, BAR) ranges that decode now.
     decode: RwLock<Vec<(u8, DecodedBar)>>,
 }
@@ -56,6 +61,7 @@ impl PciRoot {
             mmio_start,
             mmio_end: mmio_start.saturating_add(mmio_size),
             next_mmio: mmio_start,
+            next_pio: PIO_WINDOW.0,
             decode: RwLock::new(Vec::new()),
         }
     }
@@ -83,7 +89,8 @@ impl PciRoot {
     }
 
     /// Puts `dev` at `slot`.`func` and assigns its BARs, naturally aligned, from the MMIO
-    /// window. (A multi-function slot's function 0 says so in its header type.)
+    /// window (I/O BARs from [`PIO_WINDOW`]). (A multi-function slot's function 0 says so in
+    /// its header type.)
     pub fn insert_function(
         &mut self,
         slot: u8,
@@ -95,20 +102,25 @@ impl PciRoot {
             return Err(PciError::SlotTaken(slot));
         }
         let specs = dev.bar_specs();
-        let mut next = self.next_mmio;
+        let (mut next, mut next_pio) = (self.next_mmio, self.next_pio);
+        let pio_end = PIO_WINDOW.0 + PIO_WINDOW.1;
         let mut assigned = Vec::new();
         for (i, spec) in specs {
-            let addr = next
+            let (cursor, end, err): (&mut u64, u64, fn(u64) -> PciError) = match spec.kind {
+                BarKind::Io => (&mut next_pio, pio_end, PciError::PioExhausted),
+                _ => (&mut next, self.mmio_end, PciError::MmioExhausted),
+            };
+            let addr = cursor
                 .checked_next_multiple_of(spec.size)
-                .filter(|a| a.checked_add(spec.size).is_some_and(|e| e <= self.mmio_end))
-                .ok_or(PciError::MmioExhausted(spec.size))?;
+                .filter(|a| a.checked_add(spec.size).is_some_and(|e| e <= end))
+                .ok_or(err(spec.size))?;
             assigned.push((i, addr));
-            next = addr + spec.size;
+            *cursor = addr + spec.size;
         }
         for (i, addr) in assigned {
             dev.assign_bar(i, addr);
         }
-        self.next_mmio = next;
+        (self.next_mmio, self.next_pio) = (next, next_pio);
         self.functions[devfn] = Some(dev);
         self.refresh_decode(devfn as u8);
         Ok(())
@@ -128,6 +140,15 @@ impl PciRoot {
     /// The window BARs are allocated from (for the ACPI description).
     pub fn mmio_window(&self) -> (u64, u64) {
         (self.mmio_start, self.mmio_end - self.mmio_start)
+    }
+
+    /// True when some function has an I/O BAR (then the port window goes on the bus).
+    pub fn has_io_bars(&self) -> bool {
+        self.functions.iter().flatten().any(|f| {
+            f.bar_specs()
+                .iter()
+                .any(|(_, spec)| spec.kind == BarKind::Io)
+        })
     }
 
     /// Occupied slots.
@@ -172,12 +193,15 @@ impl PciRoot {
         }
     }
 
-    /// The function and (BAR, offset) decoding `addr`, from the cache.
-    fn bar_device(&self, addr: u64) -> Option<(&SharedPciDevice, usize, u64)> {
+    /// The function and (BAR, offset) decoding `addr` in port space (`io`) or memory, from
+    /// the cache.
+    fn bar_device(&self, io: bool, addr: u64) -> Option<(&SharedPciDevice, usize, u64)> {
         let (devfn, bar, off) = {
             let cache = self.decode.read().unwrap_or_else(|e| e.into_inner());
             cache.iter().find_map(|(devfn, b)| {
-                let off = addr.checked_sub(b.addr).filter(|o| *o < b.len)?;
+                let off = addr
+                    .checked_sub(b.addr)
+                    .filter(|o| *o < b.len && b.io == io)?;
                 Some((*devfn, b.bar, off))
             })?
         };
@@ -186,14 +210,31 @@ impl PciRoot {
 
     /// A guest access to `addr` in the MMIO window; unclaimed reads return all-ones.
     pub fn mmio_read(&self, addr: u64, data: &mut [u8]) {
-        match self.bar_device(addr) {
+        self.bar_read(false, addr, data)
+    }
+
+    pub fn mmio_write(&self, addr: u64, data: &[u8]) {
+        self.bar_write(false, addr, data)
+    }
+
+    /// A guest access to `port` in the port window; unclaimed reads return all-ones.
+    pub fn pio_read(&self, port: u64, data: &mut [u8]) {
+        self.bar_read(true, port, data)
+    }
+
+    pub fn pio_write(&self, port: u64, data: &[u8]) {
+        self.bar_write(true, port, data)
+    }
+
+    fn bar_read(&self, io: bool, addr: u64, data: &mut [u8]) {
+        match self.bar_device(io, addr) {
             Some((d, bar, off)) => d.bar_read(bar, off, data),
             None => data.fill(0xff),
         }
     }
 
-    pub fn mmio_write(&self, addr: u64, data: &[u8]) {
-        if let Some((d, bar, off)) = self.bar_device(addr) {
+    fn bar_write(&self, io: bool, addr: u64, data: &[u8]) {
+        if let Some((d, bar, off)) = self.bar_device(io, addr) {
             d.bar_write(bar, off, data);
         }
     }
@@ -336,9 +377,31 @@ impl BusDevice for PciMmioWindow {
     }
 }
 
+/// The PCI port window ([`PIO_WINDOW`]): accesses go to whichever I/O BAR decodes them now.
+pub struct PciIoWindow {
+    root: Arc<PciRoot>,
+}
+
+impl PciIoWindow {
+    pub fn new(root: Arc<PciRoot>) -> Self {
+        Self { root }
+    }
+}
+
+impl BusDevice for PciIoWindow {
+    fn read(&self, offset: u64, data: &mut [u8]) {
+        self.root.pio_read(PIO_WINDOW.0 + offset, data);
+    }
+
+    fn write(&self, offset: u64, data: &[u8]) {
+        self.root.pio_write(PIO_WINDOW.0 + offset, data);
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use super::super::config::{BarKind, BarSpec, COMMAND_MEMORY, REG_COMMAND};
+    use super::super::config::{BarSpec, COMMAND_MEMORY, REG_COMMAND};
+    use super::super::PciError;
     use super::*;
     use crate::devices::pci::PciDevice;
 
@@ -497,5 +560,67 @@ mod tests {
             r.insert(1, d),
             Err(PciError::MmioExhausted(0x2000))
         ));
+    }
+
+    /// An I/O BAR comes from the port window, decodes only with I/O decoding on, and the
+    /// port window and the MMIO window never see each other's BARs.
+    #[test]
+    fn io_bars_decode_in_the_port_window() {
+        let mut r = PciRoot::new(0xc000_0000, 0x1000_0000);
+        let mut config = PciConfig::new(&PciHeader::default());
+        let spec = |size, kind| BarSpec {
+            size,
+            kind,
+            prefetchable: false,
+        };
+        config.add_bar(0, spec(0x1000, BarKind::Mem32)).unwrap();
+        config.add_bar(1, spec(0x100, BarKind::Io)).unwrap();
+        let d = Arc::new(Mutex::new(Dummy { config, last: None }));
+        assert!(!r.has_io_bars());
+        r.insert(1, d.clone()).unwrap();
+        assert!(r.has_io_bars());
+        let root = Arc::new(r);
+        assert_eq!(d.lock().unwrap().config().bar_addr(1), Some(PIO_WINDOW.0));
+        let ecam = PciEcam::new(root.clone());
+        let pio = PciIoWindow::new(root.clone());
+        let mmio = PciMmioWindow::new(root.clone());
+        let mut b = [0u8; 2];
+        ecam.write(1 << 15 | REG_COMMAND as u64, &COMMAND_MEMORY.to_le_bytes());
+        pio.read(4, &mut b);
+        assert_eq!(b, [0xff; 2], "I/O decoding off");
+        ecam.write(1 << 15 | REG_COMMAND as u64, &[3, 0]);
+        pio.read(4, &mut b);
+        assert_eq!(b, [1 + 4; 2], "BAR 1, offset 4");
+        pio.write(0xff, &[7]);
+        assert_eq!(d.lock().unwrap().last, Some((1, 0xff, vec![7])));
+        pio.read(0x100, &mut b);
+        assert_eq!(b, [0xff; 2], "past the I/O BAR");
+        mmio.write(4, &[9]);
+        assert_eq!(
+            d.lock().unwrap().last,
+            Some((0, 4, vec![9])),
+            "the memory BAR"
+        );
+    }
+
+    #[test]
+    fn port_window_exhaustion_is_an_error() {
+        let mut r = PciRoot::new(0xc000_0000, 0x1000_0000);
+        for slot in 1..=(PIO_WINDOW.1 / 0x100) as u8 + 1 {
+            let mut config = PciConfig::new(&PciHeader::default());
+            let spec = BarSpec {
+                size: 0x100,
+                kind: BarKind::Io,
+                prefetchable: false,
+            };
+            config.add_bar(0, spec).unwrap();
+            let d = Arc::new(Mutex::new(Dummy { config, last: None }));
+            let res = r.insert_function(slot / 8, slot % 8, d);
+            if u64::from(slot) <= PIO_WINDOW.1 / 0x100 {
+                res.unwrap();
+            } else {
+                assert!(matches!(res, Err(PciError::PioExhausted(0x100))));
+            }
+        }
     }
 }

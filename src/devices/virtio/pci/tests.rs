@@ -1,6 +1,7 @@
 use super::*;
 use crate::devices::pci::config::{COMMAND_MEMORY, REG_CAP_PTR, REG_COMMAND};
 use crate::devices::pci::msix::tests::FakeRouter;
+use crate::devices::pci::IoEvent;
 use crate::devices::virtio::{ActivateError, DeviceError, VirtioHandler, WorkerCtx};
 
 /// (index, size, descriptor table) of each queue handed to the device.
@@ -90,12 +91,13 @@ impl VirtioHandler for FakeHandler {
 struct FakeIoEvents(Mutex<Vec<(bool, u64)>>);
 
 impl IoEventRegistry for FakeIoEvents {
-    fn register(&self, addr: u64, _fd: &EventFd) -> io::Result<()> {
-        self.0.lock().unwrap().push((true, addr));
+    fn register_event(&self, ev: IoEvent, _fd: &EventFd) -> io::Result<()> {
+        assert_eq!((ev.pio, ev.datamatch), (false, None));
+        self.0.lock().unwrap().push((true, ev.addr));
         Ok(())
     }
-    fn unregister(&self, addr: u64, _fd: &EventFd) -> io::Result<()> {
-        self.0.lock().unwrap().push((false, addr));
+    fn unregister_event(&self, ev: IoEvent, _fd: &EventFd) -> io::Result<()> {
+        self.0.lock().unwrap().push((false, ev.addr));
         Ok(())
     }
 }
