@@ -52,9 +52,17 @@ fn matrix(kernel: &str, file: &str) -> Vec<(Vec<String>, i32, &'static str)> {
         (k(&["--disk", "path=FILE,bootindex=x"]), 1, "bootindex"),
         (k(&["--disk", "path=FILE,path=FILE"]), 1, "path"),
         // --cdrom
-        (k(&["--cdrom", "/nonexistent/cd.iso"]), 1, "/nonexistent/cd.iso"),
+        (
+            k(&["--cdrom", "/nonexistent/cd.iso"]),
+            1,
+            "/nonexistent/cd.iso",
+        ),
         (k(&["--cdrom", "path=FILE,readonly=off"]), 1, "read-only"),
-        (k(&["--cdrom", "path=FILE,serial=x"]), 1, "CD-ROM takes only"),
+        (
+            k(&["--cdrom", "path=FILE,serial=x"]),
+            1,
+            "CD-ROM takes only",
+        ),
         (k(&["--cdrom", ""]), 1, "--cdrom"),
         // --net
         (k(&["--net", "tap=t0,mac=zz:zz"]), 1, "mac"),
