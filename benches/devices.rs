@@ -439,4 +439,32 @@ fn print_qcow2_table(r: &Results, images: &std::path::Path, started: Instant) {
             mean(&q) / mean(&qemu)
         );
     }
+    println!(
+        "\nPer I/O, mean of rounds: L1 KVM exits (in parentheses: userspace MMIO+PIO exits), \
+         guest interrupts injected, and L1 wall time in ms:\n"
+    );
+    println!("| test | ferrovm raw | ferrovm qcow2 | QEMU qcow2 |");
+    println!("|---|---:|---:|---:|");
+    for m in metrics().into_iter().take(4) {
+        let cells = ["ferrovm", "ferrovm_qcow2", "qemu_qcow2"].map(|v| {
+            let per_io = |key: &'static str, scale: f64| {
+                mean(&per_round(r, v, m.test, &|x| {
+                    let n = (m.ops)(x)?;
+                    let v = match key {
+                        "user" => g(x, "user_mmio")? + g(x, "user_pio")?,
+                        k => g(x, k)?,
+                    };
+                    (n > 0.0).then(|| v * scale / n)
+                }))
+            };
+            format!(
+                "{} ({}), {} irqs, {} ms",
+                fmt(per_io("kvm_exits", 1.0)),
+                fmt(per_io("user", 1.0)),
+                fmt(per_io("irqs", 1.0)),
+                fmt(per_io("l1_cs", 10.0))
+            )
+        });
+        println!("| {} | {} |", m.test, cells.join(" | "));
+    }
 }

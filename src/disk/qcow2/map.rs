@@ -142,15 +142,22 @@ impl State {
         while done < total {
             let off = offset + done;
             let (kind, n) = self.map_run(off, total - done)?;
-            let part = sub_bufs(bufs, done as usize, n as usize);
+            // A request inside one run (the usual case) needs no sub-slices.
+            let split;
+            let part = if n == total {
+                bufs
+            } else {
+                split = sub_bufs(bufs, done as usize, n as usize);
+                &split
+            };
             match kind {
-                Cluster::Data { host, .. } => self.read_data(&part, host + off % self.cs)?,
-                Cluster::Zero => zero_fill(&part),
-                Cluster::Unallocated => self.read_backing(&part, off)?,
+                Cluster::Data { host, .. } => self.read_data(part, host + off % self.cs)?,
+                Cluster::Zero => zero_fill(part),
+                Cluster::Unallocated => self.read_backing(part, off)?,
                 Cluster::Compressed(e) => {
                     let at = (off % self.cs) as usize;
                     let data = self.decompress(e)?;
-                    scatter(&part, 0, &data[at..at + n as usize]);
+                    scatter(part, 0, &data[at..at + n as usize]);
                 }
             }
             done += n;
@@ -162,6 +169,10 @@ impl State {
     fn read_data(&self, bufs: &[VolatileSlice<'_>], host: u64) -> io::Result<()> {
         let n = total_len(bufs) as u64;
         let inside = self.file_len.saturating_sub(host).min(n);
+        if inside == n {
+            return rw_vectored(&self.file, bufs, host, Dir::Read)
+                .map_err(|e| self.io_err(format!("cannot read data at {host:#x}: {e}")));
+        }
         if inside > 0 {
             rw_vectored(
                 &self.file,

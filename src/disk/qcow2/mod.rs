@@ -43,12 +43,13 @@ mod write;
 
 use std::collections::{BTreeSet, HashSet};
 use std::fs::File;
+use std::hash::BuildHasherDefault;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 
 use vm_memory::VolatileSlice;
 
-use self::cache::Cache;
+use self::cache::{Cache, OffsetHasher};
 pub use self::check::CheckReport;
 pub use self::header::{Header, MAGIC};
 use super::io::{eio, pread_all, pwrite_all};
@@ -97,7 +98,7 @@ pub(super) struct State {
     /// Host clusters whose refcount drops at the next flush.
     pending_free: Vec<u64>,
     /// Offsets of every L2 table and refcount block: writes must never land on them.
-    metadata: HashSet<u64>,
+    metadata: HashSet<u64, BuildHasherDefault<OffsetHasher>>,
     backing: Option<Box<dyn DiskBackend>>,
     /// The last decompressed cluster: (its L2 entry, its bytes).
     decompressed: Option<(u64, Vec<u8>)>,
@@ -284,7 +285,7 @@ impl State {
             refblocks: Cache::new(REFBLOCK_CACHE_TABLES as usize),
             next_free: file_len.div_ceil(cs),
             pending_free: Vec::new(),
-            metadata: HashSet::new(),
+            metadata: HashSet::default(),
             backing: None,
             decompressed: None,
             h,
@@ -319,7 +320,7 @@ impl State {
             .map(|e| ("L1", *e & OFFSET_MASK, *e & !(OFFSET_MASK | FLAG_COPIED)))
             .chain(self.reftable.iter().map(|e| ("refcount table", *e, 0)))
             .enumerate();
-        let mut seen = HashSet::new();
+        let mut seen = HashSet::default();
         for (i, (what, off, reserved)) in tables {
             if off == 0 {
                 continue;

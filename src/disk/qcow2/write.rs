@@ -132,13 +132,16 @@ impl State {
                 if self.in_place(host)? {
                     let n = self.in_place_run(off, host, total - done)?;
                     let at = host + off % self.cs;
-                    rw_vectored(
-                        &self.file,
-                        &sub_bufs(bufs, done as usize, n as usize),
-                        at,
-                        Dir::Write,
-                    )
-                    .map_err(|e| self.io_err(format!("cannot write data at {at:#x}: {e}")))?;
+                    // A request inside one run (the usual case) needs no sub-slices.
+                    let split;
+                    let part = if n == total {
+                        bufs
+                    } else {
+                        split = sub_bufs(bufs, done as usize, n as usize);
+                        &split
+                    };
+                    rw_vectored(&self.file, part, at, Dir::Write)
+                        .map_err(|e| self.io_err(format!("cannot write data at {at:#x}: {e}")))?;
                     self.file_len = self.file_len.max(at + n);
                     done += n;
                     continue;
