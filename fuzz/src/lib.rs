@@ -223,10 +223,18 @@ pub mod fakes {
 
     pub struct IoEvents;
     impl IoEventRegistry for IoEvents {
-        fn register(&self, _addr: u64, _fd: &EventFd) -> io::Result<()> {
+        fn register_event(
+            &self,
+            _ev: ferrovm::devices::pci::IoEvent,
+            _fd: &EventFd,
+        ) -> io::Result<()> {
             Ok(())
         }
-        fn unregister(&self, _addr: u64, _fd: &EventFd) -> io::Result<()> {
+        fn unregister_event(
+            &self,
+            _ev: ferrovm::devices::pci::IoEvent,
+            _fd: &EventFd,
+        ) -> io::Result<()> {
             Ok(())
         }
     }

@@ -197,7 +197,9 @@ wait_for() { # wait_for TEXT SECONDS
     done
     echo "SEEN $1"
 }
-if wait_for "ferrovm-debian login:" 280; then
+# Log in once systemd has reached multi-user.target: getty prompts before that, and a login
+# that early races the rest of the boot (dbus not up yet for `systemctl poweroff`).
+if wait_for "ferrovm-debian login:" 280 && wait_for "Multi-User System" 120; then
     printf 'root\r' >&3
     wait_for "root@ferrovm-debian" 60 && printf 'nproc; systemctl poweroff\r' >&3
 fi
@@ -207,6 +209,7 @@ set +e; wait $pid; echo "FERROVM_STATUS=$?"; set -e
 exec 3>&-
 grep -a -E 'Welcome to|Reached target|login:|FERROVM-|Failed|ferrovm:|^[0-9]+.$' out.log | tr -d '\033\r' | sed 's/^/L2: /'"#,
         )
+        .timeout(Duration::from_secs(600))
         .check(|o| {
             expect_output(o, "SEEN ferrovm-debian login:")?;
             expect_output(o, "Welcome to")?;
