@@ -2,7 +2,28 @@
 //! device-readable and device-writable parts as lists of guest-memory slices, treated as one
 //! byte stream each (virtio 1.x: a device must not assume where one descriptor ends).
 
-use vm_memory::VolatileSlice;
+use virtio_queue::desc::split::Descriptor;
+use virtio_queue::DescriptorChain;
+use vm_memory::{GuestMemoryMmap, VolatileSlice};
+
+/// Walks `chain` into `descs` (cleared first), at most `limit` descriptors. Returns false for
+/// a chain that is not whole: longer than `limit`, or cut short by virtio-queue, which ends
+/// the walk silently on a loop, a bad `next` index, an unreadable descriptor or a 4 GiB
+/// overflow (the last descriptor then still says NEXT).
+pub fn walk(
+    chain: DescriptorChain<&GuestMemoryMmap>,
+    limit: usize,
+    descs: &mut Vec<Descriptor>,
+) -> bool {
+    descs.clear();
+    for d in chain {
+        if descs.len() == limit {
+            return false;
+        }
+        descs.push(d);
+    }
+    descs.last().is_some_and(|d| !d.has_next())
+}
 
 /// The total length of `bufs` in bytes.
 pub fn total(bufs: &[VolatileSlice<'_>]) -> u64 {

@@ -18,7 +18,7 @@ use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{Address, Bytes, GuestMemory, GuestMemoryMmap, Permissions, VolatileSlice};
 
-use crate::devices::virtio::chain::{take_front, total, trim_back};
+use crate::devices::virtio::chain::{take_front, total, trim_back, walk};
 use crate::disk::DiskBackend;
 
 use super::{
@@ -318,7 +318,6 @@ impl QueueHandler {
     ) -> Step<'m> {
         // Walk the chain once, bounded, before trusting anything in it.
         let mut descs = std::mem::take(&mut self.descs);
-        descs.clear();
         let step = self.walk_and_run(mem, chain, &mut descs);
         self.descs = descs;
         step
@@ -330,20 +329,7 @@ impl QueueHandler {
         chain: DescriptorChain<&'m GuestMemoryMmap>,
         descs: &mut Vec<Descriptor>,
     ) -> Step<'m> {
-        let mut broken = false;
-        for d in chain {
-            if descs.len() == WALK_LIMIT {
-                broken = true;
-                break;
-            }
-            descs.push(d);
-        }
-        // virtio-queue ends the walk silently on a loop, a bad `next` index, an unreadable
-        // descriptor or a 4 GiB overflow: the last descriptor then still says NEXT.
-        if descs.last().is_none_or(|d| d.has_next()) {
-            broken = true;
-        }
-        if broken {
+        if !walk(chain, WALK_LIMIT, descs) {
             self.stats.invalid.fetch_add(1, Ordering::Relaxed);
             debug!("virtio-blk: looping, truncated or overlong descriptor chain");
             return Step::Done(0);

@@ -13,7 +13,7 @@ use vm_memory::{GuestMemory, GuestMemoryMmap, Permissions, VolatileSlice};
 use super::cdrom::{Reply, Sense};
 use super::{Target, SEG_MAX};
 use crate::devices::virtio::block::DESC_LEN_MAX;
-use crate::devices::virtio::chain::{sub_range, take_front, total, write_front};
+use crate::devices::virtio::chain::{sub_range, take_front, total, walk, write_front};
 use crate::devices::virtio::{DeviceError, DrainGuard};
 use crate::ratelimit::RateLimit;
 
@@ -106,19 +106,9 @@ impl Server {
                 popped = true;
                 let head = chain.head_index();
                 let mut descs = std::mem::take(&mut self.descs);
-                descs.clear();
-                let mut broken = false;
-                for d in chain {
-                    if descs.len() == WALK_LIMIT {
-                        broken = true;
-                        break;
-                    }
-                    descs.push(d);
-                }
-                // virtio-queue ends a looping or unreadable chain silently: NEXT still set.
-                broken |= descs.last().is_none_or(|d| d.has_next());
+                let whole = walk(chain, WALK_LIMIT, &mut descs);
                 let used = match split(mem, &descs) {
-                    Some(parts) if !broken => self.answer(kind, parts),
+                    Some(parts) if whole => self.answer(kind, parts),
                     _ => {
                         self.log
                             .log(|| "virtio-scsi: malformed descriptor chain".into());
