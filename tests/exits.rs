@@ -6,14 +6,14 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use support::KillOnDrop;
+use support::{forward_lines, wait_for, KillOnDrop};
 
 const FERROVM: &str = env!("CARGO_BIN_EXE_ferrovm");
 /// Only a guard against a hung guest, not an assertion on speed.
@@ -186,35 +186,6 @@ fn bad_exit_stats_value_is_a_one_line_error() {
     assert_eq!(o.status.code(), Some(1), "{err}");
     assert!(err.contains("invalid --exit-stats 'xml'"), "{err}");
     assert_eq!(err.trim_end().lines().count(), 1);
-}
-
-/// Sends lines of `r` to `tx` until EOF.
-fn forward_lines(r: impl Read + Send + 'static, tx: mpsc::Sender<String>) {
-    std::thread::spawn(move || {
-        for line in BufReader::new(r).lines() {
-            let Ok(line) = line else { return };
-            if tx.send(line).is_err() {
-                return;
-            }
-        }
-    });
-}
-
-/// Waits for a line containing `needle`; returns the lines seen up to it.
-fn wait_for(rx: &mpsc::Receiver<String>, needle: &str) -> Vec<String> {
-    let mut seen = Vec::new();
-    loop {
-        match rx.recv_timeout(HANG_GUARD) {
-            Ok(l) => {
-                let hit = l.contains(needle);
-                seen.push(l);
-                if hit {
-                    return seen;
-                }
-            }
-            Err(e) => panic!("waiting for {needle:?}: {e}; seen: {seen:#?}"),
-        }
-    }
 }
 
 /// The count in the live table's row for the bench data port, if it has one.

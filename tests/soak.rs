@@ -10,12 +10,12 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
 
-use support::{KillOnDrop, HANG_GUARD};
+use support::{forward_lines, wait_for, KillOnDrop, HANG_GUARD};
 
 const FERROVM: &str = env!("CARGO_BIN_EXE_ferrovm");
 
@@ -84,23 +84,8 @@ fn one_run(guest: &Path, disk: &Path) -> Sample {
     )
     .unwrap();
     let (tx, rx) = mpsc::channel();
-    let out = child.stdout.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(out).lines() {
-            let Ok(line) = line else { return };
-            if tx.send(line).is_err() {
-                return;
-            }
-        }
-    });
-    let wait_line = |needle: &str| loop {
-        match rx.recv_timeout(HANG_GUARD) {
-            Ok(l) if l.contains(needle) => break,
-            Ok(_) => {}
-            Err(e) => panic!("waiting for {needle:?}: {e}"),
-        }
-    };
-    wait_line("wait: ready");
+    forward_lines(child.stdout.take().unwrap(), tx);
+    wait_for(&rx, "wait: ready");
     // The event loop and console threads start beside the guest: sample a settled process,
     // two samples 100 ms apart that agree (the guest waits for its byte as long as it takes).
     let mut s = sample(child.id());
@@ -115,7 +100,7 @@ fn one_run(guest: &Path, disk: &Path) -> Sample {
     let mut stdin = child.stdin.take().unwrap();
     stdin.write_all(b"q").unwrap();
     stdin.flush().unwrap();
-    wait_line("wait: done");
+    wait_for(&rx, "wait: done");
     let status = child.wait_timeout(HANG_GUARD).unwrap();
     assert_eq!(
         status.and_then(|s| s.code()),

@@ -5,7 +5,7 @@
 
 #![allow(dead_code)]
 
-use std::io::{self, Read};
+use std::io::{self, BufRead, Read};
 use std::ops::{Deref, DerefMut};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::thread::JoinHandle;
@@ -187,4 +187,33 @@ fn read_all(r: Option<impl Read + Send + 'static>) -> JoinHandle<Vec<u8>> {
         }
         buf
     })
+}
+
+/// Sends lines of `r` to `tx` until EOF.
+pub fn forward_lines(r: impl Read + Send + 'static, tx: std::sync::mpsc::Sender<String>) {
+    std::thread::spawn(move || {
+        for line in io::BufReader::new(r).lines() {
+            let Ok(line) = line else { return };
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+}
+
+/// Waits for a line containing `needle`; returns the lines seen up to it.
+pub fn wait_for(rx: &std::sync::mpsc::Receiver<String>, needle: &str) -> Vec<String> {
+    let mut seen = Vec::new();
+    loop {
+        match rx.recv_timeout(HANG_GUARD) {
+            Ok(l) => {
+                let hit = l.contains(needle);
+                seen.push(l);
+                if hit {
+                    return seen;
+                }
+            }
+            Err(e) => panic!("waiting for {needle:?}: {e}; seen: {seen:#?}"),
+        }
+    }
 }
