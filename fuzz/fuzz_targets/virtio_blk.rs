@@ -6,6 +6,7 @@
 //! Input: 1 byte of options, then the queue layout (see `ferrovm_fuzz::build_queue`).
 #![no_main]
 use libfuzzer_sys::fuzz_target;
+use std::sync::OnceLock;
 
 use ferrovm::devices::virtio::block::{Block, DiskConfig};
 use ferrovm::disk::mem::MemDisk;
@@ -20,7 +21,10 @@ fuzz_target!(|data: &[u8]| {
     let Some((_vq, mut q)) = build_queue(&mem, &mut inp, opts & 1 != 0) else {
         return;
     };
-    let pattern: Vec<u8> = (0..DISK_LEN).map(|i| (i / 512) as u8 ^ i as u8).collect();
+    static PATTERN: OnceLock<Vec<u8>> = OnceLock::new();
+    let pattern = PATTERN
+        .get_or_init(|| (0..DISK_LEN).map(|i| (i / 512) as u8 ^ i as u8).collect())
+        .clone();
     let serial = (opts & 2 != 0).then_some("fuzz-serial-01234567");
     let blk = match opts >> 2 & 3 {
         0 => Block::with_disk(Box::new(MemDisk::new("mem", pattern)), serial),

@@ -2,7 +2,8 @@
 //! fields as the TAP path checks them, the frame handed to the backend) and the RX queue
 //! (filling guest buffers with host frames, with and without MRG_RXBUF, num_buffers) laid
 //! out in guest memory from the input, served by the real device through ferrovm's worker
-//! lifecycle. The host side is an in-memory backend that returns the input's frames.
+//! pass (`worker::serve_inline`). The host side is an in-memory backend that returns the
+//! input's frames.
 //! Input: features byte, backend byte, RX queue layout, TX queue layout, then frames.
 #![no_main]
 use libfuzzer_sys::fuzz_target;

@@ -1,5 +1,6 @@
-//! virtio-rng: the fuzz input lays out the one queue in guest memory; the device (activated
-//! through ferrovm's worker lifecycle, as the transport does) fills every writable buffer.
+//! virtio-rng: the fuzz input lays out the one queue in guest memory; the device (served by
+//! ferrovm's worker pass, `worker::serve_inline`, on the fuzz thread) fills every writable
+//! buffer.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
 

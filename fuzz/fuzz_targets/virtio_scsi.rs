@@ -2,12 +2,13 @@
 //! cdb_size), then lays out one queue (the request queue, or the control queue) with its
 //! descriptor chains and the guest memory they point at: command headers with any LUN and
 //! CDB, response and data-in buffers of any size and split. The device is activated
-//! through ferrovm's worker lifecycle and serves it against a 64 KiB ISO on tmpfs.
+//! (through the worker pass, `worker::serve_inline`) and serves it against a 64 KiB ISO on tmpfs.
 //! Input: 1 byte of options (bit 0 event_idx, bit 1 control queue, bit 2 set sense_size,
 //! bit 3 set cdb_size; each set value is the next 4 bytes), then the queue layout (see
 //! `ferrovm_fuzz::build_queue`).
 #![no_main]
 use libfuzzer_sys::fuzz_target;
+use std::sync::OnceLock;
 
 use ferrovm::devices::virtio::block::DiskConfig;
 use ferrovm::devices::virtio::scsi::{Scsi, CONTROL_QUEUE, REQUEST_QUEUE};
@@ -29,15 +30,25 @@ fuzz_target!(|data: &[u8]| {
     let Some((_vq, q)) = build_queue(&mem, &mut inp, opts & 1 != 0) else {
         return;
     };
-    let iso: Vec<u8> = (0..ISO_LEN).map(|i| (i / 2048) as u8 ^ i as u8).collect();
-    let path = scratch_file("cd.iso", &iso);
+    // Read-only to the device, so written once per process.
+    static ISO: OnceLock<std::path::PathBuf> = OnceLock::new();
+    let path = ISO
+        .get_or_init(|| {
+            let iso: Vec<u8> = (0..ISO_LEN).map(|i| (i / 2048) as u8 ^ i as u8).collect();
+            scratch_file("cd.iso", &iso)
+        })
+        .clone();
     let mut scsi = Scsi::new(&[DiskConfig::new(path)]).expect("open the scratch ISO");
     for (offset, v) in config {
         scsi.write_config(offset, &v.to_le_bytes());
     }
     let mut cfg = [0u8; 40];
     scsi.read_config(0, &mut cfg);
-    let index = if opts & 2 != 0 { CONTROL_QUEUE } else { REQUEST_QUEUE };
+    let index = if opts & 2 != 0 {
+        CONTROL_QUEUE
+    } else {
+        REQUEST_QUEUE
+    };
     let features = if opts & 1 != 0 { 1u64 << 29 } else { 0 } | 1 << 32;
     run_device_once(Box::new(scsi), &mem, features, vec![(index, q)]);
 });

@@ -335,6 +335,83 @@ fn wait_paused(setup: &Setup) -> bool {
     go_on
 }
 
+/// One pass of the loop: serves the wanted queues, then the wanted backends, stopping at the
+/// first error; queues the handler asked to rerun are wanted again afterwards.
+fn serve_pass(
+    handler: &mut dyn VirtioHandler,
+    ctx: &mut WorkerCtx,
+    want_queue: &mut [bool],
+    want_backend: &mut [bool],
+) -> Result<(), DeviceError> {
+    let mut result = Ok(());
+    for (slot, want) in want_queue.iter_mut().enumerate() {
+        if std::mem::take(want) && result.is_ok() {
+            result = handler.queue_event(slot, ctx);
+        }
+    }
+    for (id, want) in want_backend.iter_mut().enumerate() {
+        if std::mem::take(want) && result.is_ok() {
+            result = handler.backend_event(id, ctx);
+        }
+    }
+    // Queues a handler left work on are served again after a look at the other events.
+    for (want, r) in want_queue.iter_mut().zip(ctx.rerun.iter_mut()) {
+        *want |= std::mem::take(r);
+    }
+    result
+}
+
+/// Serves `handler` on the calling thread the way its worker would, without the thread:
+/// `started`, every one of its `nqueues` queues once, then whatever is pending (queues it asked
+/// to rerun, backend fds that are readable) for at most `max_passes` passes. For the fuzz
+/// targets and tests, where spawning a thread (and installing its seccomp filter) per
+/// activation costs far more than the requests. Kicks are not watched: nothing kicks here.
+pub fn serve_inline(
+    handler: &mut dyn VirtioHandler,
+    interrupt: &dyn VirtioInterrupt,
+    nqueues: usize,
+    max_passes: usize,
+) -> io::Result<Result<(), DeviceError>> {
+    let epoll = Epoll::new()?;
+    let backend_fds = handler.backend_fds();
+    for (i, &fd) in backend_fds.iter().enumerate() {
+        epoll.ctl(
+            ControlOperation::Add,
+            fd,
+            EpollEvent::new(EventSet::IN, token_backend(i)),
+        )?;
+    }
+    handler.started();
+    let mut backend_watched = vec![true; backend_fds.len()];
+    let mut want_queue = vec![true; nqueues];
+    let mut want_backend = vec![false; backend_fds.len()];
+    let mut rerun = vec![false; nqueues];
+    let mut events = [EpollEvent::default(); 16];
+    for _ in 0..max_passes {
+        let mut ctx = WorkerCtx {
+            interrupt,
+            epoll: &epoll,
+            backend_fds: &backend_fds,
+            backend_watched: &mut backend_watched,
+            rerun: &mut rerun,
+        };
+        if let Err(e) = serve_pass(handler, &mut ctx, &mut want_queue, &mut want_backend) {
+            return Ok(Err(e));
+        }
+        let n = epoll.wait(0, &mut events)?;
+        for ev in &events[..n] {
+            let id = ev.data().saturating_sub(TOKEN_BACKEND_BASE) as usize;
+            if let Some(w) = want_backend.get_mut(id) {
+                *w = true;
+            }
+        }
+        if !want_queue.iter().chain(&want_backend).any(|w| *w) {
+            break;
+        }
+    }
+    Ok(Ok(()))
+}
+
 fn event_loop(setup: &Setup, handler: &mut dyn VirtioHandler) -> io::Result<()> {
     let epoll = Epoll::new()?;
     let backend_fds = handler.backend_fds();
@@ -356,27 +433,12 @@ fn event_loop(setup: &Setup, handler: &mut dyn VirtioHandler) -> io::Result<()> 
                 backend_watched: &mut backend_watched,
                 rerun: &mut rerun,
             };
-            let mut result = Ok(());
-            for (slot, want) in want_queue.iter_mut().enumerate() {
-                if std::mem::take(want) && result.is_ok() {
-                    result = handler.queue_event(slot, &mut ctx);
-                }
-            }
-            for (id, want) in want_backend.iter_mut().enumerate() {
-                if std::mem::take(want) && result.is_ok() {
-                    result = handler.backend_event(id, &mut ctx);
-                }
-            }
-            if let Err(e) = result {
+            if let Err(e) = serve_pass(handler, &mut ctx, &mut want_queue, &mut want_backend) {
                 fail(setup, &log, e);
                 // A readable backend nobody serves would wake the loop forever.
                 for id in 0..ctx.backend_fds.len() {
                     let _ = ctx.watch_backend(id, false);
                 }
-            }
-            // Queues a handler left work on are served again after a look at the other events.
-            for (want, r) in want_queue.iter_mut().zip(rerun.iter_mut()) {
-                *want |= std::mem::take(r);
             }
         }
         let timeout = if want_queue.iter().any(|w| *w) { 0 } else { -1 };

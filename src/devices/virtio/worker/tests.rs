@@ -247,3 +247,58 @@ fn runner_activates_resets_and_leaves_no_thread() {
     drop(r);
     assert!(thread_gone(&name), "dropping the runner joins the worker");
 }
+
+/// Asks for `reruns` reruns of slot 0, and serves a readable backend fd once per event.
+struct Rerunning {
+    served: Vec<usize>,
+    reruns: usize,
+    backend: EventFd,
+    backend_events: usize,
+}
+
+impl VirtioHandler for Rerunning {
+    fn queue_event(&mut self, slot: usize, ctx: &mut WorkerCtx) -> Result<(), DeviceError> {
+        self.served.push(slot);
+        if slot == 0 && self.reruns > 0 {
+            self.reruns -= 1;
+            ctx.rerun(0);
+        }
+        Ok(())
+    }
+    fn backend_fds(&self) -> Vec<RawFd> {
+        vec![self.backend.as_raw_fd()]
+    }
+    fn backend_event(&mut self, _id: usize, _ctx: &mut WorkerCtx) -> Result<(), DeviceError> {
+        self.backend_events += 1;
+        let _ = self.backend.read();
+        Ok(())
+    }
+}
+
+#[test]
+fn serve_inline_runs_the_start_pass_reruns_and_readable_backends() {
+    let mut h = Rerunning {
+        served: Vec::new(),
+        reruns: 2,
+        backend: EventFd::new(EFD_NONBLOCK).unwrap(),
+        backend_events: 0,
+    };
+    h.backend.write(1).unwrap();
+    let irq = Irq::default();
+    serve_inline(&mut h, &irq, 2, 64).unwrap().unwrap();
+    assert_eq!(h.served, [0, 1, 0, 0]);
+    assert_eq!(h.backend_events, 1);
+    // A handler that always asks again is cut off after max_passes.
+    h.served.clear();
+    h.reruns = usize::MAX;
+    serve_inline(&mut h, &irq, 1, 5).unwrap().unwrap();
+    assert_eq!(h.served.len(), 5);
+    // A failure is returned, not retried.
+    let served = Arc::new(Mutex::new(Vec::new()));
+    let mut failing = Counting {
+        served: served.clone(),
+        fail: true,
+    };
+    assert!(serve_inline(&mut failing, &irq, 3, 64).unwrap().is_err());
+    assert_eq!(*lock(&served), [0]);
+}
