@@ -188,15 +188,17 @@ rm -f in.fifo; mkfifo in.fifo
 TMPDIR=/tmp "$FERROVM" run --disk path=$disk,overlay=on --cpus 2 --memory 1G <in.fifo >out.log 2>&1 &
 pid=$!
 exec 3>in.fifo
+# (busybox sh has no $SECONDS: the case's clock is L1's uptime.)
+t0=$(cut -d. -f1 /proc/uptime); now() { echo $(($(cut -d. -f1 /proc/uptime) - t0)); }
 wait_for() { # wait_for TEXT SECONDS
     i=0
     while ! grep -a -q "$1" out.log; do
-        i=$((i + 1)); [ $i -gt $(($2 * 2)) ] && { echo "TIMEOUT_WAITING $1 (${SECONDS}s)"; return 1; }
-        kill -0 $pid 2>/dev/null || { echo "EXITED_WAITING $1 (${SECONDS}s)"; return 1; }
+        i=$((i + 1)); [ $i -gt $(($2 * 2)) ] && { echo "TIMEOUT_WAITING $1 ($(now)s)"; return 1; }
+        kill -0 $pid 2>/dev/null || { echo "EXITED_WAITING $1 ($(now)s)"; return 1; }
         sleep 0.5
     done
     echo "SEEN $1"
-    echo "AT ${SECONDS}s: $1"
+    echo "AT $(now)s: $1"
 }
 # Log in once systemd has reached multi-user.target: getty prompts before that, and a login
 # that early races the rest of the boot (dbus not up yet for `systemctl poweroff`). The
@@ -207,8 +209,8 @@ if wait_for "ferrovm-debian login:" 400 && wait_for "Multi-User System" 150; the
     wait_for "root@ferrovm-debian" 120 && printf 'nproc; systemctl poweroff\r' >&3
 fi
 i=0; while kill -0 $pid 2>/dev/null && [ $i -lt 360 ]; do sleep 0.5; i=$((i + 1)); done
-kill -0 $pid 2>/dev/null && echo "NO_POWEROFF_AFTER ${SECONDS}s"
-echo "AT ${SECONDS}s: ended"
+kill -0 $pid 2>/dev/null && echo "NO_POWEROFF_AFTER $(now)s"
+echo "AT $(now)s: ended"
 kill $pid 2>/dev/null || true
 set +e; wait $pid; echo "FERROVM_STATUS=$?"; set -e
 exec 3>&-
