@@ -105,14 +105,14 @@ impl Cmos {
         // A day covers every alarm value; more than that need not be looked at.
         let from = from.max(to.saturating_sub(86_400));
         (from + 1..=to).any(|s| {
-            let t = utc_at(s);
+            let (sec, min, hour) = utc_hms(s);
             let hit = |reg: u8, now: u8| {
                 let a = self.ram[usize::from(reg)];
                 a & 0xc0 == 0xc0 || a == now
             };
-            hit(SECONDS_ALARM, self.encode(t.sec))
-                && hit(MINUTES_ALARM, self.encode(t.min))
-                && hit(HOURS_ALARM, self.hours(t.hour))
+            hit(SECONDS_ALARM, self.encode(sec))
+                && hit(MINUTES_ALARM, self.encode(min))
+                && hit(HOURS_ALARM, self.hours(hour))
         })
     }
 
@@ -219,6 +219,16 @@ fn host_utc_now() -> ClockTime {
 }
 
 /// UTC time at Unix second `secs`.
+/// Second, minute and hour of the UTC day at Unix time `secs`: what `gmtime` gives (Unix time
+/// has no leap seconds), by arithmetic. The alarm check looks at up to a day of seconds per
+/// register C read; 86,400 `gmtime_r` calls take 1.6 ms here, and were 80 % of the
+/// legacy_pio fuzz target's time.
+fn utc_hms(secs: u64) -> (u8, u8, u8) {
+    let day = secs % 86_400;
+    let field = |v: u64| u8::try_from(v).unwrap_or(0);
+    (field(day % 60), field(day / 60 % 60), field(day / 3600))
+}
+
 fn utc_at(secs: u64) -> ClockTime {
     let now = libc::time_t::try_from(secs).unwrap_or(0);
     // SAFETY: an all-zero `tm` is a valid value (integers and a null zone pointer).
@@ -269,6 +279,24 @@ impl BusDeviceMut for Cmos {
 mod tests {
     use super::*;
     use std::time::{SystemTime, UNIX_EPOCH};
+
+    #[test]
+    fn utc_hms_agrees_with_gmtime() {
+        let mut s: u64 = 1;
+        for i in 0..20_000u64 {
+            // Every tenth second of two days, then values spread up to the year 9999.
+            let t = if i < 2 * 86_400 / 10 {
+                i * 10 + 3
+            } else {
+                s % 253_402_300_799
+            };
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let c = utc_at(t);
+            assert_eq!(utc_hms(t), (c.sec, c.min, c.hour), "at {t}");
+        }
+    }
 
     fn reg(cmos: &mut Cmos, index: u8) -> u8 {
         cmos.write(0, &[index | 0x80]);
