@@ -104,15 +104,27 @@ impl Cmos {
         }
         // A day covers every alarm value; more than that need not be looked at.
         let from = from.max(to.saturating_sub(86_400));
-        (from + 1..=to).any(|s| {
-            let (sec, min, hour) = utc_hms(s);
-            let hit = |reg: u8, now: u8| {
-                let a = self.ram[usize::from(reg)];
-                a & 0xc0 == 0xc0 || a == now
-            };
-            hit(SECONDS_ALARM, self.encode(sec))
-                && hit(MINUTES_ALARM, self.encode(min))
-                && hit(HOURS_ALARM, self.hours(hour))
+        if from >= to {
+            return false;
+        }
+        // The values of each field its alarm register accepts (top two bits set: any).
+        let accepts = |reg: u8, now: u8| {
+            let a = self.ram[usize::from(reg)];
+            a & 0xc0 == 0xc0 || a == now
+        };
+        let secs: [bool; 60] =
+            std::array::from_fn(|v| accepts(SECONDS_ALARM, self.encode(v as u8)));
+        let mins: [bool; 60] =
+            std::array::from_fn(|v| accepts(MINUTES_ALARM, self.encode(v as u8)));
+        let hours: [bool; 24] = std::array::from_fn(|v| accepts(HOURS_ALARM, self.hours(v as u8)));
+        // Minute by minute (at most 1,441), then the seconds of a matching minute in range.
+        (from / 60..=to / 60).any(|m| {
+            let (_, min, hour) = utc_hms(m * 60);
+            let first = (from + 1).max(m * 60);
+            let last = to.min((m * 60).saturating_add(59));
+            hours[usize::from(hour)]
+                && mins[usize::from(min)]
+                && (first..=last).any(|s| secs[(s % 60) as usize])
         })
     }
 
@@ -279,6 +291,55 @@ impl BusDeviceMut for Cmos {
 mod tests {
     use super::*;
     use std::time::{SystemTime, UNIX_EPOCH};
+
+    /// The alarm check against a second-by-second scan, for random alarm registers, modes
+    /// and ranges up to two days.
+    #[test]
+    fn alarm_between_agrees_with_a_scan() {
+        let mut r: u64 = 7;
+        let mut next = || {
+            r = r
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            r >> 33
+        };
+        let mut cmos = Cmos::new(0, 0);
+        let mut fired = 0;
+        for _ in 0..1_000 {
+            cmos.ram[usize::from(REG_B)] = (next() as u8) & !REG_B_SET;
+            for reg in [SECONDS_ALARM, MINUTES_ALARM, HOURS_ALARM] {
+                cmos.ram[usize::from(reg)] = match next() % 4 {
+                    0 => 0xc0 | next() as u8,
+                    1 => cmos.encode((next() % 60) as u8),
+                    2 => cmos.hours((next() % 24) as u8),
+                    _ => next() as u8,
+                };
+            }
+            let from = 1_700_000_000 + next() % 200_000;
+            let to = from.saturating_sub(100) + next() % 172_800;
+            let scan = (from.max(to.saturating_sub(86_400)) + 1..=to).any(|s| {
+                let (sec, min, hour) = utc_hms(s);
+                let hit = |reg: u8, now: u8| {
+                    let a = cmos.ram[usize::from(reg)];
+                    a & 0xc0 == 0xc0 || a == now
+                };
+                hit(SECONDS_ALARM, cmos.encode(sec))
+                    && hit(MINUTES_ALARM, cmos.encode(min))
+                    && hit(HOURS_ALARM, cmos.hours(hour))
+            });
+            assert_eq!(
+                cmos.alarm_between(from, to),
+                scan,
+                "from {from} to {to}, {:?}",
+                &cmos.ram[..12]
+            );
+            fired += usize::from(scan);
+        }
+        assert!(
+            (100..900).contains(&fired),
+            "{fired} of 1000 ranges fired: too one-sided"
+        );
+    }
 
     #[test]
     fn utc_hms_agrees_with_gmtime() {
