@@ -107,16 +107,13 @@ impl Cmos {
         if from >= to {
             return false;
         }
-        // The values of each field its alarm register accepts (top two bits set: any).
-        let accepts = |reg: u8, now: u8| {
-            let a = self.ram[usize::from(reg)];
-            a & 0xc0 == 0xc0 || a == now
-        };
+        // The values of each field its alarm register accepts.
         let secs: [bool; 60] =
-            std::array::from_fn(|v| accepts(SECONDS_ALARM, self.encode(v as u8)));
+            std::array::from_fn(|v| self.alarm_accepts(SECONDS_ALARM, self.encode(v as u8)));
         let mins: [bool; 60] =
-            std::array::from_fn(|v| accepts(MINUTES_ALARM, self.encode(v as u8)));
-        let hours: [bool; 24] = std::array::from_fn(|v| accepts(HOURS_ALARM, self.hours(v as u8)));
+            std::array::from_fn(|v| self.alarm_accepts(MINUTES_ALARM, self.encode(v as u8)));
+        let hours: [bool; 24] =
+            std::array::from_fn(|v| self.alarm_accepts(HOURS_ALARM, self.hours(v as u8)));
         // Minute by minute (at most 1,441), then the seconds of a matching minute in range.
         (from / 60..=to / 60).any(|m| {
             let (_, min, hour) = utc_hms(m * 60);
@@ -126,6 +123,13 @@ impl Cmos {
                 && mins[usize::from(min)]
                 && (first..=last).any(|s| secs[(s % 60) as usize])
         })
+    }
+
+    /// Whether alarm register `reg` accepts the encoded clock field `now` (top two bits set:
+    /// any value).
+    fn alarm_accepts(&self, reg: u8, now: u8) -> bool {
+        let a = self.ram[usize::from(reg)];
+        a & 0xc0 == 0xc0 || a == now
     }
 
     /// Register C, cleared by the read.
@@ -230,17 +234,15 @@ fn host_utc_now() -> ClockTime {
     utc_at(unix_now().0)
 }
 
-/// UTC time at Unix second `secs`.
 /// Second, minute and hour of the UTC day at Unix time `secs`: what `gmtime` gives (Unix time
-/// has no leap seconds), by arithmetic. The alarm check looks at up to a day of seconds per
-/// register C read; 86,400 `gmtime_r` calls take 1.6 ms here, and were 80 % of the
-/// legacy_pio fuzz target's time.
+/// has no leap seconds), by arithmetic, for the alarm check's walk over up to a day.
 fn utc_hms(secs: u64) -> (u8, u8, u8) {
     let day = secs % 86_400;
     let field = |v: u64| u8::try_from(v).unwrap_or(0);
     (field(day % 60), field(day / 60 % 60), field(day / 3600))
 }
 
+/// UTC time at Unix second `secs`.
 fn utc_at(secs: u64) -> ClockTime {
     let now = libc::time_t::try_from(secs).unwrap_or(0);
     // SAFETY: an all-zero `tm` is a valid value (integers and a null zone pointer).
@@ -319,13 +321,9 @@ mod tests {
             let to = from.saturating_sub(100) + next() % 172_800;
             let scan = (from.max(to.saturating_sub(86_400)) + 1..=to).any(|s| {
                 let (sec, min, hour) = utc_hms(s);
-                let hit = |reg: u8, now: u8| {
-                    let a = cmos.ram[usize::from(reg)];
-                    a & 0xc0 == 0xc0 || a == now
-                };
-                hit(SECONDS_ALARM, cmos.encode(sec))
-                    && hit(MINUTES_ALARM, cmos.encode(min))
-                    && hit(HOURS_ALARM, cmos.hours(hour))
+                cmos.alarm_accepts(SECONDS_ALARM, cmos.encode(sec))
+                    && cmos.alarm_accepts(MINUTES_ALARM, cmos.encode(min))
+                    && cmos.alarm_accepts(HOURS_ALARM, cmos.hours(hour))
             });
             assert_eq!(
                 cmos.alarm_between(from, to),
