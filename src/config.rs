@@ -104,6 +104,10 @@ pub struct VmConfig {
     /// `--test-devices`: QEMU's pc-testdev and pci-testdev (kvm-unit-tests); never in an
     /// ordinary VM.
     pub test_devices: bool,
+    /// `--iommu`: an emulated Intel IOMMU (VT-d DMA and interrupt remapping, QEMU's
+    /// `-device intel-iommu,intremap=on`) on a split irqchip (ferrovm's IOAPIC, no PIC, no
+    /// PIT). Direct kernel boots only.
+    pub iommu: bool,
     /// `--cpu`: CPUID feature changes over what KVM supports.
     pub cpu: crate::arch::x86_64::cpu_features::CpuFeatures,
     /// The cloud-init NoCloud seed image (`--cloud-init`, `--ssh-key`, `--password`): a
@@ -140,6 +144,7 @@ impl VmConfig {
             vsock: None,
             cpu: Default::default(),
             test_devices: false,
+            iommu: false,
             cloud_init_seed: None,
         }
     }

@@ -32,11 +32,14 @@ pub enum Reason {
     InternalError,
     /// KVM_EXIT_INTR or KVM_RUN returning EINTR/EAGAIN (a kick from the VMM).
     Intr,
+    /// KVM_EXIT_IOAPIC_EOI: a level-triggered interrupt's EOI for the userspace IOAPIC
+    /// (split irqchip only).
+    IoapicEoi,
     Other,
 }
 
 /// Number of [`Reason`]s.
-pub const REASONS: usize = 10;
+pub const REASONS: usize = 11;
 
 impl Reason {
     pub const ALL: [Reason; REASONS] = [
@@ -49,6 +52,7 @@ impl Reason {
         Reason::SystemEvent,
         Reason::InternalError,
         Reason::Intr,
+        Reason::IoapicEoi,
         Reason::Other,
     ];
 
@@ -64,6 +68,7 @@ impl Reason {
             Reason::SystemEvent => "system-event",
             Reason::InternalError => "internal-error",
             Reason::Intr => "intr",
+            Reason::IoapicEoi => "ioapic-eoi",
             Reason::Other => "other",
         }
     }

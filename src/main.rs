@@ -192,9 +192,17 @@ struct RunArgs {
     cpu: String,
     /// Attach QEMU's test devices for kvm-unit-tests: pc-testdev (ports 0xe0-0xeb and
     /// 0x2000-0x2017, MMIO 0xff000000-0xff00ffff; drives ISA interrupt lines) and pci-testdev
-    /// (PCI 1b36:0005, a 4 KiB MMIO BAR and a 256-port I/O BAR). Never in an ordinary VM.
+    /// (PCI 1b36:0005, a 4 KiB MMIO BAR and a 256-port I/O BAR) and edu (PCI 1234:11e8,
+    /// QEMU's DMA and interrupt test device). Never in an ordinary VM.
     #[arg(long)]
     test_devices: bool,
+    /// An emulated Intel IOMMU at 0xfed90000 (VT-d: DMA remapping for devices that use it,
+    /// interrupt remapping for every MSI and the IOAPIC; QEMU's `-device
+    /// intel-iommu,intremap=on,eim=off`), with a DMAR ACPI table. Puts the IOAPIC in ferrovm
+    /// (KVM's split irqchip): there is no 8259 PIC and no PIT, so it needs a direct kernel
+    /// boot (no --firmware).
+    #[arg(long, conflicts_with = "firmware")]
+    iommu: bool,
     /// Attach the bench device (ports 0x700-0x71f, MMIO 0xe1000000-0xe1001fff, GSI 23) that
     /// `bench-exits` and the exit-statistics test guests talk to. Never in an ordinary VM.
     #[arg(long)]
@@ -302,6 +310,7 @@ fn build_config(a: RunArgs) -> Result<VmConfig, config::ConfigError> {
         rng: a.rng,
         bench_device: a.bench_device,
         test_devices: a.test_devices,
+        iommu: a.iommu,
         disks,
         cdroms,
         nets,

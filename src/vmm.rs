@@ -29,6 +29,11 @@ use crate::resources::{Buses, PlaceError, Resources, Sharing, Space};
 use crate::seccomp;
 use crate::{console, console_watch};
 
+mod irqchip;
+mod test_devices;
+
+use irqchip::Irqchip;
+
 /// How the VM ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum VmOutcome {
@@ -95,6 +100,8 @@ pub enum VmmError {
     FirmwareLog(std::path::PathBuf, #[source] std::io::Error),
     #[error("cannot hand the firmware its configuration")]
     FwCfg(#[from] devices::fw_cfg::FwCfgError),
+    #[error("--iommu needs a direct kernel boot (--kernel): its split irqchip has no PIT or 8259 PIC for firmware")]
+    IommuWithFirmware,
     #[error("cannot start vCPU thread {0}")]
     SpawnVcpu(u8, #[source] std::io::Error),
 }
@@ -108,7 +115,11 @@ pub fn run(cfg: VmConfig) -> Result<VmOutcome, VmmError> {
         Some(_) => layout::FW_KVM_TSS_ADDRESS,
         None => layout::KVM_TSS_ADDRESS,
     };
-    let vm = Vm::new(cfg.cpus, tss)?;
+    if cfg.iommu && firmware.is_some() {
+        return Err(VmmError::IommuWithFirmware);
+    }
+    // `--iommu`: a split irqchip (the IOAPIC is ferrovm's, so the IOMMU can remap it).
+    let vm = Vm::new(cfg.cpus, tss, cfg.iommu)?;
 
     // 2. Guest RAM, mapped lazily (MAP_NORESERVE), split around the 32-bit MMIO hole; shared
     //    (memfd) when a vhost-user backend must map it too.
@@ -161,6 +172,7 @@ pub fn run(cfg: VmConfig) -> Result<VmOutcome, VmmError> {
     // Every device asks the resource map for its lines and ranges (resources.rs).
     let mut buses = Buses::new();
     claim_platform(&mut buses.claims, below_4g, above_4g)?;
+    let irqchip = Irqchip::new(&vm, &mem, &mut buses, cfg.iommu)?;
     if let Some(f) = &fw_memory {
         let rom = (f.rom_start(), layout::HIGH_RAM_START - f.rom_start());
         buses
@@ -232,7 +244,7 @@ pub fn run(cfg: VmConfig) -> Result<VmOutcome, VmmError> {
     .map(|log| crate::bench::device::attach(&vm, &mem, &mut buses, &control, log))
     .transpose()?;
     if cfg.test_devices {
-        attach_test_devices(&vm, &mut buses)?;
+        test_devices::attach_isa(&irqchip.levels(&vm), &mut buses)?;
     }
     if let Some(path) = &cfg.firmware_log {
         let log = File::create(path).map_err(|e| VmmError::FirmwareLog(path.clone(), e))?;
@@ -247,41 +259,75 @@ pub fn run(cfg: VmConfig) -> Result<VmOutcome, VmmError> {
         Some(f) => fwboot::i440fx_bus(f.clone())?,
         None => PciRoot::new(layout::PCI_MMIO32_START, layout::PCI_MMIO32_SIZE),
     };
-    let boot_devices = add_boot_media(&cfg, &mut pci, &mut buses.claims, &vm, &mem)?;
+    let boot_devices = add_boot_media(&cfg, &mut pci, &mut buses.claims, &vm, &irqchip, &mem)?;
     if let Some(seed) = &cfg.cloud_init_seed {
         let disk = crate::disk::mem::MemDisk::new("cloud-init seed", seed.clone());
         let block = devices::virtio::block::Block::with_disk(Box::new(disk), Some("cidata"))?;
-        add_virtio_pci(&mut pci, &mut buses.claims, &vm, &mem, Box::new(block))?;
+        add_virtio_pci(
+            &mut pci,
+            &mut buses.claims,
+            &vm,
+            &irqchip,
+            &mem,
+            Box::new(block),
+        )?;
     }
     for nic in &cfg.nets {
         let net = devices::virtio::net::Net::new(nic)?;
-        add_virtio_pci(&mut pci, &mut buses.claims, &vm, &mem, Box::new(net))?;
+        add_virtio_pci(
+            &mut pci,
+            &mut buses.claims,
+            &vm,
+            &irqchip,
+            &mem,
+            Box::new(net),
+        )?;
     }
     for share in &cfg.fs {
         let fs = devices::virtio::fs::Fs::new(share)?;
-        add_virtio_pci(&mut pci, &mut buses.claims, &vm, &mem, Box::new(fs))?;
+        add_virtio_pci(
+            &mut pci,
+            &mut buses.claims,
+            &vm,
+            &irqchip,
+            &mem,
+            Box::new(fs),
+        )?;
     }
     if let Some(v) = &cfg.vsock {
         let vsock = devices::virtio::vsock::Vsock::new(v)?;
-        add_virtio_pci(&mut pci, &mut buses.claims, &vm, &mem, Box::new(vsock))?;
+        add_virtio_pci(
+            &mut pci,
+            &mut buses.claims,
+            &vm,
+            &irqchip,
+            &mem,
+            Box::new(vsock),
+        )?;
     }
     if cfg.rng {
         add_virtio_pci(
             &mut pci,
             &mut buses.claims,
             &vm,
+            &irqchip,
             &mem,
             Box::new(devices::virtio::rng::Rng::new()),
         )?;
     }
     if let Some((out, inbox)) = &virtio_console {
         let console = devices::virtio::console::Console::new(out.clone(), inbox.clone());
-        add_virtio_pci(&mut pci, &mut buses.claims, &vm, &mem, Box::new(console))?;
+        add_virtio_pci(
+            &mut pci,
+            &mut buses.claims,
+            &vm,
+            &irqchip,
+            &mem,
+            Box::new(console),
+        )?;
     }
     if cfg.test_devices {
-        // QEMU's pci-testdev (no interrupt pin: nothing to claim but its BARs).
-        let dev = devices::pci_testdev::PciTestDev::new(vm.interrupts())?;
-        pci.insert(pci.free_slot()?, Arc::new(Mutex::new(dev)))?;
+        test_devices::attach_pci(&vm, &irqchip, &mut pci, &mut buses.claims)?;
     }
     let windows = match &fw_memory {
         Some(_) => PciWindows::firmware(below_4g, above_4g, vm.phys_bits()),
@@ -310,8 +356,8 @@ pub fn run(cfg: VmConfig) -> Result<VmOutcome, VmmError> {
 
     // 6. vCPUs: CPUID, MSRs, FPU, LAPIC for all; entry registers for the boot processor.
     let supported = vm.supported_cpuid()?;
-    let irqchip = vm.irqchip_features();
-    cfg.cpu.check(&supported, irqchip)?;
+    let chip_features = vm.irqchip_features();
+    cfg.cpu.check(&supported, chip_features)?;
     let mut vcpus = Vec::new();
     for i in 0..cfg.cpus {
         let mut v = Vcpu::new(
@@ -321,10 +367,13 @@ pub fn run(cfg: VmConfig) -> Result<VmOutcome, VmmError> {
             mmio.clone(),
             control.clone(),
         );
+        if let Some(t) = irqchip.eoi_target() {
+            v.set_eoi_target(t);
+        }
         if !cfg.record_exits {
             v.set_stats_recording(false);
         }
-        v.configure(&supported, irqchip, cfg.cpus, &cfg.cpu)?;
+        v.configure(&supported, chip_features, cfg.cpus, &cfg.cpu)?;
         if let (0, Start::Kernel { entry, .. }) = (i, &start) {
             v.set_boot_registers(*entry)?;
         }
@@ -537,6 +586,7 @@ fn load_kernel(
             num_cpus: cfg.cpus,
             pci: Some(pci_acpi),
             s3: true,
+            iommu: cfg.iommu,
         },
     )?;
     let info = BootInfo {
@@ -550,7 +600,9 @@ fn load_kernel(
         EntryMode::Linux64 { .. } => boot::write_zero_page(mem, &info)?,
         EntryMode::Pvh { .. } => boot::write_pvh_info(mem, &info)?,
         EntryMode::Multiboot { .. } => {
-            vm.set_pic_bios_state()?;
+            if !cfg.iommu {
+                vm.set_pic_bios_state()?; // a split irqchip has no PIC
+            }
             // The initramfs is the one module; its string is its path, as QEMU gives it.
             let name = cfg.initramfs.as_ref().map(|p| p.display().to_string());
             let modules: Vec<(u64, u64, &str)> = info
@@ -594,6 +646,7 @@ fn load_firmware(
         num_cpus: cfg.cpus,
         pci: Some(info.pci.clone()),
         s3: false,
+        iommu: false,
     })?;
     let files = fwboot::files::FirmwareInfo {
         below_4g: info.below_4g,
@@ -659,17 +712,18 @@ fn add_boot_media(
     pci: &mut PciRoot,
     claims: &mut Resources,
     vm: &Vm,
+    irqchip: &Irqchip,
     mem: &GuestMemoryMmap,
 ) -> Result<Vec<BootDevice>, VmmError> {
     let mut boot = Vec::new();
     for disk in &cfg.disks {
         let block = devices::virtio::block::Block::new(disk)?;
-        let slot = add_virtio_pci(pci, claims, vm, mem, Box::new(block))?;
+        let slot = add_virtio_pci(pci, claims, vm, irqchip, mem, Box::new(block))?;
         boot.push((disk.bootindex, BootDevice::Disk { slot }));
     }
     if !cfg.cdroms.is_empty() {
         let scsi = devices::virtio::scsi::Scsi::new(&cfg.cdroms)?;
-        let slot = add_virtio_pci(pci, claims, vm, mem, Box::new(scsi))?;
+        let slot = add_virtio_pci(pci, claims, vm, irqchip, mem, Box::new(scsi))?;
         for (target, cd) in cfg.cdroms.iter().enumerate() {
             let target = target as u8; // at most MAX_CDROMS, checked by Scsi::new
             boot.push((cd.bootindex, BootDevice::Cdrom { slot, target }));
@@ -683,10 +737,11 @@ fn add_boot_media(
 /// Adds `device` behind the virtio-pci transport in the next free slot of bus 0: its INTx line
 /// (a resampled irqfd on the slot's GSI), MSI-X vectors and kick ioeventfds go through KVM.
 /// Returns the slot.
-pub fn add_virtio_pci(
+fn add_virtio_pci(
     pci: &mut PciRoot,
     claims: &mut Resources,
     vm: &Vm,
+    irqchip: &Irqchip,
     mem: &GuestMemoryMmap,
     device: Box<dyn VirtioDevice>,
 ) -> Result<u8, VmmError> {
@@ -696,9 +751,9 @@ pub fn add_virtio_pci(
         .claim_gsi(gsi, &format!("PCI 00:{slot:02x}.0 INTA"), Sharing::PciIntx)
         .map_err(PlaceError::from)?;
     let intx = IntxLine::new().map_err(VmmError::EventFd)?;
-    vm.register_irqfd_with_resample(&intx.irqfd, &intx.resample, gsi)?;
-    let irqs = vm.interrupts();
-    let dev = VirtioPciDevice::new(device, mem.clone(), irqs.clone(), irqs, intx)?;
+    irqchip.register_intx(vm, &intx, gsi)?;
+    let msi = irqchip.msi_router(vm, u16::from(slot) << 3);
+    let dev = VirtioPciDevice::new(device, mem.clone(), msi, vm.interrupts(), intx)?;
     pci.insert(slot, Arc::new(VirtioPci::new(dev)))?;
     log::debug!("virtio-pci device in slot {slot}");
     Ok(slot)
@@ -803,45 +858,7 @@ fn claim_platform(claims: &mut Resources, below_4g: u64, above_4g: u64) -> Resul
 }
 
 /// A register-file device behind its own lock, as the bus holds it.
-/// QEMU's pc-testdev (`--test-devices`): its ports, its MMIO window and its interrupt lines.
-fn attach_test_devices(vm: &Vm, buses: &mut Buses) -> Result<(), VmmError> {
-    use devices::testdev as t;
-    for gsi in t::TEST_IRQS {
-        buses
-            .claims
-            .claim_gsi(gsi, "pc-testdev", Sharing::Exclusive)
-            .map_err(PlaceError::from)?;
-    }
-    let ports: [(Space, u64, u64, &'static str, SharedDevice); 3] = [
-        (
-            Space::Pio,
-            u64::from(t::PORT_DATA),
-            t::PORT_DATA_LEN,
-            "pc-testdev",
-            shared(t::PcTestPorts::default()),
-        ),
-        (
-            Space::Pio,
-            u64::from(t::PORT_IRQ),
-            t::PORT_IRQ_LEN,
-            "pc-testdev-irq",
-            shared(t::PcTestIrq::new(vm.interrupts())),
-        ),
-        (
-            Space::Mmio,
-            t::IOMEM_START,
-            t::IOMEM_LEN,
-            "pc-testdev-iomem",
-            shared(t::PcTestIomem::default()),
-        ),
-    ];
-    for (space, base, len, name, dev) in ports {
-        buses.add(space, base, len, name, dev)?;
-    }
-    Ok(())
-}
-
-fn shared<D: BusDeviceMut + 'static>(d: D) -> crate::bus::SharedDevice {
+pub(crate) fn shared<D: BusDeviceMut + 'static>(d: D) -> crate::bus::SharedDevice {
     Arc::new(Mutex::new(d))
 }
 

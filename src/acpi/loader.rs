@@ -214,6 +214,7 @@ mod tests {
             num_cpus: 2,
             pci: None,
             s3: true,
+            iommu: false,
         }
     }
 

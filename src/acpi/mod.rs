@@ -72,6 +72,9 @@ pub struct AcpiConfig {
     /// Offer S3 (suspend to RAM; `\_S3`). A firmware boot does not: waking would have to go
     /// through the firmware's resume path, which ferrovm does not drive.
     pub s3: bool,
+    /// An Intel IOMMU at [`crate::devices::vtd::VTD_BASE`] with interrupt remapping (DMAR
+    /// table), on a split irqchip: the IOAPIC is ferrovm's and there are no 8259 PICs.
+    pub iommu: bool,
 }
 
 /// What the ACPI tables say about PCI bus 0.
@@ -177,6 +180,12 @@ pub fn build_tables(cfg: &AcpiConfig) -> Result<loader::AcpiBlob, AcpiError> {
         (madt, madt_off),
     ];
     let mut xsdt_entries = vec![fadt_off, madt_off];
+    if cfg.iommu {
+        let d = build_dmar(cfg);
+        let o = off(d.len(), 16)?;
+        xsdt_entries.push(o);
+        tables.push((d, o));
+    }
     if let Some(m) = cfg.pci.as_ref().and_then(build_mcfg) {
         let o = off(m.len(), 16)?;
         xsdt_entries.push(o);
@@ -424,7 +433,9 @@ fn build_madt(cfg: &AcpiConfig) -> Vec<u8> {
     const ALL_PROCESSORS: u8 = 0xff;
 
     let mut t = Sdt::new(b"APIC", 5);
-    t.u32(layout::APIC_START as u32).u32(PCAT_COMPAT);
+    // A split irqchip has no 8259 PICs.
+    let flags = if cfg.iommu { 0 } else { PCAT_COMPAT };
+    t.u32(layout::APIC_START as u32).u32(flags);
 
     for i in 0..cfg.num_cpus {
         // Processor Local APIC: type 0, length 8, ACPI processor UID, APIC ID, flags.
@@ -450,6 +461,38 @@ fn build_madt(cfg: &AcpiConfig) -> Vec<u8> {
         .u16(LEVEL | ACTIVE_HIGH);
     // Local APIC NMI: type 4, length 6, all processors, flags, LINT1.
     t.u8(4).u8(6).u8(ALL_PROCESSORS).u16(CONFORMS).u8(1);
+    t.finish()
+}
+
+/// DMAR: one remapping unit (DRHD) for every PCI device of segment 0, with interrupt
+/// remapping, xAPIC destinations only (x2APIC opt-out: the unit has no extended interrupt
+/// mode), and the IOAPIC in its device scope (Linux enables interrupt remapping only when
+/// every IOAPIC is under a unit). The IOAPIC's requester ID is 0xFF:00.0, as QEMU gives it.
+fn build_dmar(cfg: &AcpiConfig) -> Vec<u8> {
+    use crate::devices::vtd;
+    const INTR_REMAP: u8 = 1;
+    const X2APIC_OPT_OUT: u8 = 2;
+    const INCLUDE_PCI_ALL: u8 = 1;
+    const SCOPE_IOAPIC: u8 = 3;
+    let mut t = Sdt::new(b"DMAR", 1);
+    t.u8(vtd::DMAR_HOST_ADDRESS_WIDTH)
+        .u8(INTR_REMAP | X2APIC_OPT_OUT)
+        .bytes(&[0; 10]);
+    // DRHD: type 0, length (16 + one 8-byte scope), flags, reserved, segment, base.
+    t.u16(0)
+        .u16(24)
+        .u8(INCLUDE_PCI_ALL)
+        .u8(0)
+        .u16(0)
+        .u64(vtd::VTD_BASE);
+    // Device scope: type, length 8, reserved, enumeration ID, start bus, path (dev, fn).
+    t.u8(SCOPE_IOAPIC)
+        .u8(8)
+        .u16(0)
+        .u8(ioapic_id(cfg))
+        .u8(0xff)
+        .u8(0)
+        .u8(0);
     t.finish()
 }
 

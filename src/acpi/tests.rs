@@ -112,6 +112,7 @@ fn acpi_tables_walk_from_rsdp() {
             num_cpus,
             pci: None,
             s3: true,
+            iommu: false,
         };
         let rsdp = create_acpi_tables(&mem, &cfg).unwrap().rsdp;
         let w = walk(&mem, rsdp);
@@ -206,6 +207,7 @@ fn mcfg_describes_bus_0() {
         num_cpus: 1,
         pci: Some(test_pci()),
         s3: true,
+        iommu: false,
     };
     let w = walk(&mem, create_acpi_tables(&mem, &cfg).unwrap().rsdp);
     let m = w.mcfg.unwrap();
@@ -231,6 +233,7 @@ fn pci_port_window_is_in_crs_only_when_used() {
             num_cpus: 1,
             pci: Some(PciAcpi { io, ..test_pci() }),
             s3: true,
+            iommu: false,
         };
         let w = walk(&mem, create_acpi_tables(&mem, &cfg).unwrap().rsdp);
         let want = io.map(|_| (0xc000, 0xffff));
@@ -247,6 +250,7 @@ fn acpi_rejects_zero_cpus() {
             num_cpus: 0,
             pci: None,
             s3: true,
+            iommu: false,
         },
     )
     .unwrap_err();
@@ -271,6 +275,7 @@ fn acpi_without_guest_memory_fails_cleanly() {
             num_cpus: 1,
             pci: None,
             s3: true,
+            iommu: false,
         },
     )
     .unwrap_err();
@@ -332,6 +337,7 @@ fn acpi_tables_pass_iasl() {
         num_cpus: 4,
         pci: Some(test_pci()),
         s3: true,
+        iommu: false,
     };
     let rsdp = create_acpi_tables(&mem, &cfg).unwrap().rsdp;
     let w = walk(&mem, rsdp);

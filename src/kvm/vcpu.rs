@@ -67,6 +67,14 @@ pub struct Vcpu {
     /// The power-on state an S3 wake returns to (captured by [`Self::configure`]).
     reset_sregs: Option<kvm_bindings::kvm_sregs>,
     reset_lapic: Option<kvm_bindings::kvm_lapic_state>,
+    /// Where a level-triggered EOI goes with a split irqchip (the userspace IOAPIC).
+    eoi: Option<Arc<dyn EoiTarget>>,
+}
+
+/// Receives the EOIs KVM reports for vectors the userspace IOAPIC delivered level-triggered
+/// (KVM_EXIT_IOAPIC_EOI; split irqchip only).
+pub trait EoiTarget: Send + Sync {
+    fn eoi(&self, vector: u8);
 }
 
 impl Vcpu {
@@ -82,7 +90,13 @@ impl Vcpu {
             unknown_log: RateLimit::new(20),
             reset_sregs: None,
             reset_lapic: None,
+            eoi: None,
         }
+    }
+
+    /// Sends this vCPU's KVM_EXIT_IOAPIC_EOI exits to `target` (split irqchip).
+    pub fn set_eoi_target(&mut self, target: Arc<dyn EoiTarget>) {
+        self.eoi = Some(target);
     }
 
     /// Turns exit statistics recording on or off (before the vCPU runs; default on).
@@ -284,6 +298,17 @@ impl Vcpu {
                     (ExitKind::Plain(Reason::Other), Some(stop))
                 }
                 Ok(VcpuExit::Intr) => (ExitKind::Plain(Reason::Intr), None),
+                Ok(VcpuExit::IoapicEoi(vector)) => {
+                    match &self.eoi {
+                        Some(t) => t.eoi(vector),
+                        None => {
+                            self.unknown_log.log(|| {
+                                format!("vCPU {}: IOAPIC EOI {vector:#x} without one", self.index)
+                            });
+                        }
+                    }
+                    (ExitKind::Plain(Reason::IoapicEoi), None)
+                }
                 Ok(other) => {
                     self.unknown_log
                         .log(|| format!("vCPU {}: ignored exit {other:?}", self.index));

@@ -1,18 +1,17 @@
 //! The VM file descriptor: memory slots, the in-kernel irqchip and PIT, irqfds and vCPU creation.
 
-use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use kvm_bindings::{
-    kvm_irq_routing_entry, kvm_pit_config, kvm_userspace_memory_region, CpuId, KvmIrqRouting,
-    KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_IRQ_ROUTING_IRQCHIP,
-    KVM_IRQ_ROUTING_MSI, KVM_MAX_CPUID_ENTRIES, KVM_MEM_READONLY, KVM_PIT_SPEAKER_DUMMY,
+    kvm_enable_cap, kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_CAP_SPLIT_IRQCHIP,
+    KVM_MAX_CPUID_ENTRIES, KVM_MEM_READONLY, KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Cap, IoEventAddress, Kvm, NoDatamatch, VcpuFd, VmFd};
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::devices::pci::{IoEvent, IoEventRegistry, MsiRouter, MsiVector};
+pub use super::interrupts::{KvmInterrupts, SourcedRouter, FIRST_MSI_GSI, IOAPIC_PINS};
+use crate::devices::pci::MsiRouter;
 
 /// What failed while setting up the VM.
 #[derive(Debug, thiserror::Error)]
@@ -33,7 +32,7 @@ pub enum VmError {
     SetTss(#[source] kvm_ioctls::Error),
     #[error("KVM_SET_IDENTITY_MAP_ADDR failed")]
     SetIdentityMap(#[source] kvm_ioctls::Error),
-    #[error("KVM_CREATE_IRQCHIP failed")]
+    #[error("KVM_CREATE_IRQCHIP (or enabling the split irqchip) failed")]
     CreateIrqchip(#[source] kvm_ioctls::Error),
     #[error("KVM_CREATE_PIT2 failed")]
     CreatePit(#[source] kvm_ioctls::Error),
@@ -70,11 +69,12 @@ pub struct Vm {
 }
 
 impl Vm {
-    /// Opens /dev/kvm and creates a VM with the IOAPIC/PIC/LAPIC and PIT in the kernel. KVM's
+    /// Opens /dev/kvm and creates a VM with the IOAPIC/PIC/LAPIC and PIT in the kernel, or with
+    /// `split`, only the local APICs there (the IOAPIC is ferrovm's; no PIC, no PIT). KVM's
     /// TSS (3 pages) and identity-map page go at `tss_page` - 1 page .. `tss_page` + 3 pages
     /// ([`KVM_TSS_ADDRESS`](crate::arch::x86_64::layout::KVM_TSS_ADDRESS) for a direct boot, [`FW_KVM_TSS_ADDRESS`](crate::arch::x86_64::layout::FW_KVM_TSS_ADDRESS) when a
     /// firmware ROM of up to 16 MiB sits below 4 GiB).
-    pub fn new(cpus: u8, tss_page: u64) -> Result<Self, VmError> {
+    pub fn new(cpus: u8, tss_page: u64, split: bool) -> Result<Self, VmError> {
         let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
         let api = kvm.get_api_version();
         if api != 12 {
@@ -102,20 +102,47 @@ impl Vm {
             .map_err(VmError::SetTss)?;
         fd.set_identity_map_address(tss_page - 0x1000)
             .map_err(VmError::SetIdentityMap)?;
-        fd.create_irq_chip().map_err(VmError::CreateIrqchip)?;
-        let pit = kvm_pit_config {
-            flags: KVM_PIT_SPEAKER_DUMMY,
-            ..Default::default()
-        };
-        fd.create_pit2(pit).map_err(VmError::CreatePit)?;
+        if split {
+            Self::enable_split_irqchip(&kvm, &fd)?;
+        } else {
+            fd.create_irq_chip().map_err(VmError::CreateIrqchip)?;
+            let pit = kvm_pit_config {
+                flags: KVM_PIT_SPEAKER_DUMMY,
+                ..Default::default()
+            };
+            fd.create_pit2(pit).map_err(VmError::CreatePit)?;
+        }
         let fd = Arc::new(fd);
-        let interrupts = Arc::new(KvmInterrupts::new(fd.clone()));
+        let interrupts = Arc::new(KvmInterrupts::new(fd.clone(), split));
         // Install the table KVM starts with through our own builder, so a failure shows now.
         interrupts.commit().map_err(VmError::GsiRouting)?;
         Ok(Self {
             kvm,
             fd,
             interrupts,
+        })
+    }
+
+    /// Local APICs in the kernel, IOAPIC in userspace: KVM reserves the first
+    /// [`IOAPIC_PINS`] GSIs for the IOAPIC's MSI routes and reports their EOIs.
+    fn enable_split_irqchip(kvm: &Kvm, fd: &VmFd) -> Result<(), VmError> {
+        if !kvm.check_extension(Cap::SplitIrqchip) {
+            return Err(VmError::MissingCap("KVM_CAP_SPLIT_IRQCHIP"));
+        }
+        let mut cap = kvm_enable_cap {
+            cap: KVM_CAP_SPLIT_IRQCHIP,
+            ..Default::default()
+        };
+        cap.args[0] = IOAPIC_PINS as u64;
+        fd.enable_cap(&cap).map_err(VmError::CreateIrqchip)
+    }
+
+    /// The MSI routes of PCI function `sid` (`bus << 8 | devfn`), remapped with that
+    /// requester ID once an IOMMU is attached.
+    pub fn msi_router(&self, sid: u16) -> Arc<dyn MsiRouter> {
+        Arc::new(SourcedRouter {
+            sid,
+            irqs: self.interrupts.clone(),
         })
     }
 
@@ -353,195 +380,5 @@ impl MemorySlots {
         unsafe { self.fd.set_user_memory_region(r) }.map_err(err)?;
         live.insert(slot);
         Ok(())
-    }
-}
-
-/// First GSI handed out for MSI: GSIs 0..24 are the IOAPIC pins (0..16 also the PICs).
-pub const FIRST_MSI_GSI: u32 = 24;
-/// IOAPIC pins of KVM's in-kernel IOAPIC.
-const IOAPIC_PINS: u32 = 24;
-/// KVM's limit on routing entries (KVM_MAX_IRQ_ROUTES).
-const MAX_ROUTES: u32 = 4096;
-
-/// The VM's GSI routing table and ioeventfds, shared with devices as [`MsiRouter`] and
-/// [`IoEventRegistry`]. The table always holds KVM's default PIC/IOAPIC pin routes plus one
-/// MSI route per unmasked vector; every change rewrites it with KVM_SET_GSI_ROUTING.
-pub struct KvmInterrupts {
-    fd: Arc<VmFd>,
-    state: Mutex<RoutingState>,
-}
-
-#[derive(Default)]
-struct RoutingState {
-    next_gsi: u32,
-    /// gsi -> (address, data) of unmasked MSI vectors.
-    msi: BTreeMap<u32, (u64, u32)>,
-}
-
-fn to_io(e: kvm_ioctls::Error) -> std::io::Error {
-    std::io::Error::from_raw_os_error(e.errno())
-}
-
-impl KvmInterrupts {
-    fn new(fd: Arc<VmFd>) -> Self {
-        Self {
-            fd,
-            state: Mutex::new(RoutingState {
-                next_gsi: FIRST_MSI_GSI,
-                msi: BTreeMap::new(),
-            }),
-        }
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, RoutingState> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// The routing entries for `msi`, pins first.
-    fn entries(msi: &BTreeMap<u32, (u64, u32)>) -> Vec<kvm_irq_routing_entry> {
-        let pin = |gsi: u32, chip: u32, pin: u32| {
-            let mut e = kvm_irq_routing_entry {
-                gsi,
-                type_: KVM_IRQ_ROUTING_IRQCHIP,
-                ..Default::default()
-            };
-            e.u.irqchip.irqchip = chip;
-            e.u.irqchip.pin = pin;
-            e
-        };
-        let mut v = Vec::new();
-        for gsi in 0..16 {
-            let chip = if gsi < 8 {
-                KVM_IRQCHIP_PIC_MASTER
-            } else {
-                KVM_IRQCHIP_PIC_SLAVE
-            };
-            v.push(pin(gsi, chip, gsi % 8));
-        }
-        for gsi in 0..IOAPIC_PINS {
-            v.push(pin(gsi, KVM_IRQCHIP_IOAPIC, gsi));
-        }
-        for (&gsi, &(addr, data)) in msi {
-            let mut e = kvm_irq_routing_entry {
-                gsi,
-                type_: KVM_IRQ_ROUTING_MSI,
-                ..Default::default()
-            };
-            e.u.msi.address_lo = addr as u32;
-            e.u.msi.address_hi = (addr >> 32) as u32;
-            e.u.msi.data = data;
-            v.push(e);
-        }
-        v
-    }
-
-    fn commit_locked(&self, st: &RoutingState) -> Result<(), kvm_ioctls::Error> {
-        let entries = Self::entries(&st.msi);
-        let table = KvmIrqRouting::from_entries(&entries)
-            .map_err(|_| kvm_ioctls::Error::new(libc::E2BIG))?;
-        self.fd.set_gsi_routing(&table)
-    }
-
-    fn commit(&self) -> Result<(), kvm_ioctls::Error> {
-        let st = self.lock();
-        self.commit_locked(&st)
-    }
-}
-
-impl MsiRouter for KvmInterrupts {
-    fn allocate(&self) -> std::io::Result<MsiVector> {
-        let mut st = self.lock();
-        if st.next_gsi >= MAX_ROUTES {
-            return Err(std::io::Error::other("no GSI left for MSI"));
-        }
-        let gsi = st.next_gsi;
-        let irqfd = EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK)?;
-        self.fd.register_irqfd(&irqfd, gsi).map_err(to_io)?;
-        st.next_gsi += 1;
-        Ok(MsiVector { gsi, irqfd })
-    }
-
-    fn update(&self, gsi: u32, addr: u64, data: u32, masked: bool) -> std::io::Result<()> {
-        if !(FIRST_MSI_GSI..MAX_ROUTES).contains(&gsi) {
-            return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
-        }
-        let mut st = self.lock();
-        let old = if masked {
-            st.msi.remove(&gsi)
-        } else {
-            st.msi.insert(gsi, (addr, data))
-        };
-        let new = st.msi.get(&gsi).copied();
-        if old == new {
-            return Ok(());
-        }
-        if let Err(e) = self.commit_locked(&st) {
-            // Keep the table we track equal to KVM's.
-            match old {
-                Some(o) => st.msi.insert(gsi, o),
-                None => st.msi.remove(&gsi),
-            };
-            return Err(to_io(e));
-        }
-        Ok(())
-    }
-}
-
-impl crate::devices::IrqLevel for KvmInterrupts {
-    fn set_level(&self, gsi: u32, high: bool) -> std::io::Result<()> {
-        self.fd.set_irq_line(gsi, high).map_err(to_io)
-    }
-}
-
-impl IoEventRegistry for KvmInterrupts {
-    fn register_event(&self, ev: IoEvent, fd: &EventFd) -> std::io::Result<()> {
-        let addr = ioevent_address(&ev);
-        match ev.datamatch {
-            None => self.fd.register_ioevent(fd, &addr, NoDatamatch),
-            Some(v) => self.fd.register_ioevent(fd, &addr, v),
-        }
-        .map_err(to_io)
-    }
-
-    fn unregister_event(&self, ev: IoEvent, fd: &EventFd) -> std::io::Result<()> {
-        let addr = ioevent_address(&ev);
-        match ev.datamatch {
-            None => self.fd.unregister_ioevent(fd, &addr, NoDatamatch),
-            Some(v) => self.fd.unregister_ioevent(fd, &addr, v),
-        }
-        .map_err(to_io)
-    }
-}
-
-fn ioevent_address(ev: &IoEvent) -> IoEventAddress {
-    match ev.pio {
-        true => IoEventAddress::Pio(ev.addr),
-        false => IoEventAddress::Mmio(ev.addr),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn routing_table_keeps_the_pins() {
-        let mut msi = BTreeMap::new();
-        msi.insert(24, (0xfee0_0000u64, 0x4041u32));
-        let e = KvmInterrupts::entries(&msi);
-        assert_eq!(e.len(), 16 + 24 + 1);
-        // SAFETY: reading the union members these entries were built with.
-        unsafe {
-            assert_eq!(
-                (e[9].gsi, e[9].u.irqchip.irqchip, e[9].u.irqchip.pin),
-                (9, 1, 1)
-            );
-            assert_eq!((e[20].gsi, e[20].u.irqchip.irqchip), (4, 2));
-            assert_eq!(e[40].type_, KVM_IRQ_ROUTING_MSI);
-            assert_eq!(
-                (e[40].gsi, e[40].u.msi.address_lo, e[40].u.msi.data),
-                (24, 0xfee0_0000, 0x4041)
-            );
-        }
     }
 }

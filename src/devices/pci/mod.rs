@@ -12,6 +12,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 pub mod config;
 pub mod i440fx;
+pub mod msi;
 pub mod msix;
 pub mod root;
 
