@@ -441,6 +441,7 @@ tail -c +$((base + 1)) initrd.img | "$BUSYBOX" cpio -t
         device_cases.extend(cases::fs::cases());
         device_cases.extend(cases::vsock::cases());
         device_cases.extend(cases::run::cases());
+        device_cases.extend(cases::iommu::cases());
         device_cases.extend(cases::fw::cases());
         device_cases.extend(cases::exits::cases());
         if round > 1 {

@@ -4,6 +4,7 @@ pub mod exits;
 pub mod fs;
 pub mod fw;
 pub mod img;
+pub mod iommu;
 pub mod net;
 pub mod run;
 pub mod soak;
