@@ -431,3 +431,54 @@ fn acpi_tables_pass_iasl() {
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
+
+/// `--iommu`: a DMAR table (one DRHD for all of segment 0 at the unit's base, interrupt
+/// remapping with x2APIC opt-out, the IOAPIC in the scope as 0xff:00.0) that iasl reads
+/// without complaint, and a MADT without PCAT_COMPAT (a split irqchip has no 8259s).
+#[test]
+fn dmar_describes_the_iommu_only_when_asked_for() {
+    use crate::devices::vtd;
+    let mem = guest_mem();
+    let mut cfg = AcpiConfig {
+        num_cpus: 2,
+        pci: Some(test_pci()),
+        s3: true,
+        iommu: true,
+    };
+    let find = |mem: &GuestMemoryMmap, sig: &[u8; 4]| {
+        let rsdp = read(mem, layout::ACPI_START, RSDP_LEN);
+        let xsdt = read_table(mem, u64_at(&rsdp, 24), b"XSDT");
+        xsdt[HEADER_LEN..]
+            .chunks(8)
+            .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
+            .map(|a| read(mem, a, 4096))
+            .find(|t| &t[..4] == sig)
+            .map(|t| t[..u32_at(&t, 4) as usize].to_vec())
+    };
+    create_acpi_tables(&mem, &cfg).unwrap();
+    let dmar = find(&mem, b"DMAR").expect("DMAR");
+    assert_eq!(sum(&dmar), 0);
+    assert_eq!(dmar[36], vtd::DMAR_HOST_ADDRESS_WIDTH);
+    assert_eq!(dmar[37], 0b11, "INTR_REMAP | X2APIC_OPT_OUT");
+    let drhd = &dmar[48..];
+    assert_eq!((u16_at(drhd, 0), u16_at(drhd, 2), drhd[4]), (0, 24, 1));
+    assert_eq!(u64_at(drhd, 8), vtd::VTD_BASE);
+    // IOAPIC scope: type 3, length 8, enumeration ID = the MADT's IOAPIC ID (num_cpus).
+    assert_eq!(&drhd[16..24], &[3, 8, 0, 0, 2, 0xff, 0, 0]);
+    let madt = find(&mem, b"APIC").unwrap();
+    assert_eq!(u32_at(&madt, 40), 0, "no PCAT_COMPAT");
+
+    let dir = temp_dir("iasl-dmar");
+    std::fs::write(dir.join("DMAR.dat"), &dmar).unwrap();
+    let out = iasl(&dir, &["-d", "DMAR.dat"]);
+    assert_no_errors("DMAR", &out);
+    let dsl = std::fs::read_to_string(dir.join("DMAR.dsl")).unwrap();
+    assert!(dsl.contains("FED90000"), "{dsl}");
+    let _ = std::fs::remove_dir_all(&dir);
+
+    cfg.iommu = false;
+    let mem = guest_mem();
+    create_acpi_tables(&mem, &cfg).unwrap();
+    assert!(find(&mem, b"DMAR").is_none());
+    assert_eq!(u32_at(&find(&mem, b"APIC").unwrap(), 40), 1, "PCAT_COMPAT");
+}
