@@ -260,71 +260,31 @@ pub fn run(cfg: VmConfig) -> Result<VmOutcome, VmmError> {
         None => PciRoot::new(layout::PCI_MMIO32_START, layout::PCI_MMIO32_SIZE),
     };
     let boot_devices = add_boot_media(&cfg, &mut pci, &mut buses.claims, &vm, &irqchip, &mem)?;
+    // The other virtio functions, in slot order.
+    let mut virtio: Vec<Box<dyn VirtioDevice>> = Vec::new();
     if let Some(seed) = &cfg.cloud_init_seed {
         let disk = crate::disk::mem::MemDisk::new("cloud-init seed", seed.clone());
         let block = devices::virtio::block::Block::with_disk(Box::new(disk), Some("cidata"))?;
-        add_virtio_pci(
-            &mut pci,
-            &mut buses.claims,
-            &vm,
-            &irqchip,
-            &mem,
-            Box::new(block),
-        )?;
+        virtio.push(Box::new(block));
     }
     for nic in &cfg.nets {
-        let net = devices::virtio::net::Net::new(nic)?;
-        add_virtio_pci(
-            &mut pci,
-            &mut buses.claims,
-            &vm,
-            &irqchip,
-            &mem,
-            Box::new(net),
-        )?;
+        virtio.push(Box::new(devices::virtio::net::Net::new(nic)?));
     }
     for share in &cfg.fs {
-        let fs = devices::virtio::fs::Fs::new(share)?;
-        add_virtio_pci(
-            &mut pci,
-            &mut buses.claims,
-            &vm,
-            &irqchip,
-            &mem,
-            Box::new(fs),
-        )?;
+        virtio.push(Box::new(devices::virtio::fs::Fs::new(share)?));
     }
     if let Some(v) = &cfg.vsock {
-        let vsock = devices::virtio::vsock::Vsock::new(v)?;
-        add_virtio_pci(
-            &mut pci,
-            &mut buses.claims,
-            &vm,
-            &irqchip,
-            &mem,
-            Box::new(vsock),
-        )?;
+        virtio.push(Box::new(devices::virtio::vsock::Vsock::new(v)?));
     }
     if cfg.rng {
-        add_virtio_pci(
-            &mut pci,
-            &mut buses.claims,
-            &vm,
-            &irqchip,
-            &mem,
-            Box::new(devices::virtio::rng::Rng::new()),
-        )?;
+        virtio.push(Box::new(devices::virtio::rng::Rng::new()));
     }
     if let Some((out, inbox)) = &virtio_console {
         let console = devices::virtio::console::Console::new(out.clone(), inbox.clone());
-        add_virtio_pci(
-            &mut pci,
-            &mut buses.claims,
-            &vm,
-            &irqchip,
-            &mem,
-            Box::new(console),
-        )?;
+        virtio.push(Box::new(console));
+    }
+    for dev in virtio {
+        add_virtio_pci(&mut pci, &mut buses.claims, &vm, &irqchip, &mem, dev)?;
     }
     if cfg.test_devices {
         test_devices::attach_pci(&vm, &irqchip, &mut pci, &mut buses.claims)?;
