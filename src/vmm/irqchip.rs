@@ -57,10 +57,13 @@ impl Irqchip {
             .map_err(PlaceError::from)?;
         if let Some(v) = &vtd {
             buses.add(Space::Mmio, VTD_BASE, VTD_LEN, "vt-d", v.clone())?;
-            let (io, irqs) = (ioapic.clone(), irqs.clone());
+            // Weak: the IOAPIC and the routing table hold the unit (no reference cycle).
+            let (io, irqs) = (Arc::downgrade(&ioapic), Arc::downgrade(&irqs));
             remap.set_change_hook(Box::new(move || {
-                io.refresh_routes();
-                if let Err(e) = irqs.recommit() {
+                if let Some(io) = io.upgrade() {
+                    io.refresh_routes();
+                }
+                if let Err(e) = irqs.upgrade().map_or(Ok(()), |i| i.recommit()) {
                     log::warn!("vt-d: cannot rewrite the MSI routes: {e}");
                 }
             }));
