@@ -47,7 +47,11 @@ fuzz_target!(|data: &[u8]| {
         (GuestAddress(0x10_0000), 0x1000),
     ])
     .unwrap();
-    let _ = mem.write_slice(inp.bytes(0x4000), GuestAddress(0));
+    // The op list first, then guest RAM: a short input still does something.
+    let ops_len = usize::from(inp.u16() % 2048);
+    let mut ops = Input::new(inp.bytes(ops_len));
+    let ram = inp.rest();
+    let _ = mem.write_slice(&ram[..ram.len().min(0x1_0000)], GuestAddress(0));
     let vtd = Vtd::new(mem.clone(), Arc::new(Sink));
     let ioapic = Arc::new(Ioapic::new(Arc::new(Sink), Arc::new(Sink), vtd.clone()));
     let io = Arc::downgrade(&ioapic);
@@ -59,11 +63,8 @@ fuzz_target!(|data: &[u8]| {
     let mut edu = Edu::new(vtd.clone(), 0x10, Arc::new(fakes::Router::default()), ioapic.clone(), 18)
         .unwrap();
     edu.assign_bar(0, 0xc000_0000);
-    let nops = usize::from(inp.u8());
-    for _ in 0..nops {
-        if inp.is_empty() {
-            break;
-        }
+    let inp = &mut ops;
+    while !inp.is_empty() {
         let kind = inp.u8();
         let size = access_size(kind >> 4);
         let sel = inp.u16();

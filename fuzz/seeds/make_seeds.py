@@ -304,5 +304,34 @@ def main():
     put("initramfs", "8m-64k", struct.pack("<HB", 2047, 0) + bytes([0]) + struct.pack("<I", 0x200000)
         + bytes([2]) + struct.pack("<I", 0x10000) + b"070701")
 
+    # iommu: the kvm-unit-tests init sequence (QI, root table, IR table, TE, IRE), a context
+    # entry for 00:02.0 (sid 0x10) with IOVA 0 -> 0x6000, IRTE 1 (vector 0xee), edu DMA both
+    # ways, a remap of handle 1, an IOAPIC entry in remappable format and its line raised.
+    REGS = [0x00, 0x08, 0x10, 0x18, 0x1c, 0x20, 0x28, 0x34, 0x38, 0x3c, 0x40, 0x44, 0x80, 0x88,
+            0x90, 0x9c, 0xa0, 0xa4, 0xa8, 0xb8, 0x200, 0x208, 0x220, 0x228]
+    def vw(reg, val, size=3):      # VT-d register write (size index: 2 = 4 bytes, 3 = 8)
+        return struct.pack("<BHQ", 1 | size << 4, REGS.index(reg), val)
+    def edu(off, val):
+        return struct.pack("<BHQ", 4 | 2 << 4, off << 1 | 1, val)
+    def io(off, val):
+        return struct.pack("<BHQ", 2 | 2 << 4, off << 1 | 1, val)
+    ops = vw(0x90, 0x7000) + vw(0x18, 1 << 26, 2) + vw(0x20, 0x1000) + vw(0x18, 1 << 30, 2)
+    ops += vw(0xb8, 0x8000 | 7) + vw(0x18, 1 << 24, 2) + vw(0x18, 1 << 31 | 1 << 26, 2)
+    ops += vw(0x18, 1 << 31 | 1 << 26 | 1 << 25, 2)
+    ops += edu(0x80, 0) + edu(0x88, 0x40000) + edu(0x90, 4) + edu(0x98, 1)
+    ops += edu(0x80, 0x40000) + edu(0x88, 4) + edu(0x90, 4) + edu(0x98, 3)
+    ops += struct.pack("<BHQ", 7, 0x10, 0xee_0000_0000 | 1 << 4 | 1 << 5)
+    ops += io(0, 0x11 + 2 * 18) + io(0x10, 0x00050000) + io(0, 0x10 + 2 * 18) + io(0x10, 0xed)
+    ops += struct.pack("<BHQ", 3, 18, 1)
+    ram = bytearray(0x9000)
+    struct.pack_into("<QQ", ram, 0x1000, 0x2000 | 1, 0)              # root entry, bus 0
+    struct.pack_into("<QQ", ram, 0x2000 + 16 * 0x10, 0x3000 | 1, 1 | 1 << 8)  # ctx 00:02.0
+    struct.pack_into("<Q", ram, 0x3000, 0x4000 | 3)
+    struct.pack_into("<Q", ram, 0x4000, 0x5000 | 3)
+    struct.pack_into("<Q", ram, 0x5000, 0x6000 | 3)                  # IOVA 0 -> 0x6000
+    struct.pack_into("<QQ", ram, 0x8000 + 16, 1 | 0xee << 16, 0x10 | 1 << 18)  # IRTE 1
+    struct.pack_into("<QQ", ram, 0x8000 + 32, 1 | 0xed << 16, 0)               # IRTE 2
+    put("iommu", "kut-init", struct.pack("<H", len(ops)) + ops + bytes(ram))
+
 if __name__ == "__main__":
     main()
