@@ -695,7 +695,9 @@ fn add_boot_media(
 }
 
 /// Adds `device` behind the virtio-pci transport in the next free slot of bus 0: its INTx line
-/// (a resampled irqfd on the slot's GSI), MSI-X vectors and kick ioeventfds go through KVM.
+/// (an irqfd on the slot's GSI, resampled by KVM's IOAPIC or, with a split irqchip, by
+/// ferrovm's at EOI; [`Irqchip::register_intx`]), MSI-X vectors and kick ioeventfds go
+/// through KVM.
 /// Returns the slot.
 fn add_virtio_pci(
     pci: &mut PciRoot,

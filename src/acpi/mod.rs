@@ -470,29 +470,27 @@ fn build_madt(cfg: &AcpiConfig) -> Vec<u8> {
 /// every IOAPIC is under a unit). The IOAPIC's requester ID is 0xFF:00.0, as QEMU gives it.
 fn build_dmar(cfg: &AcpiConfig) -> Vec<u8> {
     use crate::devices::vtd;
-    const INTR_REMAP: u8 = 1;
-    const X2APIC_OPT_OUT: u8 = 2;
-    const INCLUDE_PCI_ALL: u8 = 1;
     const SCOPE_IOAPIC: u8 = 3;
     let mut t = Sdt::new(b"DMAR", 1);
     t.u8(vtd::DMAR_HOST_ADDRESS_WIDTH)
-        .u8(INTR_REMAP | X2APIC_OPT_OUT)
+        .u8(vtd::DMAR_FLAGS)
         .bytes(&[0; 10]);
     // DRHD: type 0, length (16 + one 8-byte scope), flags, reserved, segment, base.
     t.u16(0)
         .u16(24)
-        .u8(INCLUDE_PCI_ALL)
+        .u8(vtd::DRHD_FLAGS)
         .u8(0)
         .u16(0)
         .u64(vtd::VTD_BASE);
     // Device scope: type, length 8, reserved, enumeration ID, start bus, path (dev, fn).
+    let sid = vtd::IOAPIC_SID;
     t.u8(SCOPE_IOAPIC)
         .u8(8)
         .u16(0)
         .u8(ioapic_id(cfg))
-        .u8(0xff)
-        .u8(0)
-        .u8(0);
+        .u8((sid >> 8) as u8)
+        .u8((sid >> 3) as u8 & 0x1f)
+        .u8(sid as u8 & 7);
     t.finish()
 }
 

@@ -63,6 +63,10 @@ pub trait InterruptRemap: Send + Sync {
     /// the fault where the guest asked for that). `sid` is `None` for requests without a
     /// requester ID to check (the IOAPIC's, as under QEMU).
     fn remap(&self, sid: Option<u16>, msg: MsiMessage) -> Option<MsiMessage>;
+    /// What [`InterruptRemap::remap`] returns, without recording a fault or raising the fault
+    /// event: for routes recomputed after a table change and for matching EOIs, which are no
+    /// interrupt request of the guest's.
+    fn lookup(&self, sid: Option<u16>, msg: MsiMessage) -> Option<MsiMessage>;
     /// Runs `hook` after every guest action that may change what [`InterruptRemap::remap`]
     /// returns (remapping enabled or disabled, a new table, an interrupt-entry-cache
     /// invalidation). The hook is called with no IOMMU lock held: it may call `remap`.
@@ -74,6 +78,9 @@ pub struct NoRemap;
 
 impl InterruptRemap for NoRemap {
     fn remap(&self, _sid: Option<u16>, msg: MsiMessage) -> Option<MsiMessage> {
+        Some(msg)
+    }
+    fn lookup(&self, _sid: Option<u16>, msg: MsiMessage) -> Option<MsiMessage> {
         Some(msg)
     }
     fn set_change_hook(&self, _hook: Box<dyn Fn() + Send + Sync>) {}

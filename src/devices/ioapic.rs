@@ -48,6 +48,9 @@ const RTE_WRITABLE: u64 = !(RTE_DELIVERY_STATUS | RTE_REMOTE_IRR | 0x0000_ffff_f
 
 static LOG: RateLimit = RateLimit::new(10);
 
+/// An MSI address no local APIC accepts (logical destination mode, destination 0).
+const NO_CPU: u64 = 0xfee0_0004;
+
 /// Where the pins' messages become KVM routes (GSI n = pin n).
 pub trait PinRoutes: Send + Sync {
     fn set_pin_routes(&self, pins: [Option<MsiMessage>; IOAPIC_PINS]) -> std::io::Result<()>;
@@ -67,6 +70,8 @@ struct State {
     level: [bool; IOAPIC_PINS],
     /// Resample eventfds per pin (level-triggered irqfd sources).
     resample: Vec<(usize, Arc<EventFd>)>,
+    /// Pins whose route reaches a CPU now.
+    live: [bool; IOAPIC_PINS],
 }
 
 /// The IOAPIC: MMIO device, [`IrqLevel`] for level sources and [`EoiTarget`] for KVM's EOIs.
@@ -102,6 +107,7 @@ impl Ioapic {
                 rte: [RTE_MASK; IOAPIC_PINS],
                 level: [false; IOAPIC_PINS],
                 resample: Vec::new(),
+                live: [false; IOAPIC_PINS],
             }),
             routes,
             msi,
@@ -118,31 +124,69 @@ impl Ioapic {
         self.lock().resample.push((pin, fd));
     }
 
-    /// What pin `pin` sends now: `None` while masked or blocked by the IOMMU.
-    fn pin_message(&self, rte: u64) -> Option<MsiMessage> {
+    /// What pin `pin` sends now: `None` while masked or blocked by the IOMMU (`record`: the
+    /// IOMMU records a block as a fault; routes and EOI matching only look).
+    fn pin_message(&self, rte: u64, record: bool) -> Option<MsiMessage> {
         if rte & RTE_MASK != 0 {
             return None;
         }
-        self.remap.remap(None, rte_message(rte))
+        match record {
+            true => self.remap.remap(None, rte_message(rte)),
+            false => self.remap.lookup(None, rte_message(rte)),
+        }
+    }
+
+    /// The vector the local APIC gets from entry `rte` (the IRTE's with remapping).
+    fn delivered_vector(&self, rte: u64) -> u8 {
+        self.remap
+            .lookup(None, rte_message(rte & !RTE_MASK))
+            .map_or(rte as u8, |m| m.data as u8)
+    }
+
+    /// Pin `pin`'s KVM route. A masked or blocked level-triggered pin keeps a route that
+    /// reaches no CPU (logical destination 0) with its vector and the trigger-mode bit: KVM
+    /// only reports the EOI of a vector it finds in these routes, and an interrupt already
+    /// in service when the guest masked the pin still gets its EOI (which clears Remote
+    /// IRR), as on KVM's own IOAPIC.
+    fn pin_route(&self, rte: u64) -> Option<MsiMessage> {
+        if let Some(m) = self.pin_message(rte, false) {
+            return Some(m);
+        }
+        (rte & RTE_LEVEL != 0).then(|| MsiMessage {
+            addr: NO_CPU,
+            data: u32::from(self.delivered_vector(rte)) | 1 << 15 | 1 << 14,
+        })
     }
 
     /// Recomputes every pin's route (after an entry changed or the IOMMU's tables did).
     pub fn refresh_routes(&self) {
-        let st = self.lock();
-        self.sync_routes(&st);
+        let mut st = self.lock();
+        self.sync_routes(&mut st);
     }
 
-    fn sync_routes(&self, st: &State) {
-        let pins = st.rte.map(|rte| self.pin_message(rte));
+    /// Installs the pins' routes. A level-triggered pin that starts to reach a CPU again has
+    /// its resample eventfds signalled: an irqfd device (virtio-pci INTx) whose interrupt
+    /// KVM dropped while the pin had no CPU re-raises it if it is still pending.
+    fn sync_routes(&self, st: &mut State) {
+        let pins = st.rte.map(|rte| self.pin_route(rte));
         if let Err(e) = self.routes.set_pin_routes(pins) {
             LOG.warn(|| format!("ioapic: cannot update the pin routes: {e}"));
+        }
+        for (pin, route) in pins.iter().enumerate() {
+            let live = route.is_some_and(|m| m.addr != NO_CPU);
+            let was = std::mem::replace(&mut st.live[pin], live);
+            if live && !was && st.rte[pin] & RTE_LEVEL != 0 {
+                for (_, fd) in st.resample.iter().filter(|(p, _)| *p == pin) {
+                    let _ = fd.write(1);
+                }
+            }
         }
     }
 
     /// Sends pin `pin`'s message now (a line driven through [`IrqLevel`]).
     fn deliver(&self, st: &mut State, pin: usize) {
         let rte = st.rte[pin];
-        let Some(msg) = self.pin_message(rte) else {
+        let Some(msg) = self.pin_message(rte, true) else {
             return;
         };
         if rte & RTE_LEVEL != 0 {
@@ -185,8 +229,14 @@ impl Ioapic {
                     _ => new,
                 };
                 self.sync_routes(st);
-                let unmasked = old & RTE_MASK != 0 && new & RTE_MASK == 0;
-                if unmasked && new & RTE_LEVEL != 0 && st.level[pin] && new & RTE_REMOTE_IRR == 0 {
+                let rte = st.rte[pin];
+                if rte != old && rte & RTE_MASK == 0 {
+                    // The guest programmed an interrupt: an IOMMU that blocks it records so.
+                    let _ = self.pin_message(rte, true);
+                }
+                // A line held high fires when its entry can deliver, as on KVM's IOAPIC.
+                let ready = RTE_LEVEL | RTE_MASK | RTE_REMOTE_IRR;
+                if rte & ready == RTE_LEVEL && st.level[pin] {
                     self.deliver(st, pin);
                 }
             }
@@ -251,8 +301,9 @@ impl IrqLevel for Ioapic {
 }
 
 impl EoiTarget for Ioapic {
-    /// `vector` is the one the local APIC received: with remapping, the IRTE's (Linux and
-    /// kvm-unit-tests also put it in the entry's vector field, but need not).
+    /// `vector` is the one the local APIC received: with remapping, the IRTE's (Linux then
+    /// puts the pin number in the entry's vector field, so the entry's own vector only
+    /// matches without remapping).
     fn eoi(&self, vector: u8) {
         let mut st = self.lock();
         for pin in 0..IOAPIC_PINS {
@@ -260,11 +311,7 @@ impl EoiTarget for Ioapic {
             if rte & RTE_LEVEL == 0 {
                 continue;
             }
-            let sent = self
-                .remap
-                .remap(None, rte_message(rte))
-                .map(|m| m.data as u8);
-            if rte & 0xff != u64::from(vector) && sent != Some(vector) {
+            if rte as u8 != vector && self.delivered_vector(rte) != vector {
                 continue;
             }
             st.rte[pin] &= !RTE_REMOTE_IRR;

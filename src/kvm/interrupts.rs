@@ -129,7 +129,7 @@ impl KvmInterrupts {
         }
         for (&gsi, &(sid, m)) in &st.msi {
             let m = match self.remap.get() {
-                Some(r) => match r.remap(sid, m) {
+                Some(r) => match r.lookup(sid, m) {
                     Some(m) => m,
                     None => continue,
                 },
@@ -208,7 +208,33 @@ impl KvmInterrupts {
             };
             return Err(to_io(e));
         }
+        // The device programmed (or unmasked) this vector: the IOMMU records it if it blocks
+        // it (the route itself was computed with a lookup, which records nothing).
+        if let (Some(r), Some(m)) = (self.remap.get(), msg) {
+            let _ = r.remap(sid, m);
+        }
         Ok(())
+    }
+
+    /// Sends MSI messages with this VM's fd only: for the IOMMU's own interrupts (it must
+    /// not hold the routing table, which holds it).
+    pub fn msi_sender(&self) -> Arc<dyn MsiSender> {
+        Arc::new(VmMsi(self.fd.clone()))
+    }
+}
+
+/// KVM_SIGNAL_MSI on one VM.
+struct VmMsi(Arc<VmFd>);
+
+impl MsiSender for VmMsi {
+    fn send(&self, msg: MsiMessage) -> std::io::Result<()> {
+        let m = kvm_msi {
+            address_lo: msg.addr as u32,
+            address_hi: (msg.addr >> 32) as u32,
+            data: msg.data,
+            ..Default::default()
+        };
+        self.0.signal_msi(m).map(|_| ()).map_err(to_io)
     }
 }
 
@@ -238,18 +264,6 @@ impl MsiRouter for SourcedRouter {
     fn update(&self, gsi: u32, addr: u64, data: u32, masked: bool) -> std::io::Result<()> {
         let msg = (!masked).then_some(MsiMessage { addr, data });
         self.irqs.update_msi(gsi, Some(self.sid), msg)
-    }
-}
-
-impl MsiSender for KvmInterrupts {
-    fn send(&self, msg: MsiMessage) -> std::io::Result<()> {
-        let m = kvm_msi {
-            address_lo: msg.addr as u32,
-            address_hi: (msg.addr >> 32) as u32,
-            data: msg.data,
-            ..Default::default()
-        };
-        self.fd.signal_msi(m).map(|_| ()).map_err(to_io)
     }
 }
 
@@ -322,6 +336,9 @@ mod tests {
     impl InterruptRemap for Remapper {
         fn remap(&self, sid: Option<u16>, msg: MsiMessage) -> Option<MsiMessage> {
             (sid != Some(0x10)).then_some(MsiMessage { data: 0x99, ..msg })
+        }
+        fn lookup(&self, sid: Option<u16>, msg: MsiMessage) -> Option<MsiMessage> {
+            self.remap(sid, msg)
         }
         fn set_change_hook(&self, _hook: Box<dyn Fn() + Send + Sync>) {}
     }

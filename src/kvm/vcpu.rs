@@ -99,6 +99,17 @@ impl Vcpu {
         self.eoi = Some(target);
     }
 
+    fn ioapic_eoi(&self, vector: u8) -> ExitKind {
+        match &self.eoi {
+            Some(t) => t.eoi(vector),
+            None => {
+                self.unknown_log
+                    .log(|| format!("vCPU {}: IOAPIC EOI {vector:#x} without one", self.index));
+            }
+        }
+        ExitKind::Plain(Reason::IoapicEoi)
+    }
+
     /// Turns exit statistics recording on or off (before the vCPU runs; default on).
     pub fn set_stats_recording(&mut self, on: bool) {
         let names = self.mmio.ranges().map(|r| r.2);
@@ -298,17 +309,7 @@ impl Vcpu {
                     (ExitKind::Plain(Reason::Other), Some(stop))
                 }
                 Ok(VcpuExit::Intr) => (ExitKind::Plain(Reason::Intr), None),
-                Ok(VcpuExit::IoapicEoi(vector)) => {
-                    match &self.eoi {
-                        Some(t) => t.eoi(vector),
-                        None => {
-                            self.unknown_log.log(|| {
-                                format!("vCPU {}: IOAPIC EOI {vector:#x} without one", self.index)
-                            });
-                        }
-                    }
-                    (ExitKind::Plain(Reason::IoapicEoi), None)
-                }
+                Ok(VcpuExit::IoapicEoi(vector)) => (self.ioapic_eoi(vector), None),
                 Ok(other) => {
                     self.unknown_log
                         .log(|| format!("vCPU {}: ignored exit {other:?}", self.index));

@@ -125,6 +125,7 @@ fn eoi_signals_resample_of_level_pins() {
     let fd = Arc::new(EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).unwrap());
     io.add_resample(11, fd.clone());
     write_rte(&io, 11, 0x51 | RTE_LEVEL);
+    assert_eq!(fd.read().unwrap(), 1, "the pin became deliverable");
     io.eoi(0x52);
     assert!(fd.read().is_err(), "another vector");
     io.eoi(0x51);
@@ -151,4 +152,44 @@ fn hostile_accesses_never_panic() {
             }
         }
     }
+}
+
+#[test]
+fn masked_level_pin_keeps_a_route_to_no_cpu_so_its_eoi_still_counts() {
+    let (f, io) = ioapic();
+    write_rte(&io, 14, 0x61 | RTE_LEVEL);
+    io.set_level(14, true).unwrap();
+    assert_eq!(f.sent.lock().unwrap().len(), 1);
+    // The handler masks the pin, then EOIs (kvm-unit-tests' level_retrigger_mask, Linux's
+    // IRQ migration).
+    write_rte(&io, 14, 0x61 | RTE_LEVEL | RTE_MASK);
+    let last = *f.routes.lock().unwrap().last().unwrap();
+    assert_eq!(
+        last[14],
+        Some(MsiMessage {
+            addr: NO_CPU,
+            data: 0x61 | 1 << 15 | 1 << 14
+        })
+    );
+    io.eoi(0x61);
+    assert_eq!(read_reg(&io, REG_TABLE + 28) & RTE_REMOTE_IRR as u32, 0);
+    // Unmasked with the line still high: delivered again.
+    write_rte(&io, 14, 0x61 | RTE_LEVEL);
+    assert_eq!(f.sent.lock().unwrap().len(), 2);
+    // A masked edge pin has no route at all.
+    write_rte(&io, 3, 0x33 | RTE_MASK);
+    assert_eq!(f.routes.lock().unwrap().last().unwrap()[3], None);
+}
+
+#[test]
+fn level_pin_that_can_deliver_again_signals_its_resample() {
+    let (_, io) = ioapic();
+    let fd = Arc::new(EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).unwrap());
+    io.add_resample(16, fd.clone());
+    write_rte(&io, 16, 0x71 | RTE_LEVEL | RTE_MASK);
+    assert!(fd.read().is_err(), "masked: no CPU to deliver to");
+    write_rte(&io, 16, 0x71 | RTE_LEVEL);
+    assert_eq!(fd.read().unwrap(), 1, "unmasked: the device may re-raise");
+    write_rte(&io, 16, 0x72 | RTE_LEVEL);
+    assert!(fd.read().is_err(), "still live: nothing to replay");
 }

@@ -232,8 +232,8 @@ fn virtio_cap(cfg_type: u8, offset: u64, length: u64, extra: &[u8]) -> Vec<u8> {
 }
 
 impl VirtioPciDevice {
-    /// Wraps `device`. `intx` must be registered by the caller as a resampled irqfd on the
-    /// slot's INTx GSI; `router` allocates one MSI-X vector per queue plus one.
+    /// Wraps `device`. `intx` must be registered by the caller as an irqfd on the slot's INTx
+    /// GSI whose resample eventfd is signalled at EOI (vmm/irqchip.rs); `router` allocates one MSI-X vector per queue plus one.
     pub fn new(
         device: Box<dyn VirtioDevice>,
         mem: GuestMemoryMmap,

@@ -67,8 +67,9 @@ pub const VTD_LEN: u64 = 0x1000;
 pub const ADDRESS_WIDTH: u8 = 39;
 /// The DMAR table's Host Address Width field (the width minus one).
 pub const DMAR_HOST_ADDRESS_WIDTH: u8 = ADDRESS_WIDTH - 1;
-/// DMAR table flags: bit 0 INTR_REMAP (interrupt remapping is supported).
-pub const DMAR_FLAGS: u8 = 1;
+/// DMAR table flags: bit 0 INTR_REMAP (interrupt remapping is supported), bit 1
+/// X2APIC_OPT_OUT (the unit has no extended interrupt mode: xAPIC destinations only).
+pub const DMAR_FLAGS: u8 = 0b11;
 /// DRHD flags: bit 0 INCLUDE_PCI_ALL (every PCI device of segment 0 is behind this unit).
 pub const DRHD_FLAGS: u8 = 1;
 /// The IOAPIC's requester ID for the DRHD's IOAPIC device scope (bus 0xff, device 0,
@@ -84,36 +85,6 @@ static LOG_ACCESS: RateLimit = RateLimit::new(10);
 static LOG_QUEUE: RateLimit = RateLimit::new(10);
 static LOG_FAULT: RateLimit = RateLimit::new(10);
 static LOG_MSI: RateLimit = RateLimit::new(10);
-
-/// What the ACPI DMAR table describes for this IOMMU (one DRHD on segment 0).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct DmarInfo {
-    /// The DMAR Host Address Width field (width minus one: 38).
-    pub host_address_width: u8,
-    /// DMAR flags ([`DMAR_FLAGS`]).
-    pub flags: u8,
-    /// DRHD flags ([`DRHD_FLAGS`]).
-    pub drhd_flags: u8,
-    /// DRHD register base address.
-    pub register_base: u64,
-    /// Size of the register block.
-    pub register_len: u64,
-    /// The requester ID of the IOAPIC device scope (type 3): start bus `sid >> 8`, path
-    /// device `(sid >> 3) & 0x1f`, function `sid & 7`. Its enumeration ID is the IOAPIC ID.
-    pub ioapic_sid: u16,
-}
-
-/// What the ACPI code needs for the DMAR table.
-pub fn dmar_table_info() -> DmarInfo {
-    DmarInfo {
-        host_address_width: DMAR_HOST_ADDRESS_WIDTH,
-        flags: DMAR_FLAGS,
-        drhd_flags: DRHD_FLAGS,
-        register_base: VTD_BASE,
-        register_len: VTD_LEN,
-        ioapic_sid: IOAPIC_SID,
-    }
-}
 
 type ChangeHook = Arc<dyn Fn() + Send + Sync>;
 
@@ -286,8 +257,10 @@ impl DmaSpace for Vtd {
     }
 }
 
-impl InterruptRemap for Vtd {
-    fn remap(&self, sid: Option<u16>, msg: MsiMessage) -> Option<MsiMessage> {
+impl Vtd {
+    /// Interrupt remapping; a blocked request is recorded (unless its IRTE says FPD) only
+    /// with `record`.
+    fn remap_request(&self, sid: Option<u16>, msg: MsiMessage, record: bool) -> Option<MsiMessage> {
         let st = {
             let regs = self.regs();
             if regs.gsts & GCMD_IRE == 0 {
@@ -300,6 +273,7 @@ impl InterruptRemap for Vtd {
         };
         let fault = match irte::remap(&self.mem, &st, sid, msg) {
             Ok(out) => return Some(out),
+            Err(_) if !record => return None,
             Err(fault) => fault,
         };
         LOG_FAULT.log(|| {
@@ -317,6 +291,16 @@ impl InterruptRemap for Vtd {
             });
         }
         None
+    }
+}
+
+impl InterruptRemap for Vtd {
+    fn remap(&self, sid: Option<u16>, msg: MsiMessage) -> Option<MsiMessage> {
+        self.remap_request(sid, msg, true)
+    }
+
+    fn lookup(&self, sid: Option<u16>, msg: MsiMessage) -> Option<MsiMessage> {
+        self.remap_request(sid, msg, false)
     }
 
     fn set_change_hook(&self, hook: Box<dyn Fn() + Send + Sync>) {

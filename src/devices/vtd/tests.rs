@@ -257,10 +257,8 @@ fn kut_init_sequence_and_capabilities() {
         "GCMD:GSTS as one quadword"
     );
     assert!(r.msi.take().is_empty());
-    let info = dmar_table_info();
-    assert_eq!(info.host_address_width, 38);
-    assert_eq!(info.register_base, VTD_BASE);
-    assert_eq!(info.flags & 1, 1);
+    assert_eq!(DMAR_HOST_ADDRESS_WIDTH, 38);
+    assert_eq!(DMAR_FLAGS & 1, 1, "INTR_REMAP");
 }
 
 #[test]
@@ -436,9 +434,12 @@ fn invalid_entries_and_tables_outside_ram() {
         let (_, rec) = r.take_record();
         assert_eq!((rec >> 32) as u8, reason);
     }
-    // TT 1 (device TLB) translates like TT 0.
+    // TT 1 (device TLB) is invalid without ECAP.DT, even with a good table under it.
     r.context(EDU_SID, page | 1 | 1 << 2, 1);
     r.map(page, 3, 0, 0x20_0000, 1, PTE_RW);
+    assert_eq!(r.read_fault(EDU_SID, 0), FR_CONTEXT_INVALID);
+    r.take_record();
+    r.context(EDU_SID, page | 1, 1);
     assert!(r.dma_read(EDU_SID, 0, 4).is_ok());
     // Root entries: reserved bits, context table beyond RAM.
     r.put(ROOT + 7 * 16 + 8, 1);

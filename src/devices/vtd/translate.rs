@@ -4,8 +4,9 @@
 //!
 //! - Root entry (16 bytes at root + bus * 16): P bit 0, context-table pointer bits 63:12;
 //!   bits 11:1 and the upper quadword reserved.
-//! - Context entry (16 bytes at ctp + devfn * 16): P bit 0, FPD bit 1, TT bits 3:2 (0 and 1:
-//!   second-level translation, 2: pass-through, 3 reserved), SLPTPTR bits 63:12; AW bits
+//! - Context entry (16 bytes at ctp + devfn * 16): P bit 0, FPD bit 1, TT bits 3:2 (0:
+//!   second-level translation, 2: pass-through; 1 (device TLB, no ECAP.DT here) and 3 are
+//!   invalid), SLPTPTR bits 63:12; AW bits
 //!   66:64 (1: 3 levels, 2: 4 levels), DID bits 87:72; bits 11:4, 71 and 127:88 reserved.
 //! - Second-level entry: R bit 0, W bit 1, SP bit 7 (a 2 MiB page at level 2, 1 GiB at
 //!   level 3), address bits 51:12. The R (read) or W (write) bit must be set at every level.
@@ -92,8 +93,9 @@ pub(super) fn translate(
     if ce_lo & CONTEXT_LO_RESERVED != 0 || ce_hi & CONTEXT_HI_RESERVED != 0 {
         return Err(ctx_fault(FR_CONTEXT_RESERVED));
     }
+    // TT 1 (device TLB) needs ECAP.DT, which this unit does not offer: invalid like 3.
     match (ce_lo >> 2) & 3 {
-        0 | 1 => {}
+        0 => {}
         2 => return Ok(iova), // pass-through
         _ => return Err(ctx_fault(FR_CONTEXT_INVALID)),
     }
