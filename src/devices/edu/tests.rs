@@ -1,7 +1,7 @@
 use super::*;
 use crate::devices::dma::{DirectDma, DmaError};
 use crate::devices::pci::config::{COMMAND_MEMORY, REG_BAR0, REG_CAP_PTR, REG_INTERRUPT_PIN};
-use crate::devices::pci::msi::tests::FakeRouter;
+use crate::devices::pci::msix::tests::FakeRouter;
 use crate::devices::pci::msi::{CAP_ADDRESS_HI, CAP_ADDRESS_LO, CAP_CONTROL, CAP_DATA, CAP_ID};
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};

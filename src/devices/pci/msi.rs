@@ -233,55 +233,10 @@ fn read_u32(config: &PciConfig, off: usize) -> u32 {
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
     use super::*;
     use crate::devices::pci::config::{PciHeader, REG_CAP_PTR};
-    use std::sync::Mutex;
-    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
-
-    /// Records the routes it is given and keeps a copy of every irqfd it hands out, so tests
-    /// can see the device fire them. `fail` makes `update` fail.
-    #[derive(Default)]
-    pub struct FakeRouter {
-        pub next: Mutex<u32>,
-        pub routes: Mutex<Vec<(u32, u64, u32, bool)>>,
-        pub irqfds: Mutex<Vec<(u32, EventFd)>>,
-        pub fail: std::sync::atomic::AtomicBool,
-    }
-
-    impl FakeRouter {
-        /// True (once per write) if the irqfd of `gsi` was written.
-        pub fn fired(&self, gsi: u32) -> bool {
-            self.irqfds
-                .lock()
-                .unwrap()
-                .iter()
-                .find(|(g, _)| *g == gsi)
-                .is_some_and(|(_, fd)| fd.read().is_ok())
-        }
-
-        pub fn take_routes(&self) -> Vec<(u32, u64, u32, bool)> {
-            std::mem::take(&mut *self.routes.lock().unwrap())
-        }
-    }
-
-    impl MsiRouter for FakeRouter {
-        fn allocate(&self) -> io::Result<MsiVector> {
-            let mut n = self.next.lock().unwrap();
-            *n += 1;
-            let gsi = 40 + *n;
-            let irqfd = EventFd::new(EFD_NONBLOCK)?;
-            self.irqfds.lock().unwrap().push((gsi, irqfd.try_clone()?));
-            Ok(MsiVector { gsi, irqfd })
-        }
-        fn update(&self, gsi: u32, addr: u64, data: u32, masked: bool) -> io::Result<()> {
-            if self.fail.load(std::sync::atomic::Ordering::SeqCst) {
-                return Err(io::Error::other("no route"));
-            }
-            self.routes.lock().unwrap().push((gsi, addr, data, masked));
-            Ok(())
-        }
-    }
+    use crate::devices::pci::msix::tests::FakeRouter;
 
     fn config() -> PciConfig {
         PciConfig::new(&PciHeader {
@@ -328,7 +283,7 @@ pub(crate) mod tests {
         assert_eq!(c.regs()[off + 1], 0, "last capability");
         assert_eq!(read_u16(&c, off + CAP_CONTROL), CTRL_64BIT);
         assert!(!m.enabled());
-        assert_eq!(m.gsi(), 41);
+        assert_eq!(m.gsi(), 24, "the router's first GSI");
 
         let (c, _, _, off) = setup(true);
         assert_eq!(

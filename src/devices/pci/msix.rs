@@ -255,23 +255,45 @@ pub(crate) mod tests {
     use std::sync::Mutex;
     use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-    /// Records the routes it is given.
+    /// Records the routes it is given and keeps a copy of every irqfd it hands out, so tests
+    /// can see a device fire them. `fail` makes `update` fail. GSIs start at 24.
     #[derive(Default)]
     pub struct FakeRouter {
         pub next: Mutex<u32>,
         pub routes: Mutex<Vec<(u32, u64, u32, bool)>>,
+        pub irqfds: Mutex<Vec<(u32, EventFd)>>,
+        pub fail: std::sync::atomic::AtomicBool,
+    }
+
+    impl FakeRouter {
+        /// True (once per write) if the irqfd of `gsi` was written.
+        pub fn fired(&self, gsi: u32) -> bool {
+            self.irqfds
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|(g, _)| *g == gsi)
+                .is_some_and(|(_, fd)| fd.read().is_ok())
+        }
+
+        pub fn take_routes(&self) -> Vec<(u32, u64, u32, bool)> {
+            std::mem::take(&mut *self.routes.lock().unwrap())
+        }
     }
 
     impl MsiRouter for FakeRouter {
         fn allocate(&self) -> io::Result<MsiVector> {
             let mut n = self.next.lock().unwrap();
             *n += 1;
-            Ok(MsiVector {
-                gsi: 23 + *n,
-                irqfd: EventFd::new(EFD_NONBLOCK)?,
-            })
+            let gsi = 23 + *n;
+            let irqfd = EventFd::new(EFD_NONBLOCK)?;
+            self.irqfds.lock().unwrap().push((gsi, irqfd.try_clone()?));
+            Ok(MsiVector { gsi, irqfd })
         }
         fn update(&self, gsi: u32, addr: u64, data: u32, masked: bool) -> io::Result<()> {
+            if self.fail.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(io::Error::other("no route"));
+            }
             self.routes.lock().unwrap().push((gsi, addr, data, masked));
             Ok(())
         }
