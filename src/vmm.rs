@@ -560,9 +560,7 @@ fn load_kernel(
         EntryMode::Linux64 { .. } => boot::write_zero_page(mem, &info)?,
         EntryMode::Pvh { .. } => boot::write_pvh_info(mem, &info)?,
         EntryMode::Multiboot { .. } => {
-            if !cfg.iommu {
-                vm.set_pic_bios_state()?; // a split irqchip has no PIC
-            }
+            vm.set_pic_bios_state()?;
             // The initramfs is the one module; its string is its path, as QEMU gives it.
             let name = cfg.initramfs.as_ref().map(|p| p.display().to_string());
             let modules: Vec<(u64, u64, &str)> = info
@@ -707,18 +705,33 @@ fn add_virtio_pci(
     mem: &GuestMemoryMmap,
     device: Box<dyn VirtioDevice>,
 ) -> Result<u8, VmmError> {
-    let slot = pci.free_slot()?;
-    let gsi = layout::pci_intx_gsi(slot, 0);
-    claims
-        .claim_gsi(gsi, &format!("PCI 00:{slot:02x}.0 INTA"), Sharing::PciIntx)
-        .map_err(PlaceError::from)?;
+    let (slot, gsi) = claim_slot_intx(pci, claims, "")?;
     let intx = IntxLine::new().map_err(VmmError::EventFd)?;
     irqchip.register_intx(vm, &intx, gsi)?;
-    let msi = irqchip.msi_router(vm, u16::from(slot) << 3);
+    let msi = vm.msi_router(u16::from(slot) << 3);
     let dev = VirtioPciDevice::new(device, mem.clone(), msi, vm.interrupts(), intx)?;
     pci.insert(slot, Arc::new(VirtioPci::new(dev)))?;
     log::debug!("virtio-pci device in slot {slot}");
     Ok(slot)
+}
+
+/// The next free slot of bus 0 and its INTA line's GSI, claimed for the function there
+/// (`what` follows the claim's name in a clash message).
+fn claim_slot_intx(
+    pci: &PciRoot,
+    claims: &mut Resources,
+    what: &str,
+) -> Result<(u8, u32), VmmError> {
+    let slot = pci.free_slot()?;
+    let gsi = layout::pci_intx_gsi(slot, 0);
+    claims
+        .claim_gsi(
+            gsi,
+            &format!("PCI 00:{slot:02x}.0 INTA{what}"),
+            Sharing::PciIntx,
+        )
+        .map_err(PlaceError::from)?;
+    Ok((slot, gsi))
 }
 
 /// Where bus 0 is reachable besides the config ports: ECAM and the windows BARs may use.

@@ -233,8 +233,12 @@ impl Vm {
     /// (ICW1-4: edge mode, cascade on line 2, 8086 mode), interrupts 0-7 at vectors 0x08-0x0f
     /// and 8-15 at 0x70-0x77, no line masked. A multiboot kernel (entered where QEMU's BIOS
     /// would hand over) may rely on that; Linux programs the PICs itself.
+    /// A split irqchip has no PICs: nothing to do.
     pub fn set_pic_bios_state(&self) -> Result<(), VmError> {
         use kvm_bindings::{kvm_irqchip, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE};
+        if self.interrupts.split() {
+            return Ok(());
+        }
         for (chip, base) in [
             (KVM_IRQCHIP_PIC_MASTER, 0x08),
             (KVM_IRQCHIP_PIC_SLAVE, 0x70),

@@ -11,7 +11,7 @@ use super::VmmError;
 use crate::arch::x86_64::layout;
 use crate::devices::dma::{DirectDma, DmaSpace, InterruptRemap, NoRemap};
 use crate::devices::ioapic::{Ioapic, IOAPIC_LEN};
-use crate::devices::pci::{IntxLine, MsiRouter};
+use crate::devices::pci::IntxLine;
 use crate::devices::vtd::{Vtd, VTD_BASE, VTD_LEN};
 use crate::devices::IrqLevel;
 use crate::kvm::vcpu::EoiTarget;
@@ -97,11 +97,6 @@ impl Irqchip {
         let resample = intx.resample.try_clone().map_err(VmmError::EventFd)?;
         io.add_resample(gsi as usize, Arc::new(resample));
         Ok(())
-    }
-
-    /// The MSI routes of PCI function `sid` (remapped with that requester ID by the IOMMU).
-    pub fn msi_router(&self, vm: &Vm, sid: u16) -> Arc<dyn MsiRouter> {
-        vm.msi_router(sid)
     }
 
     /// Where the DMA of a device that goes through the IOMMU lands.

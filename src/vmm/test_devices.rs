@@ -8,7 +8,6 @@
 use std::sync::{Arc, Mutex};
 
 use super::{shared, Irqchip, VmmError};
-use crate::arch::x86_64::layout;
 use crate::bus::SharedDevice;
 use crate::devices::pci::PciRoot;
 use crate::devices::{self, IrqLevel};
@@ -64,20 +63,12 @@ pub(super) fn attach_pci(
 ) -> Result<(), VmmError> {
     let dev = devices::pci_testdev::PciTestDev::new(vm.interrupts())?;
     pci.insert(pci.free_slot()?, Arc::new(Mutex::new(dev)))?;
-    let slot = pci.free_slot()?;
-    let gsi = layout::pci_intx_gsi(slot, 0);
-    claims
-        .claim_gsi(
-            gsi,
-            &format!("PCI 00:{slot:02x}.0 INTA (edu)"),
-            Sharing::PciIntx,
-        )
-        .map_err(PlaceError::from)?;
+    let (slot, gsi) = super::claim_slot_intx(pci, claims, " (edu)")?;
     let sid = u16::from(slot) << 3;
     let edu = devices::edu::Edu::new(
         irqchip.dma(),
         sid,
-        irqchip.msi_router(vm, sid),
+        vm.msi_router(sid),
         irqchip.levels(vm),
         gsi,
     )?;
