@@ -399,20 +399,7 @@ irq_common:
     pop %rax
     iretq
 
-/* cfg_read: %eax = dword at register %esi of device %edi on bus 0. Clobbers rdx.
-   cfg_write: writes %edx there (device from %r14). */
-cfg_read:
-    mov %edi, %eax
-    shl $11, %eax
-    or %esi, %eax
-    or $0x80000000, %eax
-    push %rdx
-    mov $0xcf8, %dx
-    out %eax, %dx
-    mov $0xcfc, %dx
-    in %dx, %eax
-    pop %rdx
-    ret
+/* cfg_write: writes %edx to register %esi of the function %r14 (devfn) on bus 0. */
 cfg_write:
     mov %r14d, %eax
     shl $8, %eax

@@ -37,18 +37,6 @@ found:
     call run_kind
     jmp poweroff
 
-/* cfg_read: %eax = dword at register %esi of device %edi on bus 0. Clobbers rdx. */
-cfg_read:
-    mov %edi, %eax
-    shl $11, %eax
-    or %esi, %eax
-    or $0x80000000, %eax
-    mov $0xcf8, %dx
-    out %eax, %dx
-    mov $0xcfc, %dx
-    in %dx, %eax
-    ret
-
 /* run_kind: every test of the BAR at %r13 (%r12 = 0: MMIO, 1: ports). */
 run_kind:
     xor %ebp, %ebp                      /* test number */
