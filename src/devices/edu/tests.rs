@@ -1,8 +1,8 @@
 use super::*;
 use crate::devices::dma::{DirectDma, DmaError};
 use crate::devices::pci::config::{COMMAND_MEMORY, REG_BAR0, REG_CAP_PTR, REG_INTERRUPT_PIN};
-use crate::devices::pci::msix::tests::FakeRouter;
 use crate::devices::pci::msi::{CAP_ADDRESS_HI, CAP_ADDRESS_LO, CAP_CONTROL, CAP_DATA, CAP_ID};
+use crate::devices::pci::msix::tests::FakeRouter;
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
